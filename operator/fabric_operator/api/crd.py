@@ -1,0 +1,174 @@
+"""Generate the LLMBackend CustomResourceDefinition from the pydantic models.
+
+Kubernetes wants a *structural* OpenAPI v3.0 schema: no $ref, no nullable unions, no
+`additionalProperties: false`, boolean `exclusiveMinimum`. Pydantic emits JSON Schema
+2020-12, so this module translates one into the other. The committed file in `crds/` is
+this module's output; a test fails when they drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from fabric_operator.api import v1alpha1 as api
+
+JSON = dict[str, Any]
+
+# Keys of JSON Schema that a CRD schema does not accept or that carry no meaning there.
+_DROPPED_KEYS = {"title", "$defs", "discriminator", "const"}
+
+
+def _resolve(ref: str, defs: JSON) -> JSON:
+    name = ref.rsplit("/", 1)[-1]
+    return dict(defs[name])
+
+
+def _structural(schema: JSON, defs: JSON) -> JSON:
+    """Return `schema` as a structural CRD schema (recursively)."""
+    schema = dict(schema)
+    if "$ref" in schema:
+        target = _resolve(schema.pop("$ref"), defs)
+        # The field's own description wins over the referenced class docstring.
+        target.update(schema)
+        schema = target
+
+    any_of = schema.pop("anyOf", None)
+    if any_of is not None:
+        non_null = [s for s in any_of if s.get("type") != "null"]
+        if schema.get("x-kubernetes-int-or-string"):
+            schema.pop("default", None)
+        elif len(non_null) == 1:
+            merged = _structural(non_null[0], defs)
+            merged.update({k: v for k, v in schema.items() if k != "default"})
+            schema = merged
+        else:
+            raise ValueError(f"cannot express union in a structural schema: {any_of}")
+
+    if schema.get("default", ...) is None:
+        del schema["default"]
+    for key in _DROPPED_KEYS:
+        schema.pop(key, None)
+
+    if schema.get("x-kubernetes-int-or-string"):
+        schema.pop("type", None)
+        return schema
+
+    if "exclusiveMinimum" in schema and not isinstance(schema["exclusiveMinimum"], bool):
+        schema["minimum"] = schema.pop("exclusiveMinimum")
+        schema["exclusiveMinimum"] = True
+    if "exclusiveMaximum" in schema and not isinstance(schema["exclusiveMaximum"], bool):
+        schema["maximum"] = schema.pop("exclusiveMaximum")
+        schema["exclusiveMaximum"] = True
+
+    if "properties" in schema:
+        schema["type"] = "object"
+        schema["properties"] = {k: _structural(v, defs) for k, v in schema["properties"].items()}
+        schema.pop("additionalProperties", None)
+    elif schema.get("type") == "object":
+        extra = schema.pop("additionalProperties", True)
+        if extra is True or extra == {}:
+            schema["x-kubernetes-preserve-unknown-fields"] = True
+        else:
+            schema["additionalProperties"] = _structural(extra, defs)
+
+    if "items" in schema:
+        schema["items"] = _structural(schema["items"], defs)
+    return schema
+
+
+def _model_schema(model: type[api.Model]) -> JSON:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    return _structural(raw, raw.get("$defs", {}))
+
+
+def openapi_schema() -> JSON:
+    """The openAPIV3Schema of the LLMBackend CRD."""
+    spec = _model_schema(api.LLMBackendSpec)
+    status = _model_schema(api.LLMBackendStatus)
+    return {
+        "type": "object",
+        "description": "LLMBackend runs an LLM inference server (vLLM, TGI, llama.cpp or "
+        "Ollama) behind an OpenAI-compatible endpoint.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+
+
+def _column(name: str, path: str, kind: str = "string", priority: int = 0, desc: str = "") -> JSON:
+    column: JSON = {"name": name, "type": kind, "jsonPath": path}
+    if priority:
+        column["priority"] = priority
+    if desc:
+        column["description"] = desc
+    return column
+
+
+PRINTER_COLUMNS = [
+    _column("Engine", ".spec.engine", desc="Inference server"),
+    _column("Model", ".status.servedModelName", desc="Name clients pass as model"),
+    _column("Ready", ".status.ready", desc="Ready/desired replicas"),
+    _column("Status", ".status.phase", desc="Summary of the conditions"),
+    _column("Endpoint", ".status.endpoint", desc="OpenAI-compatible base URL"),
+    _column("Age", ".metadata.creationTimestamp", kind="date"),
+    _column("GPUs", ".spec.resources.gpu.count", kind="integer", priority=1),
+    _column("Reason", '.status.conditions[?(@.type=="Ready")].reason', priority=1),
+]
+
+
+def crd_manifest() -> JSON:
+    """The whole CustomResourceDefinition as a dict."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{api.PLURAL}.{api.GROUP}",
+            "labels": {
+                "app.kubernetes.io/name": "fabric-operator",
+                "app.kubernetes.io/component": "crd",
+            },
+        },
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": list(api.SHORT_NAMES),
+                "categories": ["all", "fabric"],
+            },
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# Generated by `fabric-operator crd` from fabric_operator/api/v1alpha1.py. Do not edit.\n"
+
+
+def crd_yaml() -> str:
+    return HEADER + yaml.safe_dump(crd_manifest(), sort_keys=False, width=100)

@@ -1,0 +1,435 @@
+"""The LLMBackend API (llm.fabric.dev/v1alpha1): the one source of the CRD schema.
+
+Field descriptions here are what `kubectl explain llmb.spec...` shows, so they are
+written for the user of the resource, not for the reader of this code.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "llm.fabric.dev"
+VERSION = "v1alpha1"
+KIND = "LLMBackend"
+PLURAL = "llmbackends"
+SINGULAR = "llmbackend"
+SHORT_NAMES = ["llmb"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Kubernetes' own pattern for resource quantities (apimachinery resource.Quantity).
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
+    r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+Quantity = Annotated[
+    int | str,
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}),
+]
+
+
+class Model(BaseModel):
+    """Base for API objects: camelCase on the wire, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True
+    )
+
+
+class Engine(StrEnum):
+    """Inference server that runs the model."""
+
+    VLLM = "vllm"
+    TGI = "tgi"
+    LLAMACPP = "llamacpp"
+    OLLAMA = "ollama"
+
+
+class HuggingFaceSource(Model):
+    """A model on the Hugging Face Hub."""
+
+    repo: str = Field(
+        description="Repository id, e.g. Qwen/Qwen2.5-7B-Instruct.",
+        min_length=1,
+        max_length=256,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$",
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Branch, tag or commit to load; the repository's default branch if unset.",
+        min_length=1,
+        max_length=256,
+    )
+    file: str | None = Field(
+        default=None,
+        description=(
+            "GGUF file inside the repository (llamacpp only), e.g. "
+            "qwen2.5-0.5b-instruct-q4_k_m.gguf; llama-server picks a default quantization "
+            "if unset."
+        ),
+        min_length=1,
+        max_length=1024,
+    )
+
+
+class PVCSource(Model):
+    """Weights already present on a PersistentVolumeClaim, mounted read-only."""
+
+    claim_name: str = Field(
+        description="Name of a PersistentVolumeClaim in the LLMBackend's namespace.",
+        min_length=1,
+        max_length=253,
+    )
+    path: str = Field(
+        description=(
+            "Path inside the claim: a model directory (vllm, tgi) or a .gguf file (llamacpp)."
+        ),
+        min_length=1,
+        max_length=1024,
+        pattern=r"^[^/].*$",
+    )
+
+
+MODEL_SOURCES = ("huggingface", "url", "ollama", "pvc")
+
+
+class ModelSource(Model):
+    """Where the weights come from: exactly one of huggingface, url, ollama or pvc."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": [s]} for s in MODEL_SOURCES]}
+    )
+
+    huggingface: HuggingFaceSource | None = Field(
+        default=None, description="A Hugging Face Hub repository (vllm, tgi, llamacpp)."
+    )
+    url: str | None = Field(
+        default=None,
+        description="HTTP(S) URL of a .gguf file (llamacpp).",
+        pattern=r"^https?://\S+$",
+        max_length=2048,
+    )
+    ollama: str | None = Field(
+        default=None,
+        description="An Ollama library tag, e.g. llama3.2:1b (ollama).",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$",
+        max_length=256,
+    )
+    pvc: PVCSource | None = Field(
+        default=None, description="Weights on a PersistentVolumeClaim (vllm, tgi, llamacpp)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        chosen = self.chosen()
+        if len(chosen) != 1:
+            raise ValueError(
+                f"exactly one of {', '.join(MODEL_SOURCES)} must be set, got "
+                f"{', '.join(chosen) if chosen else 'none'}"
+            )
+        return self
+
+    def chosen(self) -> list[str]:
+        return [s for s in MODEL_SOURCES if getattr(self, s) is not None]
+
+    @property
+    def kind(self) -> str:
+        return self.chosen()[0]
+
+    def describe(self) -> str:
+        """A short human-readable name of the source, for status and logs."""
+        if self.huggingface is not None:
+            return f"hf:{self.huggingface.repo}"
+        if self.url is not None:
+            return self.url
+        if self.ollama is not None:
+            return f"ollama:{self.ollama}"
+        assert self.pvc is not None
+        return f"pvc:{self.pvc.claim_name}/{self.pvc.path}"
+
+
+class SecretKeyRef(Model):
+    """A key of a Secret in the LLMBackend's namespace."""
+
+    name: str = Field(description="Name of the Secret.", min_length=1, max_length=253)
+    key: str = Field(description="Key inside the Secret.", min_length=1, max_length=253)
+
+
+class GPUVendor(StrEnum):
+    NVIDIA = "nvidia"
+    AMD = "amd"
+
+
+class GPU(Model):
+    """Accelerators for each replica."""
+
+    count: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description=(
+            "GPUs per replica; becomes the nvidia.com/gpu or amd.com/gpu limit. 0 runs on CPU "
+            "(llamacpp and ollama only)."
+        ),
+    )
+    vendor: GPUVendor = Field(default=GPUVendor.NVIDIA, description="GPU vendor: nvidia or amd.")
+
+
+class ResourceList(Model):
+    """CPU and memory amounts, as in a container's resources."""
+
+    cpu: Quantity | None = Field(default=None, description="CPU, e.g. 4 or 500m.")
+    memory: Quantity | None = Field(default=None, description="Memory, e.g. 16Gi.")
+
+
+class Resources(Model):
+    """Compute resources of each replica."""
+
+    gpu: GPU | None = Field(default=None, description="Accelerators per replica.")
+    requests: ResourceList | None = Field(default=None, description="CPU/memory requests.")
+    limits: ResourceList | None = Field(default=None, description="CPU/memory limits.")
+
+
+class Dtype(StrEnum):
+    AUTO = "auto"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+
+
+class EngineOptions(Model):
+    """Typed engine settings; the operator turns each into the engine's own flag."""
+
+    context_length: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description=(
+            "Maximum context in tokens (vllm --max-model-len, tgi --max-total-tokens, "
+            "llama-server --ctx-size, OLLAMA_CONTEXT_LENGTH)."
+        ),
+    )
+    tensor_parallel: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description=(
+            "GPUs one model copy is split over (vllm --tensor-parallel-size, tgi --num-shard);"
+            " at most resources.gpu.count. Defaults to the GPU count."
+        ),
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Fraction of GPU memory vllm may use (vllm --gpu-memory-utilization).",
+    )
+    quantization: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z0-9_-]+$",
+        description="Quantization method, e.g. awq, gptq, fp8 "
+        "(vllm --quantization, tgi --quantize).",
+    )
+    dtype: Dtype | None = Field(
+        default=None, description="Weights/activations dtype (vllm, tgi --dtype)."
+    )
+
+
+class ServiceType(StrEnum):
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
+
+
+class ServiceSpec(Model):
+    """The Service that exposes the OpenAI-compatible endpoint."""
+
+    type: ServiceType = Field(default=ServiceType.CLUSTER_IP, description="Service type.")
+    port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Service port; defaults to the engine's own port (vllm 8000, tgi 8080, "
+        "llamacpp 8080, ollama 11434).",
+    )
+    annotations: dict[str, str] | None = Field(
+        default=None, description="Annotations for the Service (load balancer settings...)."
+    )
+
+
+class Toleration(Model):
+    """A pod toleration, as in core/v1."""
+
+    key: str | None = Field(default=None, description="Taint key; empty matches all keys.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists or Equal (default Equal)."
+    )
+    value: str | None = Field(default=None, description="Taint value for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="For NoExecute: how long the pod stays bound after the taint."
+    )
+
+
+class EnvVar(Model):
+    """An environment variable for the engine container, as in core/v1."""
+
+    name: str = Field(description="Variable name.", min_length=1, pattern=ENV_NAME_PATTERN)
+    value: str | None = Field(default=None, description="Literal value.")
+    value_from: dict[str, Any] | None = Field(
+        default=None,
+        description="Source of the value (secretKeyRef, configMapKeyRef, fieldRef...), as in "
+        "core/v1 EnvVarSource.",
+    )
+
+
+class LocalObjectReference(Model):
+    name: str = Field(description="Name of the referenced object.", min_length=1)
+
+
+class LLMBackendSpec(Model):
+    """Desired state of an LLM inference backend."""
+
+    engine: Engine = Field(description="Inference server: vllm, tgi, llamacpp or ollama.")
+    model: ModelSource = Field(description="Where the weights come from.")
+    served_model_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        pattern=r"^\S+$",
+        description="Name clients pass as `model`; defaults to metadata.name.",
+    )
+    replicas: int = Field(default=1, ge=0, le=1000, description="Number of engine replicas.")
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="Container image override; defaults to the engine's pinned image.",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None, description="Image pull policy of the engine container."
+    )
+    image_pull_secrets: list[LocalObjectReference] | None = Field(
+        default=None, description="Secrets for pulling the image from a private registry."
+    )
+    engine_options: EngineOptions | None = Field(
+        default=None, description="Typed engine settings (context length, parallelism...)."
+    )
+    extra_args: list[str] | None = Field(
+        default=None,
+        description="Extra command-line arguments appended to the engine's own.",
+    )
+    env: list[EnvVar] | None = Field(
+        default=None, description="Extra environment variables for the engine container."
+    )
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the bearer key the engine requires of every request "
+        "(vllm, tgi, llamacpp).",
+    )
+    hf_token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding a Hugging Face token, for gated or private models.",
+    )
+    resources: Resources | None = Field(
+        default=None, description="GPUs, CPU and memory of each replica."
+    )
+    node_selector: dict[str, str] | None = Field(
+        default=None, description="Node labels the pods must match."
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None, description="Tolerations for node taints (e.g. a GPU pool's taint)."
+    )
+    affinity: dict[str, Any] | None = Field(
+        default=None, description="Pod affinity rules, as in core/v1 Affinity."
+    )
+    priority_class_name: str | None = Field(
+        default=None, min_length=1, max_length=253, description="PriorityClass of the pods."
+    )
+    service: ServiceSpec | None = Field(default=None, description="How the endpoint is exposed.")
+
+    @property
+    def gpu_count(self) -> int:
+        return self.resources.gpu.count if self.resources and self.resources.gpu else 0
+
+    @property
+    def gpu_vendor(self) -> str:
+        gpu = self.resources.gpu if self.resources else None
+        return str(gpu.vendor) if gpu else GPUVendor.NVIDIA.value
+
+    @property
+    def options(self) -> EngineOptions:
+        return self.engine_options or EngineOptions()
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(Model):
+    """A status condition, in the shape of metav1.Condition."""
+
+    type: str = Field(description="Condition type: Ready, Progressing or Degraded.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation the condition was computed from."
+    )
+    last_transition_time: str = Field(
+        description="When status last changed (RFC 3339).",
+        json_schema_extra={"format": "date-time"},
+    )
+    reason: str = Field(description="CamelCase reason for the last transition.")
+    message: str = Field(default="", description="Human-readable details.")
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    PROGRESSING = "Progressing"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    STOPPED = "Stopped"
+    INVALID = "Invalid"
+
+
+class LLMBackendStatus(Model):
+    """Observed state of an LLMBackend, written by the operator."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation this status reflects."
+    )
+    phase: Phase | None = Field(
+        default=None,
+        description="Summary: Pending, Progressing, Ready, Degraded, Stopped or Invalid.",
+    )
+    endpoint: str | None = Field(
+        default=None, description="OpenAI-compatible base URL inside the cluster (ends in /v1)."
+    )
+    served_model_name: str | None = Field(default=None, description="Name clients pass as `model`.")
+    replicas: int | None = Field(default=None, description="Replicas the Deployment has.")
+    ready_replicas: int | None = Field(default=None, description="Replicas ready to serve.")
+    ready: str | None = Field(default=None, description="Ready/desired replicas, e.g. 1/1.")
+    selector: str | None = Field(
+        default=None, description="Label selector of the pods (for the scale subresource)."
+    )
+    conditions: list[Condition] | None = Field(
+        default=None,
+        description="Ready, Progressing and Degraded conditions.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )

@@ -1,0 +1,66 @@
+"""llama.cpp's `llama-server` (OpenAI-compatible, GGUF models).
+
+Checked against llama.cpp tools/server/README.md (late 2025 builds).
+"""
+
+from __future__ import annotations
+
+from fabric_operator.api.backend import LLMBackend
+from fabric_operator.render.engine import (
+    EngineContainer,
+    empty_dir,
+    flag,
+    plain_env,
+    pvc_model_path,
+    secret_env,
+)
+
+IMAGE = {
+    "cpu": "ghcr.io/ggml-org/llama.cpp:server",
+    "nvidia": "ghcr.io/ggml-org/llama.cpp:server-cuda",
+    "amd": "ghcr.io/ggml-org/llama.cpp:server-rocm",
+}
+# Pass host and port always: the server's own defaults (127.0.0.1, a moving port) do not
+# suit a pod.
+PORT = 8080
+ALL_LAYERS = 999
+
+
+def container(backend: LLMBackend) -> EngineContainer:
+    spec, opts = backend.spec, backend.spec.options
+    source = spec.model
+    args = [
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(PORT),
+        "--alias",
+        backend.served_model_name,
+        "--metrics",
+    ]
+    if source.huggingface:
+        args += ["--hf-repo", source.huggingface.repo]
+        flag(args, "--hf-file", source.huggingface.file)
+    elif source.url:
+        args += ["--model-url", source.url]
+    else:
+        args += ["--model", str(pvc_model_path(backend))]
+    flag(args, "--ctx-size", opts.context_length)
+    gpus = spec.gpu_count
+    if gpus:
+        flag(args, "--n-gpu-layers", ALL_LAYERS)
+
+    env = [plain_env("LLAMA_CACHE", "/cache")]
+    if spec.hf_token_secret_ref:
+        env.append(secret_env("HF_TOKEN", spec.hf_token_secret_ref))
+    if spec.api_key_secret_ref:
+        env.append(secret_env("LLAMA_API_KEY", spec.api_key_secret_ref))
+    cache, cache_mount = empty_dir("cache", "/cache")
+    return EngineContainer(
+        image=IMAGE[spec.gpu_vendor if gpus else "cpu"],
+        port=PORT,
+        args=args,
+        env=env,
+        volumes=[cache],
+        volume_mounts=[cache_mount],
+    )

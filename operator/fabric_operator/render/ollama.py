@@ -1,0 +1,71 @@
+"""Ollama (`ollama serve`), with the model pulled by an init container.
+
+Ollama has no load signal and pulls models on demand; pulling in an init container makes
+"Ready" mean "the model is on disk", and `ollama cp` publishes it under servedModelName.
+Ollama has no built-in API key: put the fabric gateway in front of it.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from fabric_operator.api.backend import LLMBackend
+from fabric_operator.render.engine import EngineContainer, Manifest, empty_dir, plain_env
+
+IMAGE = {
+    "cpu": "ollama/ollama:0.12.6",
+    "nvidia": "ollama/ollama:0.12.6",
+    "amd": "ollama/ollama:0.12.6-rocm",
+}
+PORT = 11434
+STORE = "/root/.ollama"
+
+
+def pull_script(tag: str, served: str) -> str:
+    """Shell run by the init container: serve locally, pull, alias, stop."""
+    lines = [
+        "set -e",
+        "ollama serve & server=$!",
+        "until ollama list >/dev/null 2>&1; do sleep 1; done",
+        f"ollama pull {shlex.quote(tag)}",
+    ]
+    if served != tag:
+        lines.append(f"ollama cp {shlex.quote(tag)} {shlex.quote(served)}")
+    lines.append('kill "$server"')
+    return "\n".join(lines)
+
+
+def container(backend: LLMBackend) -> EngineContainer:
+    spec = backend.spec
+    tag = str(spec.model.ollama)
+    image = IMAGE[spec.gpu_vendor if spec.gpu_count else "cpu"]
+    env = [
+        plain_env("OLLAMA_HOST", f"0.0.0.0:{PORT}"),
+        # The default (5m) unloads an idle model; a server keeps it loaded.
+        plain_env("OLLAMA_KEEP_ALIVE", "-1"),
+    ]
+    if spec.options.context_length:
+        env.append(plain_env("OLLAMA_CONTEXT_LENGTH", str(spec.options.context_length)))
+    store, store_mount = empty_dir("ollama", STORE)
+    pull: Manifest = {
+        "name": "pull-model",
+        "image": spec.image or image,
+        "command": ["/bin/sh", "-c", pull_script(tag, backend.served_model_name)],
+        "env": [plain_env("OLLAMA_HOST", "127.0.0.1:11434")],
+        "volumeMounts": [store_mount],
+    }
+    if spec.image_pull_policy:
+        pull["imagePullPolicy"] = spec.image_pull_policy
+    return EngineContainer(
+        image=image,
+        port=PORT,
+        command=["/bin/ollama"],
+        args=["serve"],
+        env=env,
+        volumes=[store],
+        volume_mounts=[store_mount],
+        init_containers=[pull],
+        liveness_path="/",
+        readiness_path="/api/tags",
+        startup_seconds=600,
+    )

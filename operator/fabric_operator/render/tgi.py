@@ -1,0 +1,56 @@
+"""Hugging Face Text Generation Inference (`text-generation-launcher`).
+
+Checked against TGI 3.3 (launcher --help). TGI is in maintenance mode upstream: kept
+working, no new features built on it.
+"""
+
+from __future__ import annotations
+
+from fabric_operator.api.backend import LLMBackend
+from fabric_operator.render.engine import (
+    EngineContainer,
+    empty_dir,
+    flag,
+    plain_env,
+    pvc_model_path,
+    secret_env,
+    shm_volume,
+    tensor_parallel,
+)
+
+IMAGE = {
+    "nvidia": "ghcr.io/huggingface/text-generation-inference:3.3.6",
+    "amd": "ghcr.io/huggingface/text-generation-inference:3.3.6-rocm",
+}
+# The image's default (PORT=80) needs a privileged port; 8080 does not.
+PORT = 8080
+
+
+def container(backend: LLMBackend) -> EngineContainer:
+    spec, opts = backend.spec, backend.spec.options
+    hf = spec.model.huggingface
+    model = hf.repo if hf else pvc_model_path(backend)
+    args = ["--model-id", str(model), "--hostname", "0.0.0.0", "--port", str(PORT)]
+    flag(args, "--revision", hf.revision if hf else None)
+    tp = tensor_parallel(backend)
+    if tp > 1:
+        flag(args, "--num-shard", tp)
+    flag(args, "--max-total-tokens", opts.context_length)
+    flag(args, "--quantize", opts.quantization)
+    flag(args, "--dtype", opts.dtype)
+
+    env = [plain_env("HF_HOME", "/data")]
+    if spec.hf_token_secret_ref:
+        env.append(secret_env("HF_TOKEN", spec.hf_token_secret_ref))
+    if spec.api_key_secret_ref:
+        env.append(secret_env("API_KEY", spec.api_key_secret_ref))
+    shm, shm_mount = shm_volume(backend)
+    data, data_mount = empty_dir("data", "/data")
+    return EngineContainer(
+        image=IMAGE[spec.gpu_vendor],
+        port=PORT,
+        args=args,
+        env=env,
+        volumes=[shm, data],
+        volume_mounts=[shm_mount, data_mount],
+    )

@@ -1,0 +1,62 @@
+"""vLLM's OpenAI-compatible server (`vllm serve`).
+
+Checked against vLLM v0.11 (docs and vllm/entrypoints/openai/cli_args.py).
+"""
+
+from __future__ import annotations
+
+from fabric_operator.api.backend import LLMBackend
+from fabric_operator.render.engine import (
+    EngineContainer,
+    empty_dir,
+    flag,
+    plain_env,
+    pvc_model_path,
+    secret_env,
+    shm_volume,
+    tensor_parallel,
+)
+
+IMAGE = {"nvidia": "vllm/vllm-openai:v0.11.0", "amd": "rocm/vllm:latest"}
+PORT = 8000
+
+
+def container(backend: LLMBackend) -> EngineContainer:
+    spec, opts = backend.spec, backend.spec.options
+    hf = spec.model.huggingface
+    model = hf.repo if hf else pvc_model_path(backend)
+    args = [
+        str(model),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(PORT),
+        "--served-model-name",
+        backend.served_model_name,
+    ]
+    flag(args, "--revision", hf.revision if hf else None)
+    tp = tensor_parallel(backend)
+    if tp > 1:
+        flag(args, "--tensor-parallel-size", tp)
+    flag(args, "--max-model-len", opts.context_length)
+    flag(args, "--gpu-memory-utilization", opts.gpu_memory_utilization)
+    flag(args, "--quantization", opts.quantization)
+    flag(args, "--dtype", opts.dtype)
+
+    env = [plain_env("HF_HOME", "/cache/huggingface")]
+    if spec.hf_token_secret_ref:
+        env.append(secret_env("HF_TOKEN", spec.hf_token_secret_ref))
+    if spec.api_key_secret_ref:
+        # vLLM reads VLLM_API_KEY like --api-key, and /health stays open to probes.
+        env.append(secret_env("VLLM_API_KEY", spec.api_key_secret_ref))
+    shm, shm_mount = shm_volume(backend)
+    cache, cache_mount = empty_dir("cache", "/cache")
+    return EngineContainer(
+        image=IMAGE[spec.gpu_vendor],
+        port=PORT,
+        command=["vllm", "serve"],
+        args=args,
+        env=env,
+        volumes=[shm, cache],
+        volume_mounts=[shm_mount, cache_mount],
+    )

@@ -1,0 +1,221 @@
+"""The Deployment and Service around an engine container: the parts common to all engines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fabric_operator.api.backend import LLMBackend
+from fabric_operator.api.v1alpha1 import Engine
+from fabric_operator.render import llamacpp, ollama, tgi, vllm
+from fabric_operator.render.engine import MODEL_MOUNT, PORT_NAME, EngineContainer, Manifest
+
+ENGINES: dict[str, Callable[[LLMBackend], EngineContainer]] = {
+    Engine.VLLM: vllm.container,
+    Engine.TGI: tgi.container,
+    Engine.LLAMACPP: llamacpp.container,
+    Engine.OLLAMA: ollama.container,
+}
+ENGINE_PORTS: dict[str, int] = {
+    Engine.VLLM: vllm.PORT,
+    Engine.TGI: tgi.PORT,
+    Engine.LLAMACPP: llamacpp.PORT,
+    Engine.OLLAMA: ollama.PORT,
+}
+
+MANAGED_BY = "fabric-operator"
+BACKEND_LABEL = "llm.fabric.dev/backend"
+COMPONENT = "inference-server"
+CONTAINER_NAME = "engine"
+GPU_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
+
+
+@dataclass(frozen=True)
+class Children:
+    """Everything an LLMBackend owns, in the order they are applied."""
+
+    deployment: Manifest
+    service: Manifest
+
+    def all(self) -> list[Manifest]:
+        return [self.deployment, self.service]
+
+
+def selector_labels(backend: LLMBackend) -> dict[str, str]:
+    """Labels that pick this backend's pods; immutable in a Deployment, so never the engine."""
+    return {BACKEND_LABEL: backend.name}
+
+
+def labels(backend: LLMBackend) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": str(backend.spec.engine),
+        "app.kubernetes.io/instance": backend.name,
+        "app.kubernetes.io/component": COMPONENT,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/part-of": "fabric",
+        **selector_labels(backend),
+    }
+
+
+def service_port(backend: LLMBackend) -> int:
+    service = backend.spec.service
+    return (service.port if service and service.port else None) or ENGINE_PORTS[backend.spec.engine]
+
+
+def endpoint(backend: LLMBackend, cluster_domain: str = "cluster.local") -> str:
+    """The OpenAI-compatible base URL clients inside the cluster use."""
+    host = f"{backend.name}.{backend.namespace}.svc.{cluster_domain}"
+    return f"http://{host}:{service_port(backend)}/v1"
+
+
+def _probe(path: str, period: int, failures: int) -> Manifest:
+    return {
+        "httpGet": {"path": path, "port": PORT_NAME},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def _resources(backend: LLMBackend) -> Manifest:
+    res = backend.spec.resources
+    out: dict[str, dict[str, Any]] = {}
+    for kind in ("requests", "limits"):
+        values = getattr(res, kind) if res else None
+        if values is not None:
+            given = values.model_dump(exclude_none=True)
+            if given:
+                out[kind] = {k: str(v) for k, v in given.items()}
+    gpus = backend.spec.gpu_count
+    if gpus:
+        out.setdefault("limits", {})[GPU_RESOURCE[backend.spec.gpu_vendor]] = str(gpus)
+    return out
+
+
+def _container(backend: LLMBackend, engine: EngineContainer) -> Manifest:
+    spec = backend.spec
+    mounts = list(engine.volume_mounts)
+    if spec.model.pvc:
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    env = list(engine.env) + [
+        e.model_dump(by_alias=True, exclude_none=True) for e in spec.env or []
+    ]
+    startup_period = 10
+    container: Manifest = {
+        "name": CONTAINER_NAME,
+        "image": spec.image or engine.image,
+        "args": engine.args + list(spec.extra_args or []),
+        "ports": [{"name": PORT_NAME, "containerPort": engine.port, "protocol": "TCP"}],
+        "env": env,
+        "resources": _resources(backend),
+        "volumeMounts": mounts,
+        "startupProbe": _probe(
+            engine.liveness_path, startup_period, engine.startup_seconds // startup_period
+        ),
+        "livenessProbe": _probe(engine.liveness_path, 10, 3),
+        "readinessProbe": _probe(engine.readiness_path, 5, 3),
+    }
+    if engine.command:
+        container["command"] = engine.command
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    return container
+
+
+def _strategy(backend: LLMBackend) -> Manifest:
+    """GPU backends roll without surging: a surge pod would wait for a spare GPU forever."""
+    if backend.spec.gpu_count:
+        return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
+def _pod_spec(backend: LLMBackend, engine: EngineContainer) -> Manifest:
+    spec = backend.spec
+    volumes = list(engine.volumes)
+    if spec.model.pvc:
+        volumes.append(
+            {
+                "name": "model",
+                "persistentVolumeClaim": {"claimName": spec.model.pvc.claim_name, "readOnly": True},
+            }
+        )
+    pod: Manifest = {
+        # Service links inject e.g. VLLM_PORT for a Service named "vllm", which vLLM
+        # mistakes for its own setting; engines need no API access either.
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "containers": [_container(backend, engine)],
+        "volumes": volumes,
+    }
+    if engine.init_containers:
+        pod["initContainers"] = engine.init_containers
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations
+        ]
+    if spec.affinity:
+        pod["affinity"] = spec.affinity
+    if spec.priority_class_name:
+        pod["priorityClassName"] = spec.priority_class_name
+    return pod
+
+
+def deployment(backend: LLMBackend) -> Manifest:
+    engine = ENGINES[backend.spec.engine](backend)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": backend.name,
+            "namespace": backend.namespace,
+            "labels": labels(backend),
+        },
+        "spec": {
+            "replicas": backend.spec.replicas,
+            "selector": {"matchLabels": selector_labels(backend)},
+            "strategy": _strategy(backend),
+            "template": {
+                "metadata": {"labels": labels(backend)},
+                "spec": _pod_spec(backend, engine),
+            },
+        },
+    }
+
+
+def service(backend: LLMBackend) -> Manifest:
+    svc = backend.spec.service
+    metadata: Manifest = {
+        "name": backend.name,
+        "namespace": backend.namespace,
+        "labels": labels(backend),
+    }
+    if svc and svc.annotations:
+        metadata["annotations"] = dict(svc.annotations)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "type": str(svc.type) if svc else "ClusterIP",
+            "selector": selector_labels(backend),
+            "ports": [
+                {
+                    "name": PORT_NAME,
+                    "port": service_port(backend),
+                    "targetPort": PORT_NAME,
+                    # v1.20 server-side apply needs protocol spelled out in list keys.
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def render(backend: LLMBackend) -> Children:
+    """The children of a *valid* backend (see fabric_operator.validation)."""
+    return Children(deployment=deployment(backend), service=service(backend))

@@ -1,0 +1,200 @@
+"""What the CRD schema cannot say: rules across fields and engines, checked before any write.
+
+Each rule yields a Problem naming the field and what is allowed, so that the user reads in
+`kubectl describe` exactly what to change.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from fabric_operator.api.backend import LLMBackend
+from fabric_operator.api.v1alpha1 import Engine
+
+DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+MAX_NAME = 63
+
+GPU_ENGINES = {Engine.VLLM, Engine.TGI}
+SOURCES_BY_ENGINE = {
+    Engine.VLLM: ("huggingface", "pvc"),
+    Engine.TGI: ("huggingface", "pvc"),
+    Engine.LLAMACPP: ("huggingface", "url", "pvc"),
+    Engine.OLLAMA: ("ollama",),
+}
+OPTION_ENGINES = {
+    "tensorParallel": (Engine.VLLM, Engine.TGI),
+    "gpuMemoryUtilization": (Engine.VLLM,),
+    "quantization": (Engine.VLLM, Engine.TGI),
+    "dtype": (Engine.VLLM, Engine.TGI),
+}
+# Flags the operator sets itself; in extraArgs they would clash or put a secret in the spec.
+MANAGED_FLAGS = {
+    "--host",
+    "--hostname",
+    "--port",
+    "--api-key",
+    "--api-key-file",
+    "--served-model-name",
+    "--alias",
+    "-a",
+    "--model",
+    "-m",
+    "--model-id",
+}
+# Env the operator sets from Secrets; a literal in spec.env would override (and leak) them.
+MANAGED_ENV = {"HF_TOKEN", "VLLM_API_KEY", "API_KEY", "LLAMA_API_KEY", "OLLAMA_HOST"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+def _engines(engines: tuple[str, ...]) -> str:
+    return ", ".join(engines)
+
+
+def schema_problems(error: ValidationError) -> list[Problem]:
+    """Pydantic's errors as Problems with spec paths (for a CRD older than the operator)."""
+    out = []
+    for err in error.errors():
+        path = ".".join(str(p) for p in ("spec", *err["loc"]))
+        out.append(Problem(path, err["msg"]))
+    return out
+
+
+def check_name(name: str) -> Iterator[Problem]:
+    if len(name) > MAX_NAME or not DNS_1035_LABEL.match(name):
+        yield Problem(
+            "metadata.name",
+            f"{name[:80]!r} names the Service and the pod labels, so it must be a DNS-1035 "
+            f"label: at most {MAX_NAME} lowercase letters, digits and '-', starting with a "
+            "letter",
+        )
+
+
+def check_spec(backend: LLMBackend) -> Iterator[Problem]:
+    spec = backend.spec
+    engine = spec.engine
+    gpus = spec.gpu_count
+
+    if engine in GPU_ENGINES and gpus < 1:
+        yield Problem(
+            "spec.resources.gpu.count",
+            f"engine {engine} needs at least 1 GPU; for a CPU backend use engine "
+            "llamacpp or ollama",
+        )
+
+    allowed = SOURCES_BY_ENGINE[engine]
+    source = spec.model.kind
+    if source not in allowed:
+        yield Problem(
+            f"spec.model.{source}",
+            f"engine {engine} cannot load a {source} model source; use "
+            f"{' or '.join('spec.model.' + s for s in allowed)}",
+        )
+    hf = spec.model.huggingface
+    if hf and hf.file and engine != Engine.LLAMACPP:
+        yield Problem(
+            "spec.model.huggingface.file", f"a GGUF file is for engine llamacpp, not {engine}"
+        )
+    if hf and hf.revision and engine == Engine.LLAMACPP:
+        yield Problem(
+            "spec.model.huggingface.revision",
+            "llama-server loads from the default branch; pin the file with "
+            "spec.model.huggingface.file or use spec.model.url",
+        )
+
+    options = spec.options.model_dump(by_alias=True, exclude_none=True)
+    for option, engines in OPTION_ENGINES.items():
+        if option in options and engine not in engines:
+            yield Problem(
+                f"spec.engineOptions.{option}",
+                f"not supported by engine {engine} (only {_engines(engines)})",
+            )
+    tp = spec.options.tensor_parallel
+    if tp is not None and engine in GPU_ENGINES and tp > max(gpus, 1):
+        yield Problem(
+            "spec.engineOptions.tensorParallel",
+            f"{tp} is more than the {gpus} GPU(s) of spec.resources.gpu.count; "
+            "it must be at most the GPU count",
+        )
+    if tp is not None and gpus and engine in GPU_ENGINES and gpus % tp:
+        yield Problem(
+            "spec.engineOptions.tensorParallel",
+            f"{tp} must divide spec.resources.gpu.count ({gpus})",
+        )
+
+    if engine == Engine.OLLAMA:
+        if spec.api_key_secret_ref:
+            yield Problem(
+                "spec.apiKeySecretRef",
+                "ollama has no built-in API key; leave it unset and put the fabric "
+                "gateway (which checks keys) in front of this backend",
+            )
+        if spec.hf_token_secret_ref:
+            yield Problem(
+                "spec.hfTokenSecretRef",
+                "ollama pulls from its own library and does not use a Hugging Face token",
+            )
+        if spec.extra_args:
+            yield Problem(
+                "spec.extraArgs",
+                "`ollama serve` takes no arguments; configure "
+                "it with OLLAMA_* variables in spec.env",
+            )
+
+    for i, arg in enumerate(spec.extra_args or []):
+        name = arg.split("=", 1)[0]
+        if name in MANAGED_FLAGS:
+            hint = (
+                " (it would put the key in the Deployment; use spec.apiKeySecretRef)"
+                if "api-key" in name
+                else ""
+            )
+            yield Problem(
+                f"spec.extraArgs[{i}]",
+                f"{name} is set by the operator and cannot be overridden{hint}",
+            )
+    for i, env in enumerate(spec.env or []):
+        if env.name in MANAGED_ENV:
+            yield Problem(
+                f"spec.env[{i}].name",
+                f"{env.name} is set by the operator (from a Secret reference or "
+                "its own settings) and cannot be overridden",
+            )
+        if env.value is not None and env.value_from is not None:
+            yield Problem(f"spec.env[{i}]", "set value or valueFrom, not both")
+
+
+def validate(obj: Mapping[str, Any]) -> tuple[LLMBackend | None, list[Problem]]:
+    """Parse and check a whole LLMBackend object; the backend is None if it cannot parse."""
+    meta = obj.get("metadata") or {}
+    problems = list(check_name(str(meta.get("name", ""))))
+    try:
+        backend = LLMBackend.from_manifest(obj)
+    except ValidationError as err:
+        return None, problems + schema_problems(err)
+    problems += check_spec(backend)
+    return backend, problems
+
+
+def referenced_secrets(backend: LLMBackend) -> list[tuple[str, str, str]]:
+    """(field, secret name, key) of each Secret the pods will read."""
+    refs = []
+    if backend.spec.api_key_secret_ref:
+        ref = backend.spec.api_key_secret_ref
+        refs.append(("spec.apiKeySecretRef", ref.name, ref.key))
+    if backend.spec.hf_token_secret_ref:
+        ref = backend.spec.hf_token_secret_ref
+        refs.append(("spec.hfTokenSecretRef", ref.name, ref.key))
+    return refs
