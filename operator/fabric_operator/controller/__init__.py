@@ -1,0 +1,1 @@
+"""The reconcile loop: kopf wiring at the edge, pure decisions inside."""

@@ -1,0 +1,75 @@
+"""Decide, without asking the API, whether a child must be (re)applied.
+
+A child needs an apply when the watched copy is missing, lacks a field the rendering sets
+(drift, or a server that dropped it), or carries another config hash (the spec changed,
+including fields the new rendering no longer sets, which only an apply removes).
+Fields the server or other controllers add are ignored: the desired manifest only needs
+to be *contained* in the observed object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from decimal import InvalidOperation
+from typing import Any
+
+from kubernetes.utils import parse_quantity
+
+from fabric_operator.api.backend import LLMBackend
+
+HASH_ANNOTATION = "llm.fabric.dev/config-hash"
+# Keys whose values are resource quantities: the server rewrites them canonically.
+_QUANTITY_PARENTS = {"limits", "requests"}
+_QUANTITY_KEYS = {"sizeLimit"}
+
+
+def config_hash(manifest: dict[str, Any]) -> str:
+    data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def with_bookkeeping(manifest: dict[str, Any], backend: LLMBackend) -> dict[str, Any]:
+    """The manifest as applied: plus the owner reference and the config hash."""
+    out: dict[str, Any] = json.loads(json.dumps(manifest))
+    meta = out["metadata"]
+    meta["ownerReferences"] = [backend.owner_reference()]
+    meta.setdefault("annotations", {})[HASH_ANNOTATION] = config_hash(manifest)
+    return out
+
+
+def _same_quantity(a: Any, b: Any) -> bool:
+    try:
+        return bool(parse_quantity(a) == parse_quantity(b))  # type: ignore[no-untyped-call]
+    except (ValueError, InvalidOperation, TypeError):
+        return False
+
+
+def contains(observed: Any, desired: Any, key: str = "", parent: str = "") -> bool:
+    """True when every field of `desired` is in `observed` with an equal value.
+
+    Maps may hold more keys than desired (server defaults, other managers); lists must
+    match element by element, since the operator owns them whole.
+    """
+    if isinstance(desired, dict):
+        if not desired:
+            return True
+        if not isinstance(observed, dict):
+            return False
+        return all(contains(observed.get(k), v, k, key) for k, v in desired.items())
+    if isinstance(desired, list):
+        observed = [] if observed is None else observed
+        if not isinstance(observed, list) or len(observed) != len(desired):
+            return False
+        return all(contains(o, d, key, parent) for o, d in zip(observed, desired, strict=True))
+    if observed == desired:
+        return True
+    if parent in _QUANTITY_PARENTS or key in _QUANTITY_KEYS:
+        return _same_quantity(observed, desired)
+    return False
+
+
+def needs_apply(desired: dict[str, Any], observed: dict[str, Any] | None) -> bool:
+    if observed is None:
+        return True
+    return not contains(observed, desired)

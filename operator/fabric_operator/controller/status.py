@@ -1,0 +1,186 @@
+"""Compute an LLMBackend's status from what the operator observed: pure, so it is testable.
+
+Conditions follow metav1.Condition; lastTransitionTime only moves when a condition's
+status does, so re-computing an unchanged state yields an identical status (and no write).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from fabric_operator.api.backend import LLMBackend
+from fabric_operator.api.v1alpha1 import Phase
+from fabric_operator.render.workload import BACKEND_LABEL, endpoint
+
+READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+CONDITION_TYPES = (READY, PROGRESSING, DEGRADED)
+REASON_INVALID = "InvalidSpec"
+REASON_APPLY_FAILED = "ApplyFailed"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why the operator could not (or would not) bring the children to the spec."""
+
+    reason: str
+    message: str
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(type_: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "type": type_,
+        "status": "True" if ok else "False",
+        "reason": reason,
+        "message": message,
+    }
+
+
+def _deployment_condition(deployment: dict[str, Any], type_: str) -> dict[str, Any]:
+    for cond in (deployment.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_:
+            return dict(cond)
+    return {}
+
+
+def _rollout(backend: LLMBackend, deployment: dict[str, Any] | None) -> dict[str, Any]:
+    """Ready/Progressing/Degraded and counts from the Deployment as last observed."""
+    desired = backend.spec.replicas
+    st = (deployment or {}).get("status") or {}
+    ready = int(st.get("readyReplicas") or 0)
+    current = deployment is not None and int(st.get("observedGeneration") or 0) >= int(
+        (deployment.get("metadata") or {}).get("generation") or 0
+    )
+    complete = (
+        current
+        and int(st.get("updatedReplicas") or 0) == desired
+        and int(st.get("replicas") or 0) == desired
+        and int(st.get("availableReplicas") or 0) == desired
+    )
+    progressing = _deployment_condition(deployment or {}, "Progressing")
+    failure = _deployment_condition(deployment or {}, "ReplicaFailure")
+    degraded: tuple[str, str] | None = None
+    if progressing.get("reason") == "ProgressDeadlineExceeded":
+        degraded = ("ProgressDeadlineExceeded", progressing.get("message", ""))
+    elif failure.get("status") == "True":
+        degraded = ("ReplicaFailure", failure.get("message", ""))
+
+    counts = f"{ready}/{desired} replicas ready"
+    if desired == 0:
+        phase, ready_cond = Phase.STOPPED, _condition(READY, False, "ScaledToZero", counts)
+    elif ready > 0:
+        phase = Phase.READY if complete else Phase.PROGRESSING
+        ready_cond = _condition(READY, True, "ReplicasReady", counts)
+    else:
+        phase, ready_cond = Phase.PENDING, _condition(READY, False, "NoReplicaReady", counts)
+    if complete:
+        prog_cond = _condition(PROGRESSING, False, "RolloutComplete", counts)
+    else:
+        prog_cond = _condition(
+            PROGRESSING,
+            True,
+            "RollingOut",
+            f"rolling out: {st.get('updatedReplicas') or 0}/{desired} updated, {counts}",
+        )
+    if degraded:
+        phase = Phase.DEGRADED
+        deg_cond = _condition(DEGRADED, True, *degraded)
+    else:
+        deg_cond = _condition(DEGRADED, False, "AsExpected", "")
+    return {
+        "phase": phase,
+        "replicas": int(st.get("replicas") or 0),
+        "readyReplicas": ready,
+        "conditions": [ready_cond, prog_cond, deg_cond],
+    }
+
+
+def _stamp(
+    conditions: list[dict[str, Any]],
+    previous: dict[str, Any] | None,
+    generation: int | None,
+    stamp: str,
+) -> None:
+    """Set observedGeneration, and keep each lastTransitionTime whose status held."""
+    old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
+    for cond in conditions:
+        cond["observedGeneration"] = generation
+        before = old.get(cond["type"]) or {}
+        held = before.get("status") == cond["status"] and "lastTransitionTime" in before
+        cond["lastTransitionTime"] = before["lastTransitionTime"] if held else stamp
+
+
+def compute(
+    backend: LLMBackend,
+    deployment: dict[str, Any] | None,
+    failure: Failure | None,
+    previous: dict[str, Any] | None,
+    *,
+    cluster_domain: str = "cluster.local",
+    timestamp: str | None = None,
+) -> dict[str, Any]:
+    """The whole status; `previous` supplies transition times that did not change."""
+    rollout = _rollout(backend, deployment)
+    conditions = rollout["conditions"]
+    phase = rollout["phase"]
+    if failure is not None:
+        phase = Phase.INVALID if failure.reason == REASON_INVALID else Phase.DEGRADED
+        conditions = [
+            conditions[0],
+            _condition(
+                PROGRESSING,
+                False,
+                failure.reason,
+                "the children were left as they were; fix the spec to continue",
+            ),
+            _condition(DEGRADED, True, failure.reason, failure.message),
+        ]
+    _stamp(conditions, previous, backend.generation, timestamp or now())
+    return {
+        "observedGeneration": backend.generation,
+        "phase": str(phase),
+        "endpoint": endpoint(backend, cluster_domain),
+        "servedModelName": backend.served_model_name,
+        "replicas": rollout["replicas"],
+        "readyReplicas": rollout["readyReplicas"],
+        "ready": f"{rollout['readyReplicas']}/{backend.spec.replicas}",
+        "selector": f"{BACKEND_LABEL}={backend.name}",
+        "conditions": conditions,
+    }
+
+
+def invalid_status(
+    generation: int | None,
+    failure: Failure,
+    previous: dict[str, Any] | None,
+    timestamp: str | None = None,
+) -> dict[str, Any]:
+    """Status of a backend whose spec cannot even be parsed: keep what was, flag the spec."""
+    stamp = timestamp or now()
+    old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
+    kept_ready = old.get(READY) or _condition(READY, False, REASON_INVALID, failure.message)
+    conditions = [
+        dict(kept_ready),
+        _condition(PROGRESSING, False, failure.reason, "fix the spec to continue"),
+        _condition(DEGRADED, True, failure.reason, failure.message),
+    ]
+    _stamp(conditions, previous, generation, stamp)
+    out = {k: v for k, v in (previous or {}).items() if k != "conditions"}
+    out.update(observedGeneration=generation, phase=str(Phase.INVALID), conditions=conditions)
+    return out
+
+
+def transitions(previous: dict[str, Any] | None, current: dict[str, Any]) -> list[dict[str, Any]]:
+    """Conditions whose status, reason or message changed: each one is worth an Event."""
+    old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
+    changed = []
+    for cond in current.get("conditions") or []:
+        before = old.get(cond["type"], {})
+        if any(before.get(k) != cond.get(k) for k in ("status", "reason", "message")):
+            changed.append(cond)
+    return changed
