@@ -1,0 +1,199 @@
+"""`fabric-operator`: run the operator, print the CRD, render children, or start a local
+development cluster with the operator on it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from fabric_operator import __version__
+
+
+def _run_operator(args: argparse.Namespace) -> int:
+    import kopf
+    from kubernetes import client, config
+
+    from fabric_operator.controller.handlers import build_registry
+    from fabric_operator.controller.kube import Kube
+    from fabric_operator.controller.reconciler import Reconciler, Settings
+    from fabric_operator.controller.runtime import Controller
+    from fabric_operator.controller.store import Store
+
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's login reads it too
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config(config_file=args.kubeconfig)
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = max(4, args.workers)
+    store = Store()
+    kube = Kube(client.ApiClient(configuration))
+    reconciler = Reconciler(store, kube, Settings(cluster_domain=args.cluster_domain))
+    controller = Controller(reconciler, store, workers=args.workers)
+    namespaces = [n for item in args.namespace for n in item.split(",") if n]
+    asyncio.run(
+        kopf.operator(
+            registry=build_registry(),
+            memo=kopf.Memo(controller=controller),
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            standalone=True,
+            liveness_endpoint=f"http://{args.health_address}/healthz",
+        )
+    )
+    return 0
+
+
+def _crd(_: argparse.Namespace) -> int:
+    from fabric_operator.api.crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from fabric_operator.render import render
+    from fabric_operator.validation import validate
+
+    texts = []
+    for item in args.file:
+        path = Path(item)
+        files = sorted(path.glob("*.y*ml")) if path.is_dir() else [path]
+        try:
+            texts += [sys.stdin.read() if item == "-" else f.read_text() for f in files]
+        except OSError as err:
+            print(f"fabric-operator render: {err}", file=sys.stderr)
+            return 2
+    try:
+        docs = [
+            d
+            for t in texts
+            for d in yaml.safe_load_all(t)
+            if isinstance(d, dict) and d.get("kind") == "LLMBackend"
+        ]
+    except yaml.YAMLError as err:
+        print(f"fabric-operator render: {err}", file=sys.stderr)
+        return 2
+    if not docs:
+        print(f"{' '.join(args.file)}: no LLMBackend found", file=sys.stderr)
+        return 1
+    out, failed = [], False
+    for doc in docs:
+        backend, problems = validate(doc)
+        name = (doc.get("metadata") or {}).get("name", "?")
+        if backend is None or problems:
+            failed = True
+            for problem in problems:
+                print(f"{name}: {problem}", file=sys.stderr)
+            continue
+        out.extend(render(backend).all())
+    sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False))
+    return 1 if failed else 0
+
+
+def _kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> None:
+    subprocess.run(
+        ["kubectl", f"--kubeconfig={kubeconfig}", *args],
+        input=stdin,
+        text=True,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def _dev(args: argparse.Namespace) -> int:
+    """Operator plus the example LLMBackends, on a local control plane unless told where."""
+    from fabric_operator.api.crd import crd_yaml
+    from fabric_operator.localcluster import LocalControlPlane, find_binaries
+
+    repo = Path(__file__).resolve().parents[2]
+    kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
+    plane = None
+    if not kubeconfig:
+        workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fabric-dev-"))
+        print("no kubeconfig given: starting a local control plane ...", flush=True)
+        plane = LocalControlPlane(workdir, find_binaries(repo)).start()
+        kubeconfig = str(plane.kubeconfig)
+    try:
+        kc = Path(kubeconfig)
+        _kubectl(kc, "apply", "-f", "-", stdin=crd_yaml())
+        _kubectl(kc, "wait", "--for=condition=Established", "crd/llmbackends.llm.fabric.dev")
+        examples = repo / "examples"
+        if examples.is_dir() and not args.no_examples:
+            _kubectl(kc, "apply", "-f", str(examples))
+        print(f"\n  export KUBECONFIG={kubeconfig}\n  kubectl get llmb -A\n", flush=True)
+        args.kubeconfig = kubeconfig
+        return _run_operator(args)
+    finally:
+        if plane is not None:
+            plane.stop()
+
+
+def _add_operator_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kubeconfig", help="kubeconfig file (default: in-cluster, $KUBECONFIG, ~/.kube/config)"
+    )
+    p.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="watch only these namespaces (repeatable or comma-separated; default: all)",
+    )
+    p.add_argument("--workers", type=int, default=4, help="concurrent reconciles (default 4)")
+    p.add_argument(
+        "--cluster-domain",
+        default="cluster.local",
+        help="cluster DNS domain used in status.endpoint",
+    )
+    p.add_argument(
+        "--health-address", default="0.0.0.0:8080", help="host:port of the /healthz endpoint"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fabric-operator", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--log-level", default=os.environ.get("FABRIC_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the operator against a cluster")
+    _add_operator_flags(run)
+    run.set_defaults(func=_run_operator)
+
+    sub.add_parser("crd", help="print the LLMBackend CRD (YAML)").set_defaults(func=_crd)
+
+    render = sub.add_parser("render", help="print the children of LLMBackend manifests")
+    render.add_argument(
+        "file", nargs="+", help="YAML files or folders with LLMBackends, or - for stdin"
+    )
+    render.set_defaults(func=_render)
+
+    dev = sub.add_parser("dev", help="local control plane + CRD + examples + operator")
+    _add_operator_flags(dev)
+    dev.add_argument("--workdir", help="where the local cluster keeps its files")
+    dev.add_argument("--no-examples", action="store_true", help="do not apply examples/")
+    dev.set_defaults(func=_dev)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

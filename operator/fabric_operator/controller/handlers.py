@@ -1,0 +1,57 @@
+"""kopf wiring: three watches feed the controller; nothing here talks to the API itself.
+
+Only `on.event` handlers are used, so kopf adds no finalizers, annotations or progress
+writes to users' objects: deleting an LLMBackend never waits for the operator.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+from fabric_operator.controller.reconciler import BACKEND
+from fabric_operator.controller.runtime import Controller
+from fabric_operator.render.workload import MANAGED_BY
+
+MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+def build_registry() -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    # Credentials the way the kubernetes client finds them (kubeconfig or in-cluster).
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        settings.posting.enabled = False  # our own Events say what users need to see
+        settings.posting.level = logging.WARNING
+        settings.watching.connect_timeout = 30
+        settings.networking.error_backoffs = [1, 2, 5, 10]
+        controller: Controller = memo["controller"]
+        await controller.start()
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop(memo: kopf.Memo, **_: Any) -> None:
+        await memo["controller"].stop()
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def backend_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        memo["controller"].observe(BACKEND, dict(event))
+
+    @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
+    async def deployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        memo["controller"].observe("Deployment", dict(event))
+
+    @kopf.on.event("", "v1", "services", labels=MANAGED, registry=registry)
+    async def service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        memo["controller"].observe("Service", dict(event))
+
+    @kopf.on.probe(id="controller", registry=registry)
+    def probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+        health: dict[str, Any] = memo["controller"].health()
+        return health
+
+    return registry

@@ -1,0 +1,171 @@
+"""One reconcile per LLMBackend: read desired state, read what exists, apply the difference,
+write status. Reads come from the watch store; the API is only called to change something.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from fabric_operator.api.backend import LLMBackend
+from fabric_operator.controller import status as st
+from fabric_operator.controller.diff import HASH_ANNOTATION, needs_apply, with_bookkeeping
+from fabric_operator.controller.kube import Kube, api_message
+from fabric_operator.controller.store import Store
+from fabric_operator.render import render
+from fabric_operator.validation import Problem, referenced_secrets, validate
+
+log = logging.getLogger(__name__)
+
+BACKEND = "LLMBackend"
+# Retried by the queue with backoff: the API server is busy, restarting or racing us.
+RETRYABLE = {409, 429, 500, 502, 503, 504}
+# A missing Secret may be created any moment: look again this often.
+SECRET_RECHECK_SECONDS = 30.0
+FAILED_APPLY_RECHECK_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    cluster_domain: str = "cluster.local"
+
+
+class Reconciler:
+    def __init__(self, store: Store, kube: Kube, settings: Settings | None = None) -> None:
+        self.store, self.kube = store, kube
+        self.settings = settings or Settings()
+
+    def reconcile(self, namespace: str, name: str) -> float | None:
+        """Bring one LLMBackend's children and status to its spec.
+
+        Returns seconds after which to look again (None: only on the next event).
+        Raises on transient API errors, for the queue to retry with backoff.
+        """
+        obj = self.store.get(BACKEND, namespace, name)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return None  # owner references let the garbage collector remove the children
+        previous = obj.get("status") or {}
+        backend, problems = validate(obj)
+        if backend is None:
+            unparsable = st.Failure(st.REASON_INVALID, _join(problems))
+            generation = obj["metadata"].get("generation")
+            self._report(obj, st.invalid_status(generation, unparsable, previous), [])
+            return None
+
+        desired = (
+            [with_bookkeeping(m, backend) for m in render(backend).all()] if not problems else []
+        )
+        stale = [m for m in desired if needs_apply(m, self.store.get(m["kind"], namespace, name))]
+        recheck: float | None = None
+        if not problems and (stale or backend.generation != previous.get("observedGeneration")):
+            problems = self._secret_problems(backend)
+            recheck = SECRET_RECHECK_SECONDS if problems else None
+
+        failure: st.Failure | None = (
+            st.Failure(st.REASON_INVALID, _join(problems)) if problems else None
+        )
+        applied: list[tuple[str, dict[str, Any]]] = []
+        if failure is None:
+            failure = self._apply(stale, applied)
+            if failure is not None:
+                recheck = FAILED_APPLY_RECHECK_SECONDS
+        deployment = self.store.get("Deployment", namespace, name)
+        status = st.compute(
+            backend, deployment, failure, previous, cluster_domain=self.settings.cluster_domain
+        )
+        self._report(obj, status, applied)
+        return recheck
+
+    def _secret_problems(self, backend: LLMBackend) -> list[Problem]:
+        problems = []
+        for field, name, key in referenced_secrets(backend):
+            keys = self.kube.secret_keys(backend.namespace, name)
+            if keys is None:
+                problems.append(
+                    Problem(field, f"Secret {name!r} not found in namespace {backend.namespace!r}")
+                )
+            elif key not in keys:
+                problems.append(
+                    Problem(
+                        f"{field}.key",
+                        f"Secret {name!r} has no key {key!r}"
+                        f" (keys: {', '.join(sorted(keys)) or 'none'})",
+                    )
+                )
+        return problems
+
+    def _apply(
+        self, stale: list[dict[str, Any]], applied: list[tuple[str, dict[str, Any]]]
+    ) -> st.Failure | None:
+        """Apply each stale child, Deployment first (the likelier one to be refused)."""
+        for manifest in stale:
+            meta = manifest["metadata"]
+            before = self.store.get(manifest["kind"], meta["namespace"], meta["name"])
+            try:
+                result = self.kube.apply(manifest)
+            except ApiException as err:
+                if err.status in RETRYABLE:
+                    raise
+                return st.Failure(
+                    st.REASON_APPLY_FAILED, f"{manifest['kind']} {meta['name']}: {api_message(err)}"
+                )
+            self.store.put(manifest["kind"], result)
+            applied.append((_change(before, manifest), manifest))
+        return None
+
+    def _report(
+        self, obj: dict[str, Any], status: dict[str, Any], applied: list[tuple[str, dict[str, Any]]]
+    ) -> None:
+        """Events for what changed, then the status if it differs from the stored one."""
+        meta = obj["metadata"]
+        previous = obj.get("status") or {}
+        stamp = st.now()
+        by_reason: dict[str, list[str]] = {}
+        for reason, manifest in applied:
+            by_reason.setdefault(reason, []).append(
+                f"{manifest['kind']} {manifest['metadata']['name']}"
+            )
+        for reason, what in by_reason.items():
+            self.kube.post_event(obj, "Normal", reason, f"{reason} {' and '.join(what)}", stamp)
+        for cond in st.transitions(previous, status):
+            if cond["type"] == st.DEGRADED and cond["status"] == "True":
+                self.kube.post_event(obj, "Warning", cond["reason"], cond["message"], stamp)
+            elif (
+                cond["type"] == st.READY and cond["status"] == "True" and previous.get("conditions")
+            ):
+                self.kube.post_event(obj, "Normal", "Ready", cond["message"], stamp)
+        if status != previous:
+            patch = {k: status.get(k) for k in set(previous) | set(status)}
+            try:
+                updated = self.kube.patch_status(meta["namespace"], meta["name"], patch)
+            except ApiException as err:
+                if err.status == 404:
+                    return  # deleted meanwhile
+                raise
+            self.store.put(BACKEND, updated)
+            log.info(
+                "%s/%s: %s (%s)",
+                meta["namespace"],
+                meta["name"],
+                status.get("phase"),
+                status.get("ready"),
+            )
+
+
+def _change(before: dict[str, Any] | None, manifest: dict[str, Any]) -> str:
+    """Why a child was applied: Created, Updated (spec changed) or Restored (drifted)."""
+    if before is None:
+        return "Created"
+    old_hash = ((before.get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION)
+    return (
+        "Restored"
+        if old_hash == manifest["metadata"]["annotations"][HASH_ANNOTATION]
+        else "Updated"
+    )
+
+
+def _join(problems: list[Problem]) -> str:
+    return "; ".join(str(p) for p in problems)

@@ -1,0 +1,96 @@
+"""The running controller: watch events fill the store and the queue, workers reconcile."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from fabric_operator.controller.reconciler import BACKEND, Reconciler
+from fabric_operator.controller.store import Store
+from fabric_operator.controller.workqueue import WorkQueue
+from fabric_operator.render.workload import BACKEND_LABEL
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # namespace, name of an LLMBackend
+
+
+class Controller:
+    def __init__(self, reconciler: Reconciler, store: Store, workers: int = 4) -> None:
+        self.reconciler, self.store = reconciler, store
+        self.workers = workers
+        self.queue: WorkQueue[Key] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.reconciles = 0
+        self.errors = 0
+        self.last_error: str | None = None
+
+    async def start(self) -> None:
+        self.queue = WorkQueue()
+        self._tasks = [asyncio.create_task(self._work(i)) for i in range(self.workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def observe(self, kind: str, event: dict[str, Any]) -> None:
+        """A watch event: update the store and queue the LLMBackend it concerns."""
+        obj = event.get("object") or {}
+        meta = obj.get("metadata") or {}
+        namespace, name = meta.get("namespace") or "", meta.get("name") or ""
+        if event.get("type") == "DELETED":
+            self.store.delete(kind, namespace, name)
+        else:
+            self.store.put(kind, obj)
+        if kind == BACKEND:
+            key = (namespace, name)
+            if event.get("type") == "DELETED" and self.queue is not None:
+                self.queue.drop(key)
+        else:
+            owner = (meta.get("labels") or {}).get(BACKEND_LABEL)
+            if not owner or self.store.get(BACKEND, namespace, owner) is None:
+                return
+            key = (namespace, owner)
+        if self.queue is not None:
+            self.queue.add(key)
+
+    async def _work(self, worker: int) -> None:
+        assert self.queue is not None
+        queue = self.queue
+        while True:
+            key = await queue.get()
+            started = time.monotonic()
+            try:
+                recheck = await asyncio.to_thread(self.reconciler.reconcile, *key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                self.errors += 1
+                self.last_error = f"{key[0]}/{key[1]}: {type(err).__name__}: {err}"[:500]
+                delay = queue.retry(key)
+                log.warning(
+                    "reconcile %s/%s failed (retry in %.1fs): %s", *key, delay, self.last_error
+                )
+            else:
+                queue.forget(key)
+                if recheck is not None:
+                    queue.add_after(key, recheck)
+            finally:
+                self.reconciles += 1
+                queue.done(key)
+                log.debug(
+                    "worker %d reconciled %s/%s in %.3fs", worker, *key, time.monotonic() - started
+                )
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "backends": self.store.count(BACKEND),
+            "queued": len(self.queue) if self.queue is not None else 0,
+            "reconciles": self.reconciles,
+            "errors": self.errors,
+            "lastError": self.last_error,
+            "apiRequests": dict(self.reconciler.kube.requests),
+        }

@@ -1,0 +1,283 @@
+"""A real, local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler) on 127.0.0.1, for development and tests on machines without Docker.
+
+The binaries come from `hack/get-control-plane.sh` (envtest's, or Debian's build of
+v1.20). There is no kubelet: pods get scheduled onto Node objects but never run.
+Processes are stopped by the PIDs recorded at start, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONTROLLERS_OFF = [
+    "nodeipam",
+    "nodelifecycle",
+    "cloud-node-lifecycle",
+    "route",
+    "service",
+    "attachdetach",
+    "persistentvolume-binder",
+    "persistentvolume-expander",
+    "pv-protection",
+    "pvc-protection",
+    "ttl",
+    "bootstrapsigner",
+    "tokencleaner",
+    "csrapproving",
+    "csrcleaner",
+    "csrsigning",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _version(binary: Path) -> tuple[int, int]:
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True).stdout
+    major, minor = out.split()[-1].lstrip("v").split(".")[:2]
+    return int(major), int(minor.rstrip("+"))
+
+
+@dataclass
+class LocalControlPlane:
+    """Start with `start()`, stop with `stop()`; `kubeconfig` is the admin's."""
+
+    workdir: Path
+    bin_dir: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    apiserver_port: int = 0
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.workdir / "kubeconfig"
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.apiserver_port}"
+
+    def _certs(self) -> None:
+        d = self.workdir / "pki"
+        d.mkdir(parents=True, exist_ok=True)
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=fabric-local-ca",
+            cwd=d,
+        )
+        (d / "san.ext").write_text(
+            "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
+            "DNS:kubernetes.default,DNS:kubernetes.default.svc,"
+            "DNS:kubernetes.default.svc.cluster.local\n"
+        )
+        for name, subject, ext in (
+            ("apiserver", "/CN=kube-apiserver", True),
+            ("admin", "/O=system:masters/CN=fabric-admin", False),
+        ):
+            _openssl(
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                f"{name}.key",
+                "-out",
+                f"{name}.csr",
+                "-subj",
+                subject,
+                cwd=d,
+            )
+            _openssl(
+                "x509",
+                "-req",
+                "-in",
+                f"{name}.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                f"{name}.crt",
+                "-days",
+                "3650",
+                *(["-extfile", "san.ext"] if ext else []),
+                cwd=d,
+            )
+        _openssl("genrsa", "-out", "sa.key", "2048", cwd=d)
+        _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
+
+    def _write_kubeconfig(self) -> None:
+        d = self.workdir / "pki"
+        self.kubeconfig.write_text(f"""apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: {self.server}
+    certificate-authority: {d / "ca.crt"}
+users:
+- name: admin
+  user:
+    client-certificate: {d / "admin.crt"}
+    client-key: {d / "admin.key"}
+contexts:
+- name: local
+  context: {{cluster: local, user: admin}}
+current-context: local
+""")
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - kept open by the child
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes[name] = proc
+        with open(self.workdir / "pids", "a") as pids:
+            pids.write(f"{name} {proc.pid}\n")
+
+    def _wait(self, what: str, check: object, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.processes.items():
+                if proc.poll() is not None:
+                    tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
+            with contextlib.suppress(OSError):
+                if check():  # type: ignore[operator]
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"{what} not ready after {timeout:.0f}s (logs in {self.workdir})")
+
+    def _apiserver_ready(self) -> bool:
+        d = self.workdir / "pki"
+        ctx = ssl.create_default_context(cafile=str(d / "ca.crt"))
+        ctx.load_cert_chain(str(d / "admin.crt"), str(d / "admin.key"))
+        with urllib.request.urlopen(f"{self.server}/readyz", context=ctx, timeout=2) as r:
+            return bool(r.status == 200)
+
+    def start(self, timeout: float = 90.0) -> LocalControlPlane:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "pids").write_text("")
+        self._certs()
+        etcd_port, peer_port = free_port(), free_port()
+        self.apiserver_port = free_port()
+        self._spawn(
+            "etcd",
+            [
+                str(self.bin_dir / "etcd"),
+                "--data-dir",
+                str(self.workdir / "etcd"),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer_port}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer_port}",
+                "--initial-cluster",
+                f"default=http://127.0.0.1:{peer_port}",
+                "--unsafe-no-fsync",
+            ],
+        )
+        d = self.workdir / "pki"
+        apiserver = self.bin_dir / "kube-apiserver"
+        legacy = _version(apiserver) < (1, 24)
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(apiserver),
+                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.apiserver_port}",
+                *(["--insecure-port=0"] if legacy else []),
+                f"--tls-cert-file={d / 'apiserver.crt'}",
+                f"--tls-private-key-file={d / 'apiserver.key'}",
+                f"--client-ca-file={d / 'ca.crt'}",
+                f"--service-account-key-file={d / 'sa.pub'}",
+                f"--service-account-signing-key-file={d / 'sa.key'}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--authorization-mode=Node,RBAC",
+                "--allow-privileged=true",
+                "--profiling=false",
+            ],
+        )
+        self._write_kubeconfig()
+        self._wait("kube-apiserver", self._apiserver_ready, timeout)
+        common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--secure-port=0"]
+        if legacy:
+            common.append("--port=0")
+        cm = self.bin_dir / "kube-controller-manager"
+        if cm.exists():
+            self._spawn(
+                "kube-controller-manager",
+                [
+                    str(cm),
+                    *common,
+                    f"--controllers=*,{','.join('-' + c for c in CONTROLLERS_OFF)}",
+                    f"--service-account-private-key-file={d / 'sa.key'}",
+                    f"--root-ca-file={d / 'ca.crt'}",
+                    "--use-service-account-credentials=false",
+                ],
+            )
+        scheduler = self.bin_dir / "kube-scheduler"
+        if scheduler.exists():
+            self._spawn("kube-scheduler", [str(scheduler), *common])
+        return self
+
+    @property
+    def has_controller_manager(self) -> bool:
+        return "kube-controller-manager" in self.processes
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every process this instance started, newest first, by PID."""
+        for _name, proc in reversed(list(self.processes.items())):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.processes.clear()
+
+
+def find_binaries(repo_root: Path) -> Path:
+    """The folder with the control-plane binaries (runs hack/get-control-plane.sh)."""
+    env_dir = os.environ.get("FABRIC_K8S_BIN")
+    if env_dir:
+        return Path(env_dir)
+    script = repo_root / "hack" / "get-control-plane.sh"
+    out = subprocess.run(["bash", str(script)], check=True, stdout=subprocess.PIPE, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
