@@ -12,27 +12,30 @@ import sys
 import tempfile
 from pathlib import Path
 
+import kopf
 import yaml
+from kubernetes import client, config
 
 from fabric_operator import __version__
+from fabric_operator.api.crd import crd_yaml
+from fabric_operator.controller.handlers import build_registry
+from fabric_operator.controller.kube import Kube
+from fabric_operator.controller.reconciler import Reconciler, Settings
+from fabric_operator.controller.runtime import Controller
+from fabric_operator.controller.store import Store
+from fabric_operator.localcluster import LocalControlPlane, find_binaries
+from fabric_operator.render import render
+from fabric_operator.validation import validate
 
 
 def _run_operator(args: argparse.Namespace) -> int:
-    import kopf
-    from kubernetes import client, config
-
-    from fabric_operator.controller.handlers import build_registry
-    from fabric_operator.controller.kube import Kube
-    from fabric_operator.controller.reconciler import Reconciler, Settings
-    from fabric_operator.controller.runtime import Controller
-    from fabric_operator.controller.store import Store
 
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's login reads it too
     try:
-        config.load_incluster_config()
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
-        config.load_kube_config(config_file=args.kubeconfig)
+        config.load_kube_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
     configuration = client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = max(4, args.workers)
     store = Store()
@@ -54,15 +57,12 @@ def _run_operator(args: argparse.Namespace) -> int:
 
 
 def _crd(_: argparse.Namespace) -> int:
-    from fabric_operator.api.crd import crd_yaml
 
     sys.stdout.write(crd_yaml())
     return 0
 
 
 def _render(args: argparse.Namespace) -> int:
-    from fabric_operator.render import render
-    from fabric_operator.validation import validate
 
     texts = []
     for item in args.file:
@@ -112,8 +112,6 @@ def _kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> None:
 
 def _dev(args: argparse.Namespace) -> int:
     """Operator plus the example LLMBackends, on a local control plane unless told where."""
-    from fabric_operator.api.crd import crd_yaml
-    from fabric_operator.localcluster import LocalControlPlane, find_binaries
 
     repo = Path(__file__).resolve().parents[2]
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")

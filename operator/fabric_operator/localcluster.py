@@ -50,7 +50,9 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def _version(binary: Path) -> tuple[int, int]:
-    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, check=True
+    ).stdout
     major, minor = out.split()[-1].lstrip("v").split(".")[:2]
     return int(major), int(minor.rstrip("+"))
 
