@@ -30,8 +30,6 @@ from fabric_operator.validation import validate
 
 def _run_operator(args: argparse.Namespace) -> int:
 
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's login reads it too
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
@@ -46,7 +44,7 @@ def _run_operator(args: argparse.Namespace) -> int:
     asyncio.run(
         kopf.operator(
             registry=build_registry(),
-            memo=kopf.Memo(controller=controller),
+            memo=kopf.Memo(controller=controller, configuration=configuration),
             clusterwide=not namespaces,
             namespaces=namespaces,
             standalone=True,

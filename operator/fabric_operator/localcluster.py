@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -184,6 +185,7 @@ current-context: local
 
     def start(self, timeout: float = 90.0) -> LocalControlPlane:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.workdir / "etcd", ignore_errors=True)  # new CA, new cluster
         (self.workdir / "pids").write_text("")
         self._certs()
         etcd_port, peer_port = free_port(), free_port()

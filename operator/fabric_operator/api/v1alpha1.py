@@ -391,7 +391,7 @@ class Condition(Model):
         json_schema_extra={"format": "date-time"},
     )
     reason: str = Field(description="CamelCase reason for the last transition.")
-    message: str = Field(default="", description="Human-readable details.")
+    message: str = Field(description="Human-readable details.")
 
 
 class Phase(StrEnum):

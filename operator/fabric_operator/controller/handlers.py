@@ -21,8 +21,25 @@ MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 
 def build_registry() -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
-    # Credentials the way the kubernetes client finds them (kubeconfig or in-cluster).
-    kopf.on.login(registry=registry)(kopf.login_via_client)
+
+    @kopf.on.login(registry=registry)
+    def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+        """kopf's watches use the credentials the operator's client already loaded."""
+        cfg = memo["configuration"]
+        header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix(
+            "authorization"
+        )
+        scheme, _sep, token = str(header or "").rpartition(" ")
+        return kopf.ConnectionInfo(
+            server=cfg.host,
+            ca_path=cfg.ssl_ca_cert,
+            insecure=not cfg.verify_ssl,
+            scheme=scheme or ("Bearer" if token else None),
+            token=token or None,
+            certificate_path=cfg.cert_file,
+            private_key_path=cfg.key_file,
+            trust_env=settings.networking.trust_env,
+        )
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -36,6 +53,17 @@ def build_registry() -> kopf.OperatorRegistry:
     @kopf.on.cleanup(registry=registry)
     async def stop(memo: kopf.Memo, **_: Any) -> None:
         await memo["controller"].stop()
+
+    # Index handlers fill the store from the initial listing of the children, and kopf
+    # holds every other handler until all indexes are filled: no LLMBackend is reconciled
+    # before its children are known (else a restart would re-apply all of them).
+    @kopf.index("apps", "v1", "deployments", labels=MANAGED, registry=registry)
+    def deployment_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        memo["controller"].store.put("Deployment", dict(body))
+
+    @kopf.index("", "v1", "services", labels=MANAGED, registry=registry)
+    def service_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        memo["controller"].store.put("Service", dict(body))
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def backend_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:

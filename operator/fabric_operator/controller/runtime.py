@@ -7,6 +7,9 @@ import logging
 import time
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
+from fabric_operator.controller.kube import api_message
 from fabric_operator.controller.reconciler import BACKEND, Reconciler
 from fabric_operator.controller.store import Store
 from fabric_operator.controller.workqueue import WorkQueue
@@ -67,9 +70,10 @@ class Controller:
                 recheck = await asyncio.to_thread(self.reconciler.reconcile, *key)
             except asyncio.CancelledError:
                 raise
-            except Exception as err:
+            except Exception as err:  # any failure is retried with backoff, never fatal
                 self.errors += 1
-                self.last_error = f"{key[0]}/{key[1]}: {type(err).__name__}: {err}"[:500]
+                detail = api_message(err) if isinstance(err, ApiException) else str(err)
+                self.last_error = f"{key[0]}/{key[1]}: {type(err).__name__}: {detail}"[:500]
                 delay = queue.retry(key)
                 log.warning(
                     "reconcile %s/%s failed (retry in %.1fs): %s", *key, delay, self.last_error

@@ -33,6 +33,8 @@ def now() -> str:
 
 
 def _condition(type_: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+    # Never an empty message: the Python client sends "" in custom objects as null.
+    message = message or reason
     return {
         "type": type_,
         "status": "True" if ok else "False",
@@ -91,7 +93,7 @@ def _rollout(backend: LLMBackend, deployment: dict[str, Any] | None) -> dict[str
         phase = Phase.DEGRADED
         deg_cond = _condition(DEGRADED, True, *degraded)
     else:
-        deg_cond = _condition(DEGRADED, False, "AsExpected", "")
+        deg_cond = _condition(DEGRADED, False, "AsExpected", "no problem found")
     return {
         "phase": phase,
         "replicas": int(st.get("replicas") or 0),

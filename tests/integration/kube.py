@@ -1,0 +1,158 @@
+"""Test helpers for talking to the real API server: waits, kubectl, a tiny node simulator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+
+T = TypeVar("T")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 20.0,
+             interval: float = 0.1) -> T:
+    """Poll until probe() returns something truthy; fail with `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+        except ApiException as err:
+            last = f"ApiException {err.status}"
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Cluster:
+    """Clients and kubectl bound to one kubeconfig."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        from kubernetes import config
+
+        self.kubeconfig = kubeconfig
+        self.api = config.new_client_from_config(config_file=str(kubeconfig))
+        self.core = client.CoreV1Api(self.api)
+        self.apps = client.AppsV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True
+                ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+                              input=stdin, text=True, capture_output=True, timeout=60)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
+        return proc
+
+    def apply(self, manifest: dict[str, Any], *flags: str) -> subprocess.CompletedProcess[str]:
+        return self.kubectl("apply", *flags, "-f", "-", stdin=json.dumps(manifest), check=False)
+
+    def backend(self, namespace: str, name: str) -> dict[str, Any]:
+        obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name)
+        return obj
+
+    def condition(self, namespace: str, name: str, type_: str) -> dict[str, Any]:
+        status = self.backend(namespace, name).get("status") or {}
+        for cond in status.get("conditions") or []:
+            if cond["type"] == type_:
+                return dict(cond)
+        return {}
+
+    def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            resp = self.apps.read_namespaced_deployment(name, namespace, _preload_content=False)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        data: dict[str, Any] = json.loads(resp.data)
+        return data
+
+    def service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            resp = self.core.read_namespaced_service(name, namespace, _preload_content=False)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        data: dict[str, Any] = json.loads(resp.data)
+        return data
+
+    def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        resp = self.core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=LLMBackend",
+            _preload_content=False)
+        items: list[dict[str, Any]] = json.loads(resp.data)["items"]
+        return items
+
+    def write_counts(self) -> dict[str, int]:
+        """Writes the API server has served, by verb and resource, from its own /metrics."""
+        metrics = self.kubectl("get", "--raw", "/metrics").stdout
+        counts: dict[str, int] = {}
+        for line in metrics.splitlines():
+            if not line.startswith("apiserver_request_total{"):
+                continue
+            labels = dict(part.split("=", 1) for part in
+                          line[line.index("{") + 1:line.index("}")].replace('"', "").split(","))
+            if labels.get("verb") in {"POST", "PUT", "PATCH", "DELETE", "APPLY", "CREATE",
+                                      "UPDATE"}:
+                key = f"{labels['verb']} {labels.get('resource')}/{labels.get('subresource', '')}"
+                counts[key] = counts.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+        return counts
+
+
+def add_cpu_node(cluster: Cluster, name: str = "sim-cpu-0") -> None:
+    """A Node the real scheduler can place pods on (there is no kubelet behind it)."""
+    node = {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name,
+                                                  "fabric.dev/simulated": "true"}}}
+    try:
+        cluster.core.create_node(node)
+    except ApiException as err:
+        if err.status != 409:
+            raise
+    capacity = {"cpu": "64", "memory": "256Gi", "pods": "110"}
+    cluster.core.patch_node_status(name, {"status": {
+        "capacity": capacity, "allocatable": capacity,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                        "message": "simulated", "lastHeartbeatTime": _now(),
+                        "lastTransitionTime": _now()}],
+    }})
+    # Admission taints a new Node not-ready; with no node-lifecycle controller here, the
+    # simulated kubelet lifts it itself.
+    cluster.core.patch_node(name, {"spec": {"taints": None}})
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def run_pods(cluster: Cluster, namespace: str, selector: str) -> int:
+    """Mark scheduled pods Running and Ready, as a kubelet would; returns how many."""
+    pods = cluster.core.list_namespaced_pod(namespace, label_selector=selector).items
+    done = 0
+    for pod in pods:
+        if not pod.spec.node_name or pod.metadata.deletion_timestamp:
+            continue
+        containers = [c.name for c in pod.spec.containers]
+        cluster.core.patch_namespaced_pod_status(pod.metadata.name, namespace, {"status": {
+            "phase": "Running",
+            "conditions": [{"type": t, "status": "True", "lastTransitionTime": _now()}
+                           for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
+            "containerStatuses": [{"name": c, "ready": True, "restartCount": 0,
+                                   "image": "sim", "imageID": "sim", "started": True,
+                                   "state": {"running": {"startedAt": _now()}}}
+                                  for c in containers],
+        }})
+        done += 1
+    return done
