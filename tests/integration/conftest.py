@@ -3,6 +3,7 @@ installed, and the operator running as a separate process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from fabric_operator.api.crd import crd_yaml
 from fabric_operator.localcluster import LocalControlPlane, find_binaries, free_port
@@ -118,6 +120,17 @@ def namespace(cluster: Cluster) -> Iterator[str]:
              lambda: cluster.core.list_namespaced_service_account(name).items, 30)
     yield name
     cluster.core.delete_namespace(name)
+    # No kubelet confirms pod deletions on simulated nodes: remove them as one would.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        pods = cluster.core.list_namespaced_pod(name).items
+        if not pods:
+            break
+        for pod in pods:
+            with contextlib.suppress(ApiException):
+                cluster.core.delete_namespaced_pod(pod.metadata.name, name,
+                                                   grace_period_seconds=0)
+        time.sleep(0.5)
 
 
 def settle(seconds: float = 1.5) -> None:

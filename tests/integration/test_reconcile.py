@@ -212,6 +212,9 @@ def test_unchanged_backends_cost_no_writes_on_restart(
     for name in ("a", "b", "c"):
         wait_for(f"{name} reconciled", lambda n=name: (cluster.backend(namespace, n).get(
             "status") or {}).get("observedGeneration"), 10)
+    wait_for("earlier tests' namespaces to be gone", lambda: not [
+        n for n in cluster.core.list_namespace().items
+        if n.status.phase == "Terminating"], 60, interval=0.5)
     settle(2)
     before = cluster.write_counts()
     operator.restart()
