@@ -37,9 +37,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(kubeconfig)
     try:
         c.kubectl("apply", "-f", "-", stdin=crd_yaml())
-        c.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                  "crd/llmbackends.llm.fabric.dev")
-        wait_for("the default service account controller", lambda: c.core.list_namespaced_service_account("default").items, 30)
+        c.kubectl(
+            "wait", "--for=condition=Established", "--timeout=60s", "crd/llmbackends.llm.fabric.dev"
+        )
+        wait_for(
+            "the default service account controller",
+            lambda: c.core.list_namespaced_service_account("default").items,
+            30,
+        )
         add_cpu_node(c)
         yield c
     finally:
@@ -64,10 +69,19 @@ class OperatorProcess:
         self.starts += 1
         self.port = free_port()
         env = dict(os.environ, PYTHONPATH=str(REPO / "operator"))
+        log = open(self.log_path, "wb")  # noqa: SIM115 - the child process writes it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fabric_operator", "run", f"--kubeconfig={self.kubeconfig}",
-             f"--health-address=127.0.0.1:{self.port}"],
-            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
+            [
+                sys.executable,
+                "-m",
+                "fabric_operator",
+                "run",
+                f"--kubeconfig={self.kubeconfig}",
+                f"--health-address=127.0.0.1:{self.port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         wait_for("the operator's /healthz", self._healthy, timeout=30)
 
@@ -104,8 +118,9 @@ class OperatorProcess:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[OperatorProcess]:
+def operator(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
     op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator"))
     op.start()
     yield op
@@ -116,8 +131,11 @@ def operator(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
 def namespace(cluster: Cluster) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
     cluster.core.create_namespace({"metadata": {"name": name}})
-    wait_for("the namespace's default ServiceAccount",
-             lambda: cluster.core.list_namespaced_service_account(name).items, 30)
+    wait_for(
+        "the namespace's default ServiceAccount",
+        lambda: cluster.core.list_namespaced_service_account(name).items,
+        30,
+    )
     yield name
     cluster.core.delete_namespace(name)
     # No kubelet confirms pod deletions on simulated nodes: remove them as one would.
@@ -128,8 +146,7 @@ def namespace(cluster: Cluster) -> Iterator[str]:
             break
         for pod in pods:
             with contextlib.suppress(ApiException):
-                cluster.core.delete_namespaced_pod(pod.metadata.name, name,
-                                                   grace_period_seconds=0)
+                cluster.core.delete_namespaced_pod(pod.metadata.name, name, grace_period_seconds=0)
         time.sleep(0.5)
 
 

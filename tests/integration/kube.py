@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kubernetes import client
+from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
@@ -17,8 +17,9 @@ from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 T = TypeVar("T")
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 20.0,
-             interval: float = 0.1) -> T:
+def wait_for(
+    what: str, probe: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.1
+) -> T:
     """Poll until probe() returns something truthy; fail with `what` otherwise."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -37,18 +38,23 @@ class Cluster:
     """Clients and kubectl bound to one kubeconfig."""
 
     def __init__(self, kubeconfig: Path) -> None:
-        from kubernetes import config
-
         self.kubeconfig = kubeconfig
         self.api = config.new_client_from_config(config_file=str(kubeconfig))
         self.core = client.CoreV1Api(self.api)
         self.apps = client.AppsV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
 
-    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True
-                ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
-                              input=stdin, text=True, capture_output=True, timeout=60)
+    def kubectl(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            input=stdin,
+            check=False,
+            text=True,
+            capture_output=True,
+            timeout=60,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
         return proc
@@ -58,7 +64,8 @@ class Cluster:
 
     def backend(self, namespace: str, name: str) -> dict[str, Any]:
         obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name)
+            GROUP, VERSION, namespace, PLURAL, name
+        )
         return obj
 
     def condition(self, namespace: str, name: str, type_: str) -> dict[str, Any]:
@@ -90,8 +97,10 @@ class Cluster:
 
     def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
         resp = self.core.list_namespaced_event(
-            namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=LLMBackend",
-            _preload_content=False)
+            namespace,
+            field_selector=f"involvedObject.name={name},involvedObject.kind=LLMBackend",
+            _preload_content=False,
+        )
         items: list[dict[str, Any]] = json.loads(resp.data)["items"]
         return items
 
@@ -102,10 +111,19 @@ class Cluster:
         for line in metrics.splitlines():
             if not line.startswith("apiserver_request_total{"):
                 continue
-            labels = dict(part.split("=", 1) for part in
-                          line[line.index("{") + 1:line.index("}")].replace('"', "").split(","))
-            if labels.get("verb") in {"POST", "PUT", "PATCH", "DELETE", "APPLY", "CREATE",
-                                      "UPDATE"}:
+            labels = dict(
+                part.split("=", 1)
+                for part in line[line.index("{") + 1 : line.index("}")].replace('"', "").split(",")
+            )
+            if labels.get("verb") in {
+                "POST",
+                "PUT",
+                "PATCH",
+                "DELETE",
+                "APPLY",
+                "CREATE",
+                "UPDATE",
+            }:
                 key = f"{labels['verb']} {labels.get('resource')}/{labels.get('subresource', '')}"
                 counts[key] = counts.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
         return counts
@@ -113,21 +131,39 @@ class Cluster:
 
 def add_cpu_node(cluster: Cluster, name: str = "sim-cpu-0") -> None:
     """A Node the real scheduler can place pods on (there is no kubelet behind it)."""
-    node = {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name,
-                                                  "fabric.dev/simulated": "true"}}}
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {"kubernetes.io/hostname": name, "fabric.dev/simulated": "true"},
+        },
+    }
     try:
         cluster.core.create_node(node)
     except ApiException as err:
         if err.status != 409:
             raise
     capacity = {"cpu": "64", "memory": "256Gi", "pods": "110"}
-    cluster.core.patch_node_status(name, {"status": {
-        "capacity": capacity, "allocatable": capacity,
-        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                        "message": "simulated", "lastHeartbeatTime": _now(),
-                        "lastTransitionTime": _now()}],
-    }})
+    cluster.core.patch_node_status(
+        name,
+        {
+            "status": {
+                "capacity": capacity,
+                "allocatable": capacity,
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "KubeletReady",
+                        "message": "simulated",
+                        "lastHeartbeatTime": _now(),
+                        "lastTransitionTime": _now(),
+                    }
+                ],
+            }
+        },
+    )
     # Admission taints a new Node not-ready; with no node-lifecycle controller here, the
     # simulated kubelet lifts it itself.
     cluster.core.patch_node(name, {"spec": {"taints": None}})
@@ -145,14 +181,30 @@ def run_pods(cluster: Cluster, namespace: str, selector: str) -> int:
         if not pod.spec.node_name or pod.metadata.deletion_timestamp:
             continue
         containers = [c.name for c in pod.spec.containers]
-        cluster.core.patch_namespaced_pod_status(pod.metadata.name, namespace, {"status": {
-            "phase": "Running",
-            "conditions": [{"type": t, "status": "True", "lastTransitionTime": _now()}
-                           for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
-            "containerStatuses": [{"name": c, "ready": True, "restartCount": 0,
-                                   "image": "sim", "imageID": "sim", "started": True,
-                                   "state": {"running": {"startedAt": _now()}}}
-                                  for c in containers],
-        }})
+        cluster.core.patch_namespaced_pod_status(
+            pod.metadata.name,
+            namespace,
+            {
+                "status": {
+                    "phase": "Running",
+                    "conditions": [
+                        {"type": t, "status": "True", "lastTransitionTime": _now()}
+                        for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+                    ],
+                    "containerStatuses": [
+                        {
+                            "name": c,
+                            "ready": True,
+                            "restartCount": 0,
+                            "image": "sim",
+                            "imageID": "sim",
+                            "started": True,
+                            "state": {"running": {"startedAt": _now()}},
+                        }
+                        for c in containers
+                    ],
+                }
+            },
+        )
         done += 1
     return done

@@ -38,16 +38,24 @@ def children(cluster: Cluster, ns: str, name: str = "tiny") -> tuple[Any, Any] |
     return (dep, svc) if dep and svc else None
 
 
-def test_apply_creates_owned_children_and_status(cluster: Cluster, operator: OperatorProcess,
-                                                 namespace: str) -> None:
+def test_apply_creates_owned_children_and_status(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
     assert cluster.apply(backend(namespace)).returncode == 0
     dep, svc = wait_for("Deployment and Service", lambda: children(cluster, namespace), 10)
     owner = cluster.backend(namespace, "tiny")
     for child in (dep, svc):
         refs = child["metadata"]["ownerReferences"]
-        assert refs == [{"apiVersion": "llm.fabric.dev/v1alpha1", "kind": "LLMBackend",
-                         "name": "tiny", "uid": owner["metadata"]["uid"], "controller": True,
-                         "blockOwnerDeletion": True}]
+        assert refs == [
+            {
+                "apiVersion": "llm.fabric.dev/v1alpha1",
+                "kind": "LLMBackend",
+                "name": "tiny",
+                "uid": owner["metadata"]["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
         labels = child["metadata"]["labels"]
         assert labels["app.kubernetes.io/managed-by"] == "fabric-operator"
         assert labels["app.kubernetes.io/instance"] == "tiny"
@@ -66,21 +74,23 @@ def test_apply_creates_owned_children_and_status(cluster: Cluster, operator: Ope
     assert "Created" in reasons
 
     # A kubelet stand-in runs the pod: the status follows the Deployment to Ready.
-    wait_for("a scheduled pod", lambda: run_pods(cluster, namespace,
-                                                 "llm.fabric.dev/backend=tiny"), 20)
-    wait_for("phase Ready", lambda: cluster.backend(namespace, "tiny")["status"]["phase"]
-             == "Ready", 20)
+    wait_for(
+        "a scheduled pod", lambda: run_pods(cluster, namespace, "llm.fabric.dev/backend=tiny"), 20
+    )
+    wait_for(
+        "phase Ready", lambda: cluster.backend(namespace, "tiny")["status"]["phase"] == "Ready", 20
+    )
     ready = cluster.condition(namespace, "tiny", "Ready")
     assert ready["status"] == "True" and ready["reason"] == "ReplicasReady"
     table = cluster.kubectl("get", "llmb", "-n", namespace).stdout
     header, row = table.splitlines()[:2]
     assert header.split() == ["NAME", "ENGINE", "MODEL", "READY", "STATUS", "ENDPOINT", "AGE"]
-    assert row.split()[:6] == ["tiny", "llamacpp", "tiny-chat", "1/1", "Ready",
-                               status["endpoint"]]
+    assert row.split()[:6] == ["tiny", "llamacpp", "tiny-chat", "1/1", "Ready", status["endpoint"]]
 
 
-def test_spec_update_rolls_deployment(cluster: Cluster, operator: OperatorProcess,
-                                      namespace: str) -> None:
+def test_spec_update_rolls_deployment(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
     cluster.apply(backend(namespace))
     wait_for("children", lambda: children(cluster, namespace), 10)
     cluster.apply(backend(namespace, engineOptions={"contextLength": 8192}))
@@ -91,57 +101,106 @@ def test_spec_update_rolls_deployment(cluster: Cluster, operator: OperatorProces
 
     new_args = wait_for("the new context length", lambda: "8192" in args() and args(), 10)
     assert new_args[new_args.index("--ctx-size") + 1] == "8192"
-    obj = wait_for("observedGeneration 2", lambda: (o := cluster.backend(namespace, "tiny"))
-                   ["status"].get("observedGeneration") == 2 and o, 10)
+    obj = wait_for(
+        "observedGeneration 2",
+        lambda: (
+            (o := cluster.backend(namespace, "tiny"))["status"].get("observedGeneration") == 2 and o
+        ),
+        10,
+    )
     assert obj["metadata"]["generation"] == 2
-    wait_for("an Updated event", lambda: "Updated" in [
-        e["reason"] for e in cluster.events(namespace, "tiny")], 5)
+    wait_for(
+        "an Updated event",
+        lambda: "Updated" in [e["reason"] for e in cluster.events(namespace, "tiny")],
+        5,
+    )
 
 
 def test_scale_subresource(cluster: Cluster, operator: OperatorProcess, namespace: str) -> None:
     cluster.apply(backend(namespace))
     wait_for("children", lambda: children(cluster, namespace), 10)
     cluster.kubectl("scale", "llmb/tiny", "-n", namespace, "--replicas=3")
-    wait_for("3 replicas", lambda: (cluster.deployment(namespace, "tiny") or {})["spec"]
-             ["replicas"] == 3, 10)
+    wait_for(
+        "3 replicas",
+        lambda: (cluster.deployment(namespace, "tiny") or {})["spec"]["replicas"] == 3,
+        10,
+    )
 
 
-def test_drift_and_deleted_children_are_restored(cluster: Cluster, operator: OperatorProcess,
-                                                 namespace: str) -> None:
+def test_drift_and_deleted_children_are_restored(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
     cluster.apply(backend(namespace))
     _, svc = wait_for("children", lambda: children(cluster, namespace), 10)
     cluster.core.delete_namespaced_service("tiny", namespace, _preload_content=False)
-    new_svc = wait_for("a new Service", lambda: (s := cluster.service(namespace, "tiny")) and
-                       s["metadata"]["uid"] != svc["metadata"]["uid"] and s, 10)
+    new_svc = wait_for(
+        "a new Service",
+        lambda: (
+            (s := cluster.service(namespace, "tiny"))
+            and s["metadata"]["uid"] != svc["metadata"]["uid"]
+            and s
+        ),
+        10,
+    )
     assert new_svc["metadata"]["ownerReferences"][0]["name"] == "tiny"
 
     cluster.apps.patch_namespaced_deployment("tiny", namespace, {"spec": {"replicas": 5}})
     cluster.apps.patch_namespaced_deployment(
-        "tiny", namespace, {"metadata": {"labels": {"app.kubernetes.io/name": "hijacked"}}})
-    wait_for("replicas and labels restored", lambda: (d := cluster.deployment(namespace, "tiny"))
-             and d["spec"]["replicas"] == 1
-             and d["metadata"]["labels"]["app.kubernetes.io/name"] == "llamacpp", 10)
-    wait_for("a Restored event", lambda: "Restored" in [
-        e["reason"] for e in cluster.events(namespace, "tiny")], 5)
+        "tiny", namespace, {"metadata": {"labels": {"app.kubernetes.io/name": "hijacked"}}}
+    )
+    wait_for(
+        "replicas and labels restored",
+        lambda: (
+            (d := cluster.deployment(namespace, "tiny"))
+            and d["spec"]["replicas"] == 1
+            and d["metadata"]["labels"]["app.kubernetes.io/name"] == "llamacpp"
+        ),
+        10,
+    )
+    wait_for(
+        "a Restored event",
+        lambda: "Restored" in [e["reason"] for e in cluster.events(namespace, "tiny")],
+        5,
+    )
 
 
 @pytest.mark.parametrize(
     ("spec", "field", "words"),
     [
-        ({"engine": "ollama", "model": {"huggingface": {"repo": "Qwen/Qwen2.5-0.5B"}}},
-         "spec.model.huggingface", "engine ollama cannot load"),
-        ({"engine": "vllm", "model": {"huggingface": {"repo": "Qwen/Qwen2.5-0.5B"}}},
-         "spec.resources.gpu.count", "needs at least 1 GPU"),
-        ({"engine": "vllm", "model": {"huggingface": {"repo": "Qwen/Qwen2.5-0.5B"}},
-          "resources": {"gpu": {"count": 1}}, "engineOptions": {"tensorParallel": 2}},
-         "spec.engineOptions.tensorParallel", "more than the 1 GPU"),
-        ({"apiKeySecretRef": {"name": "nope", "key": "api-key"}},
-         "spec.apiKeySecretRef", "Secret 'nope' not found"),
+        (
+            {"engine": "ollama", "model": {"huggingface": {"repo": "Qwen/Qwen2.5-0.5B"}}},
+            "spec.model.huggingface",
+            "engine ollama cannot load",
+        ),
+        (
+            {"engine": "vllm", "model": {"huggingface": {"repo": "Qwen/Qwen2.5-0.5B"}}},
+            "spec.resources.gpu.count",
+            "needs at least 1 GPU",
+        ),
+        (
+            {
+                "engine": "vllm",
+                "model": {"huggingface": {"repo": "Qwen/Qwen2.5-0.5B"}},
+                "resources": {"gpu": {"count": 1}},
+                "engineOptions": {"tensorParallel": 2},
+            },
+            "spec.engineOptions.tensorParallel",
+            "more than the 1 GPU",
+        ),
+        (
+            {"apiKeySecretRef": {"name": "nope", "key": "api-key"}},
+            "spec.apiKeySecretRef",
+            "Secret 'nope' not found",
+        ),
     ],
 )
 def test_invalid_spec_is_refused_with_condition_and_event(
-    cluster: Cluster, operator: OperatorProcess, namespace: str,
-    spec: dict[str, Any], field: str, words: str,
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+    spec: dict[str, Any],
+    field: str,
+    words: str,
 ) -> None:
     assert cluster.apply(backend(namespace, **spec)).returncode == 0
     degraded = wait_for("Degraded", lambda: cluster.condition(namespace, "tiny", "Degraded"), 10)
@@ -154,27 +213,38 @@ def test_invalid_spec_is_refused_with_condition_and_event(
     assert field in warnings[0]["message"]
     settle()
     assert children(cluster, namespace) is None
-    assert cluster.deployment(namespace, "tiny") is None and cluster.service(namespace, "tiny") \
-        is None
+    assert (
+        cluster.deployment(namespace, "tiny") is None and cluster.service(namespace, "tiny") is None
+    )
     # Once per transition: more reconciles add no second Warning.
     assert len([e for e in cluster.events(namespace, "tiny") if e["type"] == "Warning"]) == 1
 
 
-def test_missing_secret_then_created(cluster: Cluster, operator: OperatorProcess,
-                                     namespace: str) -> None:
+def test_missing_secret_then_created(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
     cluster.apply(backend(namespace, apiKeySecretRef={"name": "key", "key": "api-key"}))
-    wait_for("InvalidSpec", lambda: cluster.condition(namespace, "tiny", "Degraded")
-             .get("reason") == "InvalidSpec", 10)
-    cluster.core.create_namespaced_secret(namespace, {"metadata": {"name": "key"},
-                                                     "stringData": {"api-key": "s3cr3t-v4lue"}})
+    wait_for(
+        "InvalidSpec",
+        lambda: cluster.condition(namespace, "tiny", "Degraded").get("reason") == "InvalidSpec",
+        10,
+    )
+    cluster.core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "key"}, "stringData": {"api-key": "s3cr3t-v4lue"}}
+    )
     cluster.kubectl("annotate", "llmb/tiny", "-n", namespace, "touched=1")
     dep, _ = wait_for("children", lambda: children(cluster, namespace), 10)
     env = dep["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert {"name": "LLAMA_API_KEY",
-            "valueFrom": {"secretKeyRef": {"name": "key", "key": "api-key"}}} in env
+    assert {
+        "name": "LLAMA_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "key", "key": "api-key"}},
+    } in env
     assert "s3cr3t-v4lue" not in str(dep)
-    wait_for("Degraded False", lambda: cluster.condition(namespace, "tiny", "Degraded")
-             .get("status") == "False", 10)
+    wait_for(
+        "Degraded False",
+        lambda: cluster.condition(namespace, "tiny", "Degraded").get("status") == "False",
+        10,
+    )
     assert "s3cr3t-v4lue" not in operator.logs()
 
 
@@ -184,8 +254,11 @@ def test_invalid_update_leaves_running_children_alone(
     cluster.apply(backend(namespace))
     dep, _ = wait_for("children", lambda: children(cluster, namespace), 10)
     cluster.apply(backend(namespace, engine="ollama"))
-    wait_for("InvalidSpec", lambda: cluster.condition(namespace, "tiny", "Degraded")
-             .get("reason") == "InvalidSpec", 10)
+    wait_for(
+        "InvalidSpec",
+        lambda: cluster.condition(namespace, "tiny", "Degraded").get("reason") == "InvalidSpec",
+        10,
+    )
     settle()
     after = cluster.deployment(namespace, "tiny")
     assert after is not None
@@ -195,13 +268,20 @@ def test_invalid_update_leaves_running_children_alone(
     assert after["spec"]["template"] == dep["spec"]["template"]
 
 
-def test_deleting_backend_removes_children(cluster: Cluster, operator: OperatorProcess,
-                                           namespace: str) -> None:
+def test_deleting_backend_removes_children(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
     cluster.apply(backend(namespace))
     wait_for("children", lambda: children(cluster, namespace), 10)
     cluster.kubectl("delete", "llmb/tiny", "-n", namespace, "--wait=true", "--timeout=20s")
-    wait_for("garbage collection", lambda: cluster.deployment(namespace, "tiny") is None
-             and cluster.service(namespace, "tiny") is None, 30)
+    wait_for(
+        "garbage collection",
+        lambda: (
+            cluster.deployment(namespace, "tiny") is None
+            and cluster.service(namespace, "tiny") is None
+        ),
+        30,
+    )
 
 
 def test_unchanged_backends_cost_no_writes_on_restart(
@@ -210,17 +290,33 @@ def test_unchanged_backends_cost_no_writes_on_restart(
     for name in ("a", "b", "c"):
         cluster.apply(backend(namespace, name=name))
     for name in ("a", "b", "c"):
-        wait_for(f"{name} reconciled", lambda n=name: (cluster.backend(namespace, n).get(
-            "status") or {}).get("observedGeneration"), 10)
-    wait_for("earlier tests' namespaces to be gone", lambda: not [
-        n for n in cluster.core.list_namespace().items
-        if n.status.phase == "Terminating"], 60, interval=0.5)
+        wait_for(
+            f"{name} reconciled",
+            lambda n=name: (cluster.backend(namespace, n).get("status") or {}).get(
+                "observedGeneration"
+            ),
+            10,
+        )
+    wait_for(
+        "earlier tests' namespaces to be gone",
+        lambda: (
+            not [n for n in cluster.core.list_namespace().items if n.status.phase == "Terminating"]
+        ),
+        60,
+        interval=0.5,
+    )
     settle(2)
     before = cluster.write_counts()
     operator.restart()
-    wait_for("the restarted operator to reconcile everything",
-             lambda: operator.health()["backends"] >= 3
-             and operator.health()["reconciles"] >= 3 and operator.health()["queued"] == 0, 20)
+    wait_for(
+        "the restarted operator to reconcile everything",
+        lambda: (
+            operator.health()["backends"] >= 3
+            and operator.health()["reconciles"] >= 3
+            and operator.health()["queued"] == 0
+        ),
+        20,
+    )
     settle(2)
     health = operator.health()
     assert health["apiRequests"] == {}, health
@@ -228,6 +324,10 @@ def test_unchanged_backends_cost_no_writes_on_restart(
     changed = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
     # The verbs the operator writes with (apply = PATCH, create = POST) on its resources;
     # DELETEs come from earlier tests' namespace clean-up.
-    ours = {k: v for k, v in changed.items() if k.split()[0] in {"PATCH", "POST", "APPLY"}
-            and k.split()[1].split("/")[0] in {"deployments", "services", "llmbackends"}}
+    ours = {
+        k: v
+        for k, v in changed.items()
+        if k.split()[0] in {"PATCH", "POST", "APPLY"}
+        and k.split()[1].split("/")[0] in {"deployments", "services", "llmbackends"}
+    }
     assert ours == {}, changed

@@ -12,8 +12,12 @@ pytestmark = pytest.mark.integration
 
 
 def manifest(spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "llm.fabric.dev/v1alpha1", "kind": "LLMBackend",
-            "metadata": {"name": "bad", "namespace": "default"}, "spec": spec}
+    return {
+        "apiVersion": "llm.fabric.dev/v1alpha1",
+        "kind": "LLMBackend",
+        "metadata": {"name": "bad", "namespace": "default"},
+        "spec": spec,
+    }
 
 
 HF = {"huggingface": {"repo": "Qwen/Qwen2.5-0.5B"}}
@@ -27,14 +31,19 @@ HF = {"huggingface": {"repo": "Qwen/Qwen2.5-0.5B"}}
         ({"engine": "vllm", "model": HF, "replicas": "two"}, "spec.replicas"),
         ({"engine": "vllm"}, "spec.model"),
         ({"engine": "vllm", "model": {}}, "spec.model"),
-        ({"engine": "llamacpp", "model": {**HF, "url": "https://x.invalid/m.gguf"}},
-         "spec.model"),
-        ({"engine": "vllm", "model": HF, "resources": {"gpu": {"count": -2}}},
-         "spec.resources.gpu.count"),
-        ({"engine": "vllm", "model": HF, "engineOptions": {"gpuMemoryUtilization": 1.5}},
-         "spec.engineOptions.gpuMemoryUtilization"),
-        ({"engine": "vllm", "model": HF, "resources": {"limits": {"memory": "lots"}}},
-         "spec.resources.limits.memory"),
+        ({"engine": "llamacpp", "model": {**HF, "url": "https://x.invalid/m.gguf"}}, "spec.model"),
+        (
+            {"engine": "vllm", "model": HF, "resources": {"gpu": {"count": -2}}},
+            "spec.resources.gpu.count",
+        ),
+        (
+            {"engine": "vllm", "model": HF, "engineOptions": {"gpuMemoryUtilization": 1.5}},
+            "spec.engineOptions.gpuMemoryUtilization",
+        ),
+        (
+            {"engine": "vllm", "model": HF, "resources": {"limits": {"memory": "lots"}}},
+            "spec.resources.limits.memory",
+        ),
     ],
 )
 def test_schema_refuses(cluster: Cluster, spec: dict[str, Any], words: str) -> None:

@@ -1,0 +1,33 @@
+# fabric-operator: the two commands of the README, and the checks behind them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test setup lint crd clean
+
+# Set everything up and run the operator (on a local control plane unless KUBECONFIG is set).
+run: setup
+	$(BIN)/fabric-operator dev
+
+# Set everything up and run every check: lint, types, CRD drift, unit and integration tests.
+test: setup
+	$(BIN)/ruff check operator tests
+	$(BIN)/ruff format --check operator tests
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+setup: $(VENV)/.installed
+	@FABRIC_K8S_BIN= bash hack/get-control-plane.sh >/dev/null
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# Regenerate the committed CRD from the API models.
+crd: setup
+	$(BIN)/fabric-operator crd > crds/llm.fabric.dev_llmbackends.yaml
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

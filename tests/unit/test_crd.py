@@ -1,0 +1,135 @@
+"""The committed CRD is the generated one, and it is a structural schema Kubernetes accepts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from fabric_operator.api.crd import crd_manifest, crd_yaml
+from fabric_operator.cli import main
+from tests.conftest import REPO
+
+CRD_FILE = REPO / "crds" / "llm.fabric.dev_llmbackends.yaml"
+
+
+def test_committed_crd_matches_models() -> None:
+    assert CRD_FILE.read_text() == crd_yaml(), (
+        "crds/ differs from the API models: run `make crd` and commit the result"
+    )
+
+
+def test_cli_prints_the_crd(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["crd"]) == 0
+    assert capsys.readouterr().out == crd_yaml()
+
+
+def _walk(schema: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    if isinstance(schema, dict):
+        yield path, schema
+        for key, value in schema.items():
+            yield from _walk(value, f"{path}.{key}")
+    elif isinstance(schema, list):
+        for i, value in enumerate(schema):
+            yield from _walk(value, f"{path}[{i}]")
+
+
+def _schema() -> dict[str, Any]:
+    version = crd_manifest()["spec"]["versions"][0]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def test_schema_is_structural() -> None:
+    for path, node in _walk(_schema()):
+        assert "$ref" not in node, path
+        assert "title" not in node, path
+        assert node.get("additionalProperties") is not False, path
+        assert node.get("default", 0) is not None, path
+        if "anyOf" in node:
+            assert node.get("x-kubernetes-int-or-string"), path
+        if "exclusiveMinimum" in node:
+            assert node["exclusiveMinimum"] is True, path
+
+
+def test_schema_validates_what_it_can() -> None:
+    spec = _schema()["properties"]["spec"]
+    props = spec["properties"]
+    assert spec["required"] == ["engine", "model"]
+    assert props["engine"]["enum"] == ["vllm", "tgi", "llamacpp", "ollama"]
+    assert props["replicas"] == {
+        "default": 1,
+        "description": "Number of engine replicas.",
+        "maximum": 1000,
+        "minimum": 0,
+        "type": "integer",
+    }
+    assert props["model"]["oneOf"] == [
+        {"required": [s]} for s in ("huggingface", "url", "ollama", "pvc")
+    ]
+    gpu = props["resources"]["properties"]["gpu"]["properties"]
+    assert gpu["count"]["minimum"] == 0
+    assert gpu["vendor"]["enum"] == ["nvidia", "amd"]
+    memory = props["resources"]["properties"]["limits"]["properties"]["memory"]
+    assert memory["x-kubernetes-int-or-string"] is True and "pattern" in memory
+    util = props["engineOptions"]["properties"]["gpuMemoryUtilization"]
+    assert (util["minimum"], util["exclusiveMinimum"], util["maximum"]) == (0, True, 1)
+    assert props["affinity"]["x-kubernetes-preserve-unknown-fields"] is True
+    for path, node in _walk(spec):
+        if node.get("type") in {
+            "string",
+            "integer",
+            "number",
+            "boolean",
+            "array",
+        } and not path.endswith((".items", ".additionalProperties")):
+            assert node.get("description"), f"{path} has no description for kubectl explain"
+
+
+def test_crd_names_columns_and_subresources() -> None:
+    crd = crd_manifest()
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == "llmbackends.llm.fabric.dev"
+    assert spec["scope"] == "Namespaced"
+    assert spec["names"]["shortNames"] == ["llmb"]
+    version = spec["versions"][0]
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
+    assert "status" in version["subresources"]
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert [c["name"] for c in version["additionalPrinterColumns"] if "priority" not in c] == [
+        "Engine",
+        "Model",
+        "Ready",
+        "Status",
+        "Endpoint",
+        "Age",
+    ]
+    assert columns["Endpoint"]["jsonPath"] == ".status.endpoint"
+    conditions = _schema()["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_crd_yaml_round_trips() -> None:
+    assert yaml.safe_load(crd_yaml()) == crd_manifest()
+
+
+def test_render_cli_prints_children_and_refuses_bad_specs(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["render", str(REPO / "examples")]) == 0
+    kinds = [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)]
+    assert kinds == ["Deployment", "Service"] * 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: llm.fabric.dev/v1alpha1\nkind: LLMBackend\nmetadata: {name: x}\n"
+        "spec: {engine: ollama, model: {huggingface: {repo: a/b}}}\n"
+    )
+    assert main(["render", str(bad)]) == 1
+    assert "spec.model.huggingface: engine ollama cannot load" in capsys.readouterr().err
