@@ -75,9 +75,9 @@ class Cluster:
                 return dict(cond)
         return {}
 
-    def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def _read(self, reader: Callable[..., Any], namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            resp = self.apps.read_namespaced_deployment(name, namespace, _preload_content=False)
+            resp = reader(name, namespace, _preload_content=False)
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -85,15 +85,11 @@ class Cluster:
         data: dict[str, Any] = json.loads(resp.data)
         return data
 
+    def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._read(self.apps.read_namespaced_deployment, namespace, name)
+
     def service(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            resp = self.core.read_namespaced_service(name, namespace, _preload_content=False)
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise
-        data: dict[str, Any] = json.loads(resp.data)
-        return data
+        return self._read(self.core.read_namespaced_service, namespace, name)
 
     def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
         resp = self.core.list_namespaced_event(
