@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    # kopf reports every handled watch event at INFO, aiohttp every health probe.
+    for noisy in ("kubernetes", "kopf.objects", "aiohttp.access", "kopf.activities.probe"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

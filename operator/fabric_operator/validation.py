@@ -17,6 +17,12 @@ from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.v1alpha1 import Engine
 
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS_1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 MAX_NAME = 63
 
 GPU_ENGINES = {Engine.VLLM, Engine.TGI}
@@ -176,6 +182,78 @@ def check_spec(backend: LLMBackend) -> Iterator[Problem]:
             yield Problem(f"spec.env[{i}]", "set value or valueFrom, not both")
 
 
+def _qualified_name_error(key: str) -> str | None:
+    """Kubernetes' rule for label and annotation keys: [prefix/]name."""
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not DNS_1123_SUBDOMAIN.match(prefix)):
+        return f"prefix {prefix[:80]!r} must be a DNS subdomain (lowercase, at most 253)"
+    if not name or len(name) > 63 or not QUALIFIED_NAME.match(name):
+        return (
+            f"name part {name[:80]!r} must be at most 63 letters, digits, '-', '_' or "
+            "'.', starting and ending with a letter or digit"
+        )
+    return None
+
+
+def _object_name_error(name: str) -> str | None:
+    if len(name) > 253 or not DNS_1123_SUBDOMAIN.match(name):
+        return f"{name[:80]!r} is not a valid object name (lowercase DNS subdomain)"
+    return None
+
+
+def check_kubernetes_syntax(backend: LLMBackend) -> Iterator[Problem]:
+    """What the API server would refuse in the children, caught before anything is applied
+    (so a refusal can never leave one child applied and the other not)."""
+    spec = backend.spec
+    annotations = spec.service.annotations if spec.service else None
+    for key in annotations or {}:
+        if err := _qualified_name_error(key):
+            yield Problem(f"spec.service.annotations[{key[:80]!r}]", err)
+    for key, value in (spec.node_selector or {}).items():
+        if err := _qualified_name_error(key):
+            yield Problem(f"spec.nodeSelector[{key[:80]!r}]", err)
+        if len(value) > 63 or not LABEL_VALUE.match(value):
+            yield Problem(
+                f"spec.nodeSelector[{key[:80]!r}]",
+                f"value {value[:80]!r} is not a valid label value",
+            )
+    for i, tol in enumerate(spec.tolerations or []):
+        if tol.operator == "Exists" and tol.value:
+            yield Problem(f"spec.tolerations[{i}].value", "must be empty when operator is Exists")
+        if not tol.key and tol.operator != "Exists":
+            yield Problem(
+                f"spec.tolerations[{i}].operator",
+                "must be Exists when key is empty (tolerate every taint)",
+            )
+        if tol.key and (err := _qualified_name_error(tol.key)):
+            yield Problem(f"spec.tolerations[{i}].key", err)
+        if tol.toleration_seconds is not None and tol.effect != "NoExecute":
+            yield Problem(
+                f"spec.tolerations[{i}].tolerationSeconds", "only applies to effect NoExecute"
+            )
+    names = [("spec.priorityClassName", spec.priority_class_name)]
+    names += [
+        (f"spec.imagePullSecrets[{i}].name", s.name)
+        for i, s in enumerate(spec.image_pull_secrets or [])
+    ]
+    if spec.model.pvc:
+        names.append(("spec.model.pvc.claimName", spec.model.pvc.claim_name))
+    for field, ref in (
+        ("spec.apiKeySecretRef", spec.api_key_secret_ref),
+        ("spec.hfTokenSecretRef", spec.hf_token_secret_ref),
+    ):
+        if ref is not None:
+            names.append((f"{field}.name", ref.name))
+            if not SECRET_KEY.match(ref.key):
+                yield Problem(
+                    f"{field}.key",
+                    f"{ref.key[:80]!r} is not a valid Secret key (letters, digits, '-', '_', '.')",
+                )
+    for field, name in names:
+        if name is not None and (err := _object_name_error(name)):
+            yield Problem(field, err)
+
+
 def validate(obj: Mapping[str, Any]) -> tuple[LLMBackend | None, list[Problem]]:
     """Parse and check a whole LLMBackend object; the backend is None if it cannot parse."""
     meta = obj.get("metadata") or {}
@@ -185,6 +263,7 @@ def validate(obj: Mapping[str, Any]) -> tuple[LLMBackend | None, list[Problem]]:
     except ValidationError as err:
         return None, problems + schema_problems(err)
     problems += check_spec(backend)
+    problems += check_kubernetes_syntax(backend)
     return backend, problems
 
 

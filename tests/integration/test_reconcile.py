@@ -268,6 +268,40 @@ def test_invalid_update_leaves_running_children_alone(
     assert after["spec"]["template"] == dep["spec"]["template"]
 
 
+def test_refused_apply_is_reported_and_leaves_no_children(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    # Free-form affinity is checked by the API server, not the schema: the refusal names
+    # the field, and the Service (applied after the Deployment) is not created either.
+    empty_terms = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}
+        }
+    }
+    cluster.apply(backend(namespace, affinity=empty_terms))
+    degraded = wait_for(
+        "ApplyFailed",
+        lambda: (
+            (c := cluster.condition(namespace, "tiny", "Degraded")).get("reason") == "ApplyFailed"
+            and c
+        ),
+        10,
+    )
+    assert "nodeSelectorTerms" in degraded["message"]
+    assert "Deployment tiny" in degraded["message"]
+    assert cluster.backend(namespace, "tiny")["status"]["phase"] == "Degraded"
+    wait_for(
+        "a Warning event",
+        lambda: (
+            "ApplyFailed"
+            in [e["reason"] for e in cluster.events(namespace, "tiny") if e["type"] == "Warning"]
+        ),
+        5,
+    )
+    assert cluster.deployment(namespace, "tiny") is None
+    assert cluster.service(namespace, "tiny") is None
+
+
 def test_deleting_backend_removes_children(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:

@@ -146,8 +146,10 @@ class Reconciler:
                     return  # deleted meanwhile
                 raise
             self.store.put(BACKEND, updated)
-            log.info(
-                "%s/%s: %s (%s)",
+            changed = previous.get("phase") != status.get("phase")
+            log.log(
+                logging.INFO if changed else logging.DEBUG,
+                "%s/%s: %s (%s ready)",
                 meta["namespace"],
                 meta["name"],
                 status.get("phase"),
