@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except subprocess.CalledProcessError as err:  # kubectl already said what went wrong
+        print(f"fabric-operator: {' '.join(map(str, err.cmd[:3]))} ... failed", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
