@@ -79,7 +79,7 @@ def schema_problems(error: ValidationError) -> list[Problem]:
 
 
 def check_name(name: str) -> Iterator[Problem]:
-    if len(name) > MAX_NAME or not DNS_1035_LABEL.match(name):
+    if len(name) > MAX_NAME or not DNS_1035_LABEL.fullmatch(name):
         yield Problem(
             "metadata.name",
             f"{name[:80]!r} names the Service and the pod labels, so it must be a DNS-1035 "
@@ -134,7 +134,7 @@ def check_spec(backend: LLMBackend) -> Iterator[Problem]:
             f"{tp} is more than the {gpus} GPU(s) of spec.resources.gpu.count; "
             "it must be at most the GPU count",
         )
-    if tp is not None and gpus and engine in GPU_ENGINES and gpus % tp:
+    if tp is not None and engine in GPU_ENGINES and tp <= gpus and gpus % tp:
         yield Problem(
             "spec.engineOptions.tensorParallel",
             f"{tp} must divide spec.resources.gpu.count ({gpus})",
@@ -185,9 +185,9 @@ def check_spec(backend: LLMBackend) -> Iterator[Problem]:
 def _qualified_name_error(key: str) -> str | None:
     """Kubernetes' rule for label and annotation keys: [prefix/]name."""
     prefix, _, name = key.rpartition("/")
-    if prefix and (len(prefix) > 253 or not DNS_1123_SUBDOMAIN.match(prefix)):
+    if prefix and (len(prefix) > 253 or not DNS_1123_SUBDOMAIN.fullmatch(prefix)):
         return f"prefix {prefix[:80]!r} must be a DNS subdomain (lowercase, at most 253)"
-    if not name or len(name) > 63 or not QUALIFIED_NAME.match(name):
+    if not name or len(name) > 63 or not QUALIFIED_NAME.fullmatch(name):
         return (
             f"name part {name[:80]!r} must be at most 63 letters, digits, '-', '_' or "
             "'.', starting and ending with a letter or digit"
@@ -196,7 +196,7 @@ def _qualified_name_error(key: str) -> str | None:
 
 
 def _object_name_error(name: str) -> str | None:
-    if len(name) > 253 or not DNS_1123_SUBDOMAIN.match(name):
+    if len(name) > 253 or not DNS_1123_SUBDOMAIN.fullmatch(name):
         return f"{name[:80]!r} is not a valid object name (lowercase DNS subdomain)"
     return None
 
@@ -212,7 +212,7 @@ def check_kubernetes_syntax(backend: LLMBackend) -> Iterator[Problem]:
     for key, value in (spec.node_selector or {}).items():
         if err := _qualified_name_error(key):
             yield Problem(f"spec.nodeSelector[{key[:80]!r}]", err)
-        if len(value) > 63 or not LABEL_VALUE.match(value):
+        if len(value) > 63 or not LABEL_VALUE.fullmatch(value):
             yield Problem(
                 f"spec.nodeSelector[{key[:80]!r}]",
                 f"value {value[:80]!r} is not a valid label value",
@@ -244,7 +244,7 @@ def check_kubernetes_syntax(backend: LLMBackend) -> Iterator[Problem]:
     ):
         if ref is not None:
             names.append((f"{field}.name", ref.name))
-            if not SECRET_KEY.match(ref.key):
+            if not SECRET_KEY.fullmatch(ref.key):
                 yield Problem(
                     f"{field}.key",
                     f"{ref.key[:80]!r} is not a valid Secret key (letters, digits, '-', '_', '.')",

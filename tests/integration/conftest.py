@@ -34,7 +34,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         plane = LocalControlPlane(tmp_path_factory.mktemp("cluster"), find_binaries(REPO))
         plane.start()
         kubeconfig = plane.kubeconfig
-    c = Cluster(kubeconfig)
+    c = Cluster(
+        kubeconfig,
+        local=plane is not None,
+        garbage_collector=plane is None or plane.has_controller_manager,
+    )
     try:
         c.kubectl("apply", "-f", "-", stdin=crd_yaml())
         c.kubectl(
@@ -45,7 +49,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             lambda: c.core.list_namespaced_service_account("default").items,
             30,
         )
-        add_cpu_node(c)
+        if c.local:
+            add_cpu_node(c)
         yield c
     finally:
         if plane is not None:

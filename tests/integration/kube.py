@@ -37,8 +37,11 @@ def wait_for(
 class Cluster:
     """Clients and kubectl bound to one kubeconfig."""
 
-    def __init__(self, kubeconfig: Path) -> None:
+    def __init__(self, kubeconfig: Path, *, local: bool, garbage_collector: bool) -> None:
         self.kubeconfig = kubeconfig
+        # A local control plane has no kubelet: tests may add simulated Nodes and run pods.
+        self.local = local
+        self.garbage_collector = garbage_collector
         self.api = config.new_client_from_config(config_file=str(kubeconfig))
         self.core = client.CoreV1Api(self.api)
         self.apps = client.AppsV1Api(self.api)

@@ -73,6 +73,18 @@ def test_apply_creates_owned_children_and_status(
     reasons = [e["reason"] for e in cluster.events(namespace, "tiny")]
     assert "Created" in reasons
 
+
+def test_status_follows_pods_to_ready(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    if not cluster.local:
+        pytest.skip(
+            "needs the local control plane's simulated node (no real kubelet runs "
+            "the test's fake model URL)"
+        )
+    cluster.apply(backend(namespace))
+    status = wait_for("status", lambda: cluster.backend(namespace, "tiny").get("status"), 10)
+    assert status["phase"] == "Pending"
     # A kubelet stand-in runs the pod: the status follows the Deployment to Ready.
     wait_for(
         "a scheduled pod", lambda: run_pods(cluster, namespace, "llm.fabric.dev/backend=tiny"), 20

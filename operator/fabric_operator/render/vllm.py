@@ -17,7 +17,7 @@ from fabric_operator.render.engine import (
     tensor_parallel,
 )
 
-IMAGE = {"nvidia": "vllm/vllm-openai:v0.11.0", "amd": "rocm/vllm:latest"}
+IMAGE = {"nvidia": "vllm/vllm-openai:v0.11.0", "amd": "rocm/vllm:rocm7.0.0_vllm_0.11.2_20251210"}
 PORT = 8000
 
 

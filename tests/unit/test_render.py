@@ -1,0 +1,591 @@
+"""Rendering: every engine's Deployment and Service, field by field."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+import pytest
+
+from fabric_operator.api.backend import LLMBackend
+from fabric_operator.render import ollama, render
+from fabric_operator.render.workload import endpoint
+from fabric_operator.validation import validate
+
+REPO = "Qwen/Qwen2.5-0.5B-Instruct"
+URL = "https://h.invalid/m.gguf"
+TAG = "llama3.2:1b"
+GPU1 = {"gpu": {"count": 1}}
+BASE: dict[str, dict[str, Any]] = {
+    "vllm": {"engine": "vllm", "model": {"huggingface": {"repo": REPO}}, "resources": GPU1},
+    "tgi": {"engine": "tgi", "model": {"huggingface": {"repo": REPO}}, "resources": GPU1},
+    "llamacpp": {"engine": "llamacpp", "model": {"url": URL}},
+    "ollama": {"engine": "ollama", "model": {"ollama": TAG}},
+}
+ENGINES = list(BASE)
+PORTS = {"vllm": 8000, "tgi": 8080, "llamacpp": 8080, "ollama": 11434}
+API_KEY = {"name": "keys", "key": "api"}
+HF_TOKEN = {"name": "hf", "key": "token"}
+
+
+def backend(spec: dict[str, Any], name: str = "m", namespace: str = "ns") -> LLMBackend:
+    """A backend that passed validation (rendering is only defined for those)."""
+    manifest = {"metadata": {"name": name, "namespace": namespace, "uid": "u1"}, "spec": spec}
+    parsed, problems = validate(manifest)
+    assert problems == [], problems
+    assert parsed is not None
+    return LLMBackend.from_manifest(manifest)
+
+
+def spec(engine: str, **fields: Any) -> dict[str, Any]:
+    return {**BASE[engine], **fields}
+
+
+def pod(engine: str, **fields: Any) -> dict[str, Any]:
+    result: dict[str, Any] = render(backend(spec(engine, **fields))).deployment["spec"]["template"][
+        "spec"
+    ]
+    return result
+
+
+def container(engine: str, **fields: Any) -> dict[str, Any]:
+    containers = pod(engine, **fields)["containers"]
+    assert len(containers) == 1
+    assert containers[0]["name"] == "engine"
+    result: dict[str, Any] = containers[0]
+    return result
+
+
+def gpus(count: int, vendor: str = "nvidia") -> dict[str, Any]:
+    return {"resources": {"gpu": {"count": count, "vendor": vendor}}}
+
+
+def pvc(path: str) -> dict[str, Any]:
+    return {"model": {"pvc": {"claimName": "weights", "path": path}}}
+
+
+# --- image and command ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("engine", "fields", "image"),
+    [
+        ("vllm", gpus(1), "vllm/vllm-openai:v0.11.0"),
+        ("vllm", gpus(2, "amd"), "rocm/vllm:rocm7.0.0_vllm_0.11.2_20251210"),
+        ("tgi", gpus(1), "ghcr.io/huggingface/text-generation-inference:3.3.6"),
+        ("tgi", gpus(1, "amd"), "ghcr.io/huggingface/text-generation-inference:3.3.6-rocm"),
+        ("llamacpp", {}, "ghcr.io/ggml-org/llama.cpp:server"),
+        ("llamacpp", gpus(0, "amd"), "ghcr.io/ggml-org/llama.cpp:server"),
+        ("llamacpp", gpus(1), "ghcr.io/ggml-org/llama.cpp:server-cuda"),
+        ("llamacpp", gpus(1, "amd"), "ghcr.io/ggml-org/llama.cpp:server-rocm"),
+        ("ollama", {}, "ollama/ollama:0.12.6"),
+        ("ollama", gpus(1), "ollama/ollama:0.12.6"),
+        ("ollama", gpus(1, "amd"), "ollama/ollama:0.12.6-rocm"),
+    ],
+)
+def test_default_image_per_vendor(engine: str, fields: dict[str, Any], image: str) -> None:
+    template = pod(engine, **fields)
+    assert template["containers"][0]["image"] == image
+    for init in template.get("initContainers", []):
+        assert init["image"] == image
+    assert "imagePullPolicy" not in template["containers"][0]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_image_and_pull_policy_override(engine: str) -> None:
+    template = pod(engine, image="registry.example/engine:1", imagePullPolicy="Always")
+    for c in template["containers"] + template.get("initContainers", []):
+        assert c["image"] == "registry.example/engine:1"
+        assert c["imagePullPolicy"] == "Always"
+
+
+@pytest.mark.parametrize(
+    ("engine", "command"),
+    [("vllm", ["vllm", "serve"]), ("tgi", None), ("llamacpp", None), ("ollama", ["/bin/ollama"])],
+)
+def test_command(engine: str, command: list[str] | None) -> None:
+    assert container(engine).get("command") == command
+
+
+# --- args -------------------------------------------------------------------------------
+
+VLLM_HEAD = ["--host", "0.0.0.0", "--port", "8000", "--served-model-name"]
+TGI_HEAD = ["--hostname", "0.0.0.0", "--port", "8080"]
+LLAMA_HEAD = ["--host", "0.0.0.0", "--port", "8080", "--alias", "m", "--metrics"]
+
+
+@pytest.mark.parametrize(
+    ("engine", "fields", "args"),
+    [
+        pytest.param("vllm", {}, [REPO, *VLLM_HEAD, "m"], id="vllm-hf"),
+        pytest.param(
+            "vllm",
+            {"model": {"huggingface": {"repo": REPO, "revision": "abc123"}}},
+            [REPO, *VLLM_HEAD, "m", "--revision", "abc123"],
+            id="vllm-hf-revision",
+        ),
+        pytest.param(
+            "vllm",
+            {**pvc("weights/qwen/"), "servedModelName": "chat"},
+            ["/models/weights/qwen", *VLLM_HEAD, "chat"],
+            id="vllm-pvc-served-name",
+        ),
+        pytest.param(
+            "vllm",
+            {
+                **gpus(4),
+                "engineOptions": {
+                    "contextLength": 8192,
+                    "gpuMemoryUtilization": 0.9,
+                    "quantization": "awq",
+                    "dtype": "bfloat16",
+                },
+            },
+            [
+                *[REPO, *VLLM_HEAD, "m"],
+                *["--tensor-parallel-size", "4", "--max-model-len", "8192"],
+                *["--gpu-memory-utilization", "0.9", "--quantization", "awq"],
+                *["--dtype", "bfloat16"],
+            ],
+            id="vllm-options-default-tp",
+        ),
+        pytest.param(
+            "vllm",
+            {**gpus(4), "engineOptions": {"tensorParallel": 2}},
+            [REPO, *VLLM_HEAD, "m", "--tensor-parallel-size", "2"],
+            id="vllm-explicit-tp",
+        ),
+        pytest.param(
+            "vllm",
+            {**gpus(2), "engineOptions": {"tensorParallel": 1}},
+            [REPO, *VLLM_HEAD, "m"],
+            id="vllm-tp1-no-flag",
+        ),
+        pytest.param("tgi", {}, ["--model-id", REPO, *TGI_HEAD], id="tgi-hf"),
+        pytest.param(
+            "tgi",
+            {
+                "model": {"huggingface": {"repo": REPO, "revision": "v1"}},
+                **gpus(2),
+                "engineOptions": {"contextLength": 4096, "quantization": "awq", "dtype": "float16"},
+            },
+            [
+                *["--model-id", REPO, *TGI_HEAD, "--revision", "v1", "--num-shard", "2"],
+                *["--max-total-tokens", "4096", "--quantize", "awq", "--dtype", "float16"],
+            ],
+            id="tgi-options-default-shards",
+        ),
+        pytest.param("tgi", pvc("q"), ["--model-id", "/models/q", *TGI_HEAD], id="tgi-pvc"),
+        pytest.param("llamacpp", {}, [*LLAMA_HEAD, "--model-url", URL], id="llamacpp-url"),
+        pytest.param(
+            "llamacpp",
+            {"model": {"huggingface": {"repo": REPO, "file": "q4.gguf"}}},
+            [*LLAMA_HEAD, "--hf-repo", REPO, "--hf-file", "q4.gguf"],
+            id="llamacpp-hf-file",
+        ),
+        pytest.param(
+            "llamacpp",
+            {"model": {"huggingface": {"repo": REPO}}},
+            [*LLAMA_HEAD, "--hf-repo", REPO],
+            id="llamacpp-hf-no-file",
+        ),
+        pytest.param(
+            "llamacpp",
+            {**pvc("gguf/m.gguf"), **gpus(1), "engineOptions": {"contextLength": 4096}},
+            [
+                *[*LLAMA_HEAD, "--model", "/models/gguf/m.gguf"],
+                *["--ctx-size", "4096", "--n-gpu-layers", "999"],
+            ],
+            id="llamacpp-pvc-gpu-ctx",
+        ),
+        pytest.param("ollama", {}, ["serve"], id="ollama"),
+        pytest.param(
+            "ollama", {"engineOptions": {"contextLength": 4096}}, ["serve"], id="ollama-ctx-in-env"
+        ),
+    ],
+)
+def test_args(engine: str, fields: dict[str, Any], args: list[str]) -> None:
+    assert container(engine, **fields)["args"] == args
+
+
+@pytest.mark.parametrize("engine", ["vllm", "tgi", "llamacpp"])
+def test_extra_args_come_after_the_engine_args(engine: str) -> None:
+    extra = ["--trust-remote-code", "--seed=7"]
+    own = container(engine)["args"]
+    assert container(engine, extraArgs=extra)["args"] == own + extra
+
+
+# --- ports, Service, endpoint -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("override", [None, 80])
+def test_ports_service_and_endpoint(engine: str, override: int | None) -> None:
+    fields = {"service": {"port": override}} if override else {}
+    b = backend(spec(engine, **fields))
+    children = render(b)
+    port = override or PORTS[engine]
+    c = children.deployment["spec"]["template"]["spec"]["containers"][0]
+    assert c["ports"] == [{"name": "http", "containerPort": PORTS[engine], "protocol": "TCP"}]
+    svc = children.service
+    assert (svc["apiVersion"], svc["kind"]) == ("v1", "Service")
+    assert svc["metadata"]["name"] == "m" and svc["metadata"]["namespace"] == "ns"
+    assert svc["spec"]["ports"] == [
+        {"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}
+    ]
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert "annotations" not in svc["metadata"]
+    assert endpoint(b) == f"http://m.ns.svc.cluster.local:{port}/v1"
+    assert endpoint(b, "corp.internal") == f"http://m.ns.svc.corp.internal:{port}/v1"
+
+
+def test_service_type_and_annotations() -> None:
+    annotations = {"service.beta.kubernetes.io/aws-load-balancer-internal": "true"}
+    svc = render(
+        backend(spec("llamacpp", service={"type": "LoadBalancer", "annotations": annotations}))
+    ).service
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["metadata"]["annotations"] == annotations
+
+
+def test_children_order_and_deployment_identity() -> None:
+    children = render(backend(spec("vllm", replicas=3), name="qwen", namespace="ai"))
+    assert children.all() == [children.deployment, children.service]
+    dep = children.deployment
+    assert (dep["apiVersion"], dep["kind"]) == ("apps/v1", "Deployment")
+    assert dep["metadata"]["name"] == "qwen" and dep["metadata"]["namespace"] == "ai"
+    assert dep["spec"]["replicas"] == 3
+
+
+def test_namespace_defaults_to_default() -> None:
+    b = LLMBackend.from_manifest({"metadata": {"name": "m"}, "spec": BASE["llamacpp"]})
+    assert render(b).deployment["metadata"]["namespace"] == "default"
+    assert endpoint(b) == "http://m.default.svc.cluster.local:8080/v1"
+
+
+# --- probes -----------------------------------------------------------------------------
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+@pytest.mark.parametrize(
+    ("engine", "live", "ready", "startup_failures"),
+    [
+        ("vllm", "/health", "/health", 180),
+        ("tgi", "/health", "/health", 180),
+        ("llamacpp", "/health", "/health", 180),
+        ("ollama", "/", "/api/tags", 60),
+    ],
+)
+def test_probes(engine: str, live: str, ready: str, startup_failures: int) -> None:
+    c = container(engine)
+    assert c["startupProbe"] == _probe(live, 10, startup_failures)
+    assert c["livenessProbe"] == _probe(live, 10, 3)
+    assert c["readinessProbe"] == _probe(ready, 5, 3)
+
+
+# --- volumes ----------------------------------------------------------------------------
+
+
+def _shm(size: str) -> dict[str, Any]:
+    return {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": size}}
+
+
+SHM_MOUNT = {"name": "dshm", "mountPath": "/dev/shm"}
+
+
+@pytest.mark.parametrize(
+    ("engine", "count", "volumes", "mounts"),
+    [
+        (
+            "vllm",
+            1,
+            [_shm("2Gi"), {"name": "cache", "emptyDir": {}}],
+            [SHM_MOUNT, {"name": "cache", "mountPath": "/cache"}],
+        ),
+        (
+            "vllm",
+            4,
+            [_shm("8Gi"), {"name": "cache", "emptyDir": {}}],
+            [SHM_MOUNT, {"name": "cache", "mountPath": "/cache"}],
+        ),
+        (
+            "tgi",
+            2,
+            [_shm("4Gi"), {"name": "data", "emptyDir": {}}],
+            [SHM_MOUNT, {"name": "data", "mountPath": "/data"}],
+        ),
+        (
+            "llamacpp",
+            1,
+            [{"name": "cache", "emptyDir": {}}],
+            [{"name": "cache", "mountPath": "/cache"}],
+        ),
+        (
+            "ollama",
+            0,
+            [{"name": "ollama", "emptyDir": {}}],
+            [{"name": "ollama", "mountPath": "/root/.ollama"}],
+        ),
+    ],
+)
+def test_volumes_and_mounts(engine: str, count: int, volumes: list[Any], mounts: list[Any]) -> None:
+    template = pod(engine, **gpus(count))
+    assert template["volumes"] == volumes
+    assert template["containers"][0]["volumeMounts"] == mounts
+
+
+@pytest.mark.parametrize("engine", ["vllm", "tgi", "llamacpp"])
+def test_pvc_model_is_mounted_read_only(engine: str) -> None:
+    template = pod(engine, **pvc("models/x"))
+    assert template["volumes"][-1] == {
+        "name": "model",
+        "persistentVolumeClaim": {"claimName": "weights", "readOnly": True},
+    }
+    assert template["containers"][0]["volumeMounts"][-1] == {
+        "name": "model",
+        "mountPath": "/models",
+        "readOnly": True,
+    }
+    assert "model" not in [v["name"] for v in pod(engine)["volumes"]]
+
+
+# --- env and secrets --------------------------------------------------------------------
+
+
+def _secret(name: str, ref: dict[str, str]) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": dict(ref)}}
+
+
+def _env(name: str, value: str) -> dict[str, str]:
+    return {"name": name, "value": value}
+
+
+@pytest.mark.parametrize(
+    ("engine", "fields", "env"),
+    [
+        ("vllm", {}, [_env("HF_HOME", "/cache/huggingface")]),
+        (
+            "vllm",
+            {"apiKeySecretRef": API_KEY, "hfTokenSecretRef": HF_TOKEN},
+            [
+                _env("HF_HOME", "/cache/huggingface"),
+                _secret("HF_TOKEN", HF_TOKEN),
+                _secret("VLLM_API_KEY", API_KEY),
+            ],
+        ),
+        ("tgi", {}, [_env("HF_HOME", "/data")]),
+        (
+            "tgi",
+            {"apiKeySecretRef": API_KEY, "hfTokenSecretRef": HF_TOKEN},
+            [_env("HF_HOME", "/data"), _secret("HF_TOKEN", HF_TOKEN), _secret("API_KEY", API_KEY)],
+        ),
+        ("llamacpp", {}, [_env("LLAMA_CACHE", "/cache")]),
+        (
+            "llamacpp",
+            {"apiKeySecretRef": API_KEY, "hfTokenSecretRef": HF_TOKEN},
+            [
+                _env("LLAMA_CACHE", "/cache"),
+                _secret("HF_TOKEN", HF_TOKEN),
+                _secret("LLAMA_API_KEY", API_KEY),
+            ],
+        ),
+        ("ollama", {}, [_env("OLLAMA_HOST", "0.0.0.0:11434"), _env("OLLAMA_KEEP_ALIVE", "-1")]),
+        (
+            "ollama",
+            {"engineOptions": {"contextLength": 8192}},
+            [
+                _env("OLLAMA_HOST", "0.0.0.0:11434"),
+                _env("OLLAMA_KEEP_ALIVE", "-1"),
+                _env("OLLAMA_CONTEXT_LENGTH", "8192"),
+            ],
+        ),
+    ],
+)
+def test_engine_env(engine: str, fields: dict[str, Any], env: list[Any]) -> None:
+    assert container(engine, **fields)["env"] == env
+
+
+@pytest.mark.parametrize("engine", ["vllm", "tgi", "llamacpp"])
+def test_secrets_are_never_literal_values(engine: str) -> None:
+    env = container(engine, apiKeySecretRef=API_KEY, hfTokenSecretRef=HF_TOKEN)["env"]
+    secret_names = {"HF_TOKEN", "VLLM_API_KEY", "API_KEY", "LLAMA_API_KEY"}
+    secrets = [e for e in env if e["name"] in secret_names]
+    assert len(secrets) == 2
+    for e in secrets:
+        assert "value" not in e
+        assert set(e["valueFrom"]["secretKeyRef"]) == {"name", "key"}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_user_env_comes_after_the_engine_env(engine: str) -> None:
+    user = [
+        {"name": "LOG_LEVEL", "value": "debug"},
+        {"name": "CFG", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}},
+    ]
+    own = container(engine)["env"]
+    assert container(engine, env=user)["env"] == own + user
+
+
+# --- resources --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("engine", "resources", "expected"),
+    [
+        ("vllm", {"gpu": {"count": 2}}, {"limits": {"nvidia.com/gpu": "2"}}),
+        ("tgi", {"gpu": {"count": 1, "vendor": "amd"}}, {"limits": {"amd.com/gpu": "1"}}),
+        ("llamacpp", None, {}),
+        ("llamacpp", {"gpu": {"count": 0}, "requests": {}}, {}),
+        (
+            "llamacpp",
+            {"requests": {"cpu": 4, "memory": "8Gi"}, "limits": {"cpu": "500m", "memory": 1024}},
+            {
+                "requests": {"cpu": "4", "memory": "8Gi"},
+                "limits": {"cpu": "500m", "memory": "1024"},
+            },
+        ),
+        (
+            "vllm",
+            {"gpu": {"count": 1}, "requests": {"memory": "32Gi"}, "limits": {"memory": "40Gi"}},
+            {"requests": {"memory": "32Gi"}, "limits": {"memory": "40Gi", "nvidia.com/gpu": "1"}},
+        ),
+        ("ollama", {"gpu": {"count": 1, "vendor": "amd"}}, {"limits": {"amd.com/gpu": "1"}}),
+    ],
+)
+def test_resources(engine: str, resources: dict[str, Any] | None, expected: Any) -> None:
+    fields = {"resources": resources} if resources is not None else {}
+    assert container(engine, **fields)["resources"] == expected
+
+
+# --- pod settings, labels, strategy -----------------------------------------------------
+
+
+def test_pod_scheduling_fields_are_copied() -> None:
+    affinity = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}
+    template = pod(
+        "vllm",
+        nodeSelector={"pool": "gpu"},
+        tolerations=[
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "spot", "value": "yes", "effect": "NoExecute", "tolerationSeconds": 30},
+        ],
+        affinity=affinity,
+        priorityClassName="inference",
+        imagePullSecrets=[{"name": "regcred"}],
+    )
+    assert template["nodeSelector"] == {"pool": "gpu"}
+    assert template["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "spot", "value": "yes", "effect": "NoExecute", "tolerationSeconds": 30},
+    ]
+    assert template["affinity"] == affinity
+    assert template["priorityClassName"] == "inference"
+    assert template["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pod_defaults(engine: str) -> None:
+    template = pod(engine)
+    assert template["enableServiceLinks"] is False
+    assert template["automountServiceAccountToken"] is False
+    unset = {"nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets"}
+    assert unset.isdisjoint(template)
+    assert ("initContainers" in template) == (engine == "ollama")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_labels_and_selectors(engine: str) -> None:
+    children = render(backend(spec(engine), name="chat"))
+    dep, svc = children.deployment, children.service
+    for labels in (
+        dep["metadata"]["labels"],
+        dep["spec"]["template"]["metadata"]["labels"],
+        svc["metadata"]["labels"],
+    ):
+        assert labels["app.kubernetes.io/name"] == engine
+        assert labels["app.kubernetes.io/instance"] == "chat"
+        assert labels["app.kubernetes.io/component"] == "inference-server"
+        assert labels["app.kubernetes.io/managed-by"] == "fabric-operator"
+        assert labels["llm.fabric.dev/backend"] == "chat"
+    assert dep["spec"]["selector"] == {"matchLabels": {"llm.fabric.dev/backend": "chat"}}
+    assert svc["spec"]["selector"] == {"llm.fabric.dev/backend": "chat"}
+
+
+@pytest.mark.parametrize(
+    ("engine", "fields", "surge", "unavailable"),
+    [
+        ("vllm", gpus(1), 0, 1),
+        ("tgi", gpus(2), 0, 1),
+        ("llamacpp", gpus(1), 0, 1),
+        ("ollama", gpus(1, "amd"), 0, 1),
+        ("llamacpp", {}, 1, 0),
+        ("ollama", {}, 1, 0),
+    ],
+)
+def test_rolling_strategy(
+    engine: str, fields: dict[str, Any], surge: int, unavailable: int
+) -> None:
+    dep = render(backend(spec(engine, **fields))).deployment
+    assert dep["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": surge, "maxUnavailable": unavailable},
+    }
+
+
+@pytest.mark.parametrize("replicas", [0, 1, 5])
+def test_replicas(replicas: int) -> None:
+    assert render(backend(spec("ollama", replicas=replicas))).deployment["spec"]["replicas"] == (
+        replicas
+    )
+
+
+# --- ollama's pull init container ------------------------------------------------------
+
+
+def _init(**fields: Any) -> dict[str, Any]:
+    inits = pod("ollama", **fields)["initContainers"]
+    assert len(inits) == 1
+    result: dict[str, Any] = inits[0]
+    return result
+
+
+def test_ollama_init_container_shape() -> None:
+    init = _init()
+    assert init["name"] == "pull-model"
+    assert init["command"][:2] == ["/bin/sh", "-c"]
+    assert init["env"] == [_env("OLLAMA_HOST", "127.0.0.1:11434")]
+    assert init["volumeMounts"] == [{"name": "ollama", "mountPath": "/root/.ollama"}]
+    assert "imagePullPolicy" not in init
+
+
+@pytest.mark.parametrize(
+    ("served", "copy"),
+    [
+        (None, ["ollama", "cp", TAG, "m"]),
+        (TAG, None),
+        ("chat", ["ollama", "cp", TAG, "chat"]),
+        ("it's$(reboot)", ["ollama", "cp", TAG, "it's$(reboot)"]),
+    ],
+)
+def test_ollama_pull_script(served: str | None, copy: list[str] | None) -> None:
+    fields = {"servedModelName": served} if served else {}
+    lines = _init(**fields)["command"][2].splitlines()
+    assert lines[0] == "set -e"
+    assert shlex.split(lines[3]) == ["ollama", "pull", TAG]
+    assert lines[-1] == 'kill "$server"'
+    copies = [shlex.split(line) for line in lines if line.startswith("ollama cp")]
+    assert copies == ([copy] if copy else [])
+
+
+def test_pull_script_shell_quotes_both_names() -> None:
+    script = ollama.pull_script("a b;x", "c'd")
+    assert "ollama pull 'a b;x'" in script.splitlines()
+    assert shlex.split(script.splitlines()[4]) == ["ollama", "cp", "a b;x", "c'd"]
