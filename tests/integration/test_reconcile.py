@@ -258,6 +258,8 @@ def test_missing_secret_then_created(
         10,
     )
     assert "s3cr3t-v4lue" not in operator.logs()
+    assert "s3cr3t-v4lue" not in str(cluster.backend(namespace, "tiny"))
+    assert "s3cr3t-v4lue" not in str(cluster.events(namespace, "tiny"))
 
 
 def test_invalid_update_leaves_running_children_alone(

@@ -45,7 +45,10 @@ def build_registry() -> kopf.OperatorRegistry:
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.posting.enabled = False  # our own Events say what users need to see
         settings.posting.level = logging.WARNING
+        # Without these a silently dropped watch connection is never noticed.
         settings.watching.connect_timeout = 30
+        settings.watching.server_timeout = 270
+        settings.watching.client_timeout = 300
         settings.networking.error_backoffs = [1, 2, 5, 10]
         controller: Controller = memo["controller"]
         await controller.start()
@@ -58,11 +61,11 @@ def build_registry() -> kopf.OperatorRegistry:
     # holds every other handler until all indexes are filled: no LLMBackend is reconciled
     # before its children are known (else a restart would re-apply all of them).
     @kopf.index("apps", "v1", "deployments", labels=MANAGED, registry=registry)
-    def deployment_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    async def deployment_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].store.put("Deployment", dict(body))
 
     @kopf.index("", "v1", "services", labels=MANAGED, registry=registry)
-    def service_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    async def service_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].store.put("Service", dict(body))
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
