@@ -38,6 +38,20 @@ OPTION_ENGINES = {
     "quantization": (Engine.VLLM, Engine.TGI),
     "dtype": (Engine.VLLM, Engine.TGI),
 }
+# text-generation-launcher's own value lists (launcher/src/main.rs, TGI 3.3).
+TGI_DTYPES = ("float16", "bfloat16")
+TGI_QUANTIZE = (
+    "awq",
+    "compressed-tensors",
+    "eetq",
+    "exl2",
+    "gptq",
+    "marlin",
+    "bitsandbytes",
+    "bitsandbytes-nf4",
+    "bitsandbytes-fp4",
+    "fp8",
+)
 # Flags the operator sets itself; in extraArgs they would clash or put a secret in the spec.
 MANAGED_FLAGS = {
     "--host",
@@ -139,6 +153,24 @@ def check_spec(backend: LLMBackend) -> Iterator[Problem]:
             "spec.engineOptions.tensorParallel",
             f"{tp} must divide spec.resources.gpu.count ({gpus})",
         )
+
+    if engine == Engine.TGI:
+        opts = spec.options
+        if opts.dtype is not None and opts.dtype not in TGI_DTYPES:
+            yield Problem(
+                "spec.engineOptions.dtype",
+                f"tgi accepts {' or '.join(TGI_DTYPES)}, not {opts.dtype}",
+            )
+        if opts.quantization is not None and opts.quantization not in TGI_QUANTIZE:
+            yield Problem(
+                "spec.engineOptions.quantization",
+                f"tgi does not know {opts.quantization!r}; it accepts {', '.join(TGI_QUANTIZE)}",
+            )
+        if opts.dtype is not None and opts.quantization is not None:
+            yield Problem(
+                "spec.engineOptions.dtype",
+                "tgi cannot combine dtype with quantization; set one of them",
+            )
 
     if engine == Engine.OLLAMA:
         if spec.api_key_secret_ref:

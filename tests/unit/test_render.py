@@ -72,15 +72,15 @@ def pvc(path: str) -> dict[str, Any]:
     [
         ("vllm", gpus(1), "vllm/vllm-openai:v0.11.0"),
         ("vllm", gpus(2, "amd"), "rocm/vllm:rocm7.0.0_vllm_0.11.2_20251210"),
-        ("tgi", gpus(1), "ghcr.io/huggingface/text-generation-inference:3.3.6"),
-        ("tgi", gpus(1, "amd"), "ghcr.io/huggingface/text-generation-inference:3.3.6-rocm"),
+        ("tgi", gpus(1), "ghcr.io/huggingface/text-generation-inference:3.3.5"),
+        ("tgi", gpus(1, "amd"), "ghcr.io/huggingface/text-generation-inference:3.3.5-rocm"),
         ("llamacpp", {}, "ghcr.io/ggml-org/llama.cpp:server"),
         ("llamacpp", gpus(0, "amd"), "ghcr.io/ggml-org/llama.cpp:server"),
         ("llamacpp", gpus(1), "ghcr.io/ggml-org/llama.cpp:server-cuda"),
         ("llamacpp", gpus(1, "amd"), "ghcr.io/ggml-org/llama.cpp:server-rocm"),
-        ("ollama", {}, "ollama/ollama:0.12.6"),
-        ("ollama", gpus(1), "ollama/ollama:0.12.6"),
-        ("ollama", gpus(1, "amd"), "ollama/ollama:0.12.6-rocm"),
+        ("ollama", {}, "ollama/ollama:0.13.5"),
+        ("ollama", gpus(1), "ollama/ollama:0.13.5"),
+        ("ollama", gpus(1, "amd"), "ollama/ollama:0.13.5-rocm"),
     ],
 )
 def test_default_image_per_vendor(engine: str, fields: dict[str, Any], image: str) -> None:
@@ -167,13 +167,19 @@ LLAMA_HEAD = ["--host", "0.0.0.0", "--port", "8080", "--alias", "m", "--metrics"
             {
                 "model": {"huggingface": {"repo": REPO, "revision": "v1"}},
                 **gpus(2),
-                "engineOptions": {"contextLength": 4096, "quantization": "awq", "dtype": "float16"},
+                "engineOptions": {"contextLength": 4096, "quantization": "awq"},
             },
             [
                 *["--model-id", REPO, *TGI_HEAD, "--revision", "v1", "--num-shard", "2"],
-                *["--max-total-tokens", "4096", "--quantize", "awq", "--dtype", "float16"],
+                *["--max-total-tokens", "4096", "--quantize", "awq"],
             ],
             id="tgi-options-default-shards",
+        ),
+        pytest.param(
+            "tgi",
+            {"engineOptions": {"dtype": "bfloat16"}},
+            ["--model-id", REPO, *TGI_HEAD, "--dtype", "bfloat16"],
+            id="tgi-dtype",
         ),
         pytest.param("tgi", pvc("q"), ["--model-id", "/models/q", *TGI_HEAD], id="tgi-pvc"),
         pytest.param("llamacpp", {}, [*LLAMA_HEAD, "--model-url", URL], id="llamacpp-url"),

@@ -87,3 +87,35 @@ def test_valid_kubernetes_syntax_passes() -> None:
         )
         == []
     )
+
+
+TGI: dict[str, Any] = {
+    "engine": "tgi",
+    "model": {"huggingface": {"repo": "a/b"}},
+    "resources": {"gpu": {"count": 1}},
+}
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"dtype": "float32"}, "spec.engineOptions.dtype: tgi accepts float16 or bfloat16, not"),
+        (
+            {"quantization": "awq-marlin"},
+            "spec.engineOptions.quantization: tgi does not know 'awq-marlin'",
+        ),
+        (
+            {"dtype": "bfloat16", "quantization": "awq"},
+            "spec.engineOptions.dtype: tgi cannot combine dtype with quantization",
+        ),
+    ],
+)
+def test_tgi_value_lists(options: dict[str, Any], expected: str) -> None:
+    _, found = validate({"metadata": {"name": "m"}, "spec": {**TGI, "engineOptions": options}})
+    assert any(str(p).startswith(expected) for p in found), found
+
+
+@pytest.mark.parametrize("options", [{"dtype": "bfloat16"}, {"quantization": "fp8"}])
+def test_tgi_accepts_its_values(options: dict[str, Any]) -> None:
+    _, found = validate({"metadata": {"name": "m"}, "spec": {**TGI, "engineOptions": options}})
+    assert found == []

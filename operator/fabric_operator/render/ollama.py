@@ -13,9 +13,9 @@ from fabric_operator.api.backend import LLMBackend
 from fabric_operator.render.engine import EngineContainer, Manifest, empty_dir, plain_env
 
 IMAGE = {
-    "cpu": "ollama/ollama:0.12.6",
-    "nvidia": "ollama/ollama:0.12.6",
-    "amd": "ollama/ollama:0.12.6-rocm",
+    "cpu": "ollama/ollama:0.13.5",
+    "nvidia": "ollama/ollama:0.13.5",
+    "amd": "ollama/ollama:0.13.5-rocm",
 }
 PORT = 11434
 STORE = "/root/.ollama"

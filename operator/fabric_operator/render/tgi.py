@@ -1,7 +1,8 @@
 """Hugging Face Text Generation Inference (`text-generation-launcher`).
 
-Checked against TGI 3.3 (launcher --help). TGI is in maintenance mode upstream: kept
-working, no new features built on it.
+Checked against TGI 3.3.x (launcher/src/main.rs, router/src/server.rs). TGI is in
+maintenance mode upstream: kept working, no new features built on it. API_KEY guards the
+generation routes; /health stays open to probes.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from fabric_operator.render.engine import (
 )
 
 IMAGE = {
-    "nvidia": "ghcr.io/huggingface/text-generation-inference:3.3.6",
-    "amd": "ghcr.io/huggingface/text-generation-inference:3.3.6-rocm",
+    "nvidia": "ghcr.io/huggingface/text-generation-inference:3.3.5",
+    "amd": "ghcr.io/huggingface/text-generation-inference:3.3.5-rocm",
 }
 # The image's default (PORT=80) needs a privileged port; 8080 does not.
 PORT = 8080
