@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import kopf
 import yaml
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
 from fabric_operator import __version__
 from fabric_operator.api.crd import crd_yaml
+from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from fabric_operator.controller.handlers import build_registry
 from fabric_operator.controller.kube import Kube
 from fabric_operator.controller.reconciler import Reconciler, Settings
@@ -30,10 +34,7 @@ from fabric_operator.validation import validate
 
 def _run_operator(args: argparse.Namespace) -> int:
 
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_kube_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
+    _load_config(args.kubeconfig)
     configuration = client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = max(4, args.workers)
     store = Store()
@@ -96,6 +97,39 @@ def _render(args: argparse.Namespace) -> int:
         out.extend(render(backend).all())
     sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False))
     return 1 if failed else 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    """What `helm test` runs: the operator answers its health endpoint, and the API serves
+    LLMBackends to the operator's ServiceAccount."""
+    try:
+        with urllib.request.urlopen(args.health_url, timeout=10) as resp:
+            health = json.loads(resp.read()).get("controller", {})
+    except (OSError, ValueError) as err:
+        print(f"operator health {args.health_url}: {err}", file=sys.stderr)
+        return 1
+    _load_config(args.kubeconfig)
+    api = client.CustomObjectsApi()
+    try:
+        if args.namespace:
+            api.list_namespaced_custom_object(GROUP, VERSION, args.namespace, PLURAL, limit=1)
+        else:
+            api.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=1)
+    except ApiException as err:
+        print(f"listing {PLURAL}.{GROUP}: {err.status} {err.reason}", file=sys.stderr)
+        return 1
+    print(
+        f"ok: operator healthy ({health.get('backends', '?')} backends), "
+        f"{PLURAL}.{GROUP}/{VERSION} served"
+    )
+    return 0
+
+
+def _load_config(kubeconfig: str | None) -> None:
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
 
 
 def _kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> None:
@@ -173,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         "file", nargs="+", help="YAML files or folders with LLMBackends, or - for stdin"
     )
     render.set_defaults(func=_render)
+
+    check = sub.add_parser("check", help="check a running operator (used by `helm test`)")
+    check.add_argument("--health-url", required=True, help="the operator's /healthz URL")
+    check.add_argument("--namespace", help="list LLMBackends in this namespace only")
+    check.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster)")
+    check.set_defaults(func=_check)
 
     dev = sub.add_parser("dev", help="local control plane + CRD + examples + operator")
     _add_operator_flags(dev)

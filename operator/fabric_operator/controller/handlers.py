@@ -45,6 +45,9 @@ def build_registry() -> kopf.OperatorRegistry:
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.posting.enabled = False  # our own Events say what users need to see
         settings.posting.level = logging.WARNING
+        # Serve the given namespaces (or the cluster) as they are: no need to list/watch
+        # Namespaces and CRDs, so RBAC stays minimal.
+        settings.scanning.disabled = True
         # Without these a silently dropped watch connection is never noticed.
         settings.watching.connect_timeout = 30
         settings.watching.server_timeout = 270
