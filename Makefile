@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 run: setup
 	$(BIN)/fabric-operator dev
 
-# Set everything up and run every check: lint, types, CRD drift, unit and integration tests.
+# Set everything up and run every check: lint, types, unit, chart, integration, e2e tests.
 test: setup
 	$(BIN)/ruff check operator tests
 	$(BIN)/ruff format --check operator tests
@@ -18,6 +18,7 @@ test: setup
 
 setup: $(VENV)/.installed
 	@FABRIC_K8S_BIN= bash hack/get-control-plane.sh >/dev/null
+	@bash hack/get-helm.sh >/dev/null
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +26,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# Regenerate the committed CRD from the API models.
+# Regenerate the committed CRD (and the chart's copy) from the API models.
 crd: setup
 	$(BIN)/fabric-operator crd > crds/llm.fabric.dev_llmbackends.yaml
+	cp crds/llm.fabric.dev_llmbackends.yaml charts/fabric-operator/files/crd.yaml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

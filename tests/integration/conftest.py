@@ -1,125 +1,19 @@
-"""Fixtures: a real kube-apiserver (local control plane, or FABRIC_TEST_KUBECONFIG), the CRD
-installed, and the operator running as a separate process."""
+"""Integration fixtures: one local control plane and one operator for the session."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import subprocess
-import sys
-import time
-import urllib.request
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
-from kubernetes.client.exceptions import ApiException
 
-from fabric_operator.api.crd import crd_yaml
-from fabric_operator.localcluster import LocalControlPlane, find_binaries, free_port
-from tests.conftest import REPO
-from tests.integration.kube import Cluster, add_cpu_node, wait_for
+from tests.support.fixtures import OperatorProcess, local_cluster, temporary_namespace
+from tests.support.kube import Cluster
 
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    given = os.environ.get("FABRIC_TEST_KUBECONFIG")
-    plane = None
-    if given:
-        kubeconfig = Path(given)
-    else:
-        plane = LocalControlPlane(tmp_path_factory.mktemp("cluster"), find_binaries(REPO))
-        plane.start()
-        kubeconfig = plane.kubeconfig
-    c = Cluster(
-        kubeconfig,
-        local=plane is not None,
-        garbage_collector=plane is None or plane.has_controller_manager,
-    )
-    try:
-        c.kubectl("apply", "-f", "-", stdin=crd_yaml())
-        c.kubectl(
-            "wait", "--for=condition=Established", "--timeout=60s", "crd/llmbackends.llm.fabric.dev"
-        )
-        wait_for(
-            "the default service account controller",
-            lambda: c.core.list_namespaced_service_account("default").items,
-            30,
-        )
-        if c.local:
-            add_cpu_node(c)
+    with local_cluster(tmp_path_factory) as c:
         yield c
-    finally:
-        if plane is not None:
-            plane.stop()
-
-
-class OperatorProcess:
-    """`fabric-operator run` as its own process, the way it runs in a pod."""
-
-    def __init__(self, kubeconfig: Path, logdir: Path) -> None:
-        self.kubeconfig, self.logdir = kubeconfig, logdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self.starts = 0
-
-    @property
-    def log_path(self) -> Path:
-        return self.logdir / f"operator-{self.starts}.log"
-
-    def start(self) -> None:
-        self.starts += 1
-        self.port = free_port()
-        env = dict(os.environ, PYTHONPATH=str(REPO / "operator"))
-        log = open(self.log_path, "wb")  # noqa: SIM115 - the child process writes it
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fabric_operator",
-                "run",
-                f"--kubeconfig={self.kubeconfig}",
-                f"--health-address=127.0.0.1:{self.port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        wait_for("the operator's /healthz", self._healthy, timeout=30)
-
-    def _healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"operator exited: {self.logs()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
-    def health(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
-            data: dict[str, Any] = json.loads(r.read())["controller"]
-            return data
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
 
 @pytest.fixture(scope="session")
@@ -134,27 +28,5 @@ def operator(
 
 @pytest.fixture
 def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    cluster.core.create_namespace({"metadata": {"name": name}})
-    wait_for(
-        "the namespace's default ServiceAccount",
-        lambda: cluster.core.list_namespaced_service_account(name).items,
-        30,
-    )
-    yield name
-    cluster.core.delete_namespace(name)
-    # No kubelet confirms pod deletions on simulated nodes: remove them as one would.
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        pods = cluster.core.list_namespaced_pod(name).items
-        if not pods:
-            break
-        for pod in pods:
-            with contextlib.suppress(ApiException):
-                cluster.core.delete_namespaced_pod(pod.metadata.name, name, grace_period_seconds=0)
-        time.sleep(0.5)
-
-
-def settle(seconds: float = 1.5) -> None:
-    """Let watches deliver and the operator react (for asserting that nothing happens)."""
-    time.sleep(seconds)
+    with temporary_namespace(cluster) as name:
+        yield name

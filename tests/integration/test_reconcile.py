@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import OperatorProcess, settle
-from tests.integration.kube import Cluster, run_pods, wait_for
+from tests.support.fixtures import OperatorProcess, settle
+from tests.support.kube import Cluster, run_pods, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.kube import Cluster
+from tests.support.kube import Cluster
 
 pytestmark = pytest.mark.integration
 

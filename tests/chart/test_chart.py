@@ -1,0 +1,211 @@
+"""The Helm chart: lints, renders valid objects for current Kubernetes, least privilege."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from fabric_operator.api.crd import crd_manifest
+from tests.chart.conftest import CHART
+from tests.conftest import REPO
+
+K8S_VERSION = "1.33"  # schemas of a current release, not only the 1.20 test server
+CUSTOM = [
+    "--set",
+    "watch.namespaces={team-a,team-b}",
+    "--set",
+    "crds.install=false",
+    "--set",
+    "image.tag=9.9.9",
+    "--set",
+    "imagePullSecrets[0].name=regcred",
+    "--set",
+    "nodeSelector.pool=system",
+    "--set",
+    "priorityClassName=ops",
+    "--set",
+    "extraEnv[0].name=X",
+    "--set",
+    "extraEnv[0].value=y",
+    "--set",
+    "tolerations[0].operator=Exists",
+    "--set",
+    "operator.workers=8",
+]
+
+
+def template(helm: Path, *args: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [str(helm), "template", "rel", str(CHART), "--namespace", "ops", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def refused(helm: Path, *args: str) -> str:
+    proc = subprocess.run(
+        [str(helm), "template", "rel", str(CHART), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode != 0, "values should have been refused"
+    return proc.stderr
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_lint_strict(helm: Path) -> None:
+    for args in ([], CUSTOM):
+        proc = subprocess.run(
+            [str(helm), "lint", "--strict", str(CHART), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("args", [[], CUSTOM], ids=["default", "custom"])
+def test_every_object_is_valid_kubernetes(helm: Path, args: list[str]) -> None:
+    docs = template(helm, *args)
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_crd_is_the_generated_one_and_kept(helm: Path) -> None:
+    assert (CHART / "files" / "crd.yaml").read_text() == (
+        REPO / "crds" / "llm.fabric.dev_llmbackends.yaml"
+    ).read_text(), "run `make crd`"
+    [crd] = by_kind(template(helm), "CustomResourceDefinition")
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert crd["spec"] == crd_manifest()["spec"]
+    assert not by_kind(template(helm, "--set", "crds.install=false"), "CustomResourceDefinition")
+
+
+def test_chart_versions_follow_the_package() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    assert version is not None
+    assert chart["version"] == chart["appVersion"] == version.group(1)
+
+
+EXPECTED_RULES = {
+    ("llm.fabric.dev", "llmbackends"): {"get", "list", "watch"},
+    ("llm.fabric.dev", "llmbackends/status"): {"patch"},
+    ("llm.fabric.dev", "llmbackends/finalizers"): {"update"},
+    ("apps", "deployments"): {"list", "watch", "create", "patch"},
+    ("", "services"): {"list", "watch", "create", "patch"},
+    ("", "secrets"): {"get"},
+    ("", "events"): {"create"},
+}
+
+
+def rules(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def test_rbac_cluster_scope_is_exactly_what_the_operator_uses(helm: Path) -> None:
+    docs = template(helm)
+    [role] = by_kind(docs, "ClusterRole")
+    assert rules(role) == EXPECTED_RULES
+    assert "*" not in json.dumps(role["rules"])
+    [binding] = by_kind(docs, "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "rel-fabric-operator", "namespace": "ops"}
+    ]
+    assert not by_kind(docs, "Role")
+
+
+def test_rbac_namespace_scope_gives_one_role_per_namespace(helm: Path) -> None:
+    docs = template(helm, *CUSTOM)
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert all(rules(r) == EXPECTED_RULES for r in roles)
+    assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == [
+        "team-a",
+        "team-b",
+    ]
+    [deployment] = by_kind(docs, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a,team-b" in args and "--workers=8" in args
+
+
+def test_operator_pod_is_hardened(helm: Path) -> None:
+    [deployment] = by_kind(template(helm), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    [container] = pod["containers"]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert container["resources"]["limits"]["memory"] == "256Mi"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["image"] == "ghcr.io/fabric-dev/fabric-operator:0.1.0"
+    assert container["args"][0] == "run"
+
+
+def test_values_overrides_reach_the_pod(helm: Path) -> None:
+    [deployment] = by_kind(template(helm, *CUSTOM), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"].endswith(":9.9.9")
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["nodeSelector"] == {"pool": "system"}
+    assert pod["priorityClassName"] == "ops"
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert {"name": "X", "value": "y"} in pod["containers"][0]["env"]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--set", "operator.workrs=3"], "Additional property workrs is not allowed"),
+        (["--set", "replicaCount=two"], "replicaCount: Invalid type. Expected: integer"),
+        (["--set", "watch.namespaces={Team_A}"], "watch.namespaces.0: Does not match pattern"),
+        (["--set", "operator.logLevel=LOUD"], "operator.logLevel: operator.logLevel must be"),
+        (["--set", "image.pullPolicy=Sometimes"], "image.pullPolicy: image.pullPolicy must be"),
+    ],
+)
+def test_values_schema_refuses_mistakes(helm: Path, args: list[str], words: str) -> None:
+    assert words in refused(helm, *args)
+
+
+def test_every_value_is_documented() -> None:
+    text = (CHART / "values.yaml").read_text()
+    documented = set(re.findall(r"^\s*## @param (\S+)", text, re.M))
+
+    def leaves(node: Any, prefix: str = "") -> set[str]:
+        if isinstance(node, dict) and node and prefix not in {"resources"}:
+            return {
+                p
+                for k, v in node.items()
+                for p in leaves(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
+            }
+        return {prefix}
+
+    assert leaves(yaml.safe_load(text)) <= documented
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(yaml.safe_load(text)) == set(schema["properties"])

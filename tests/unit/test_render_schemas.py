@@ -1,0 +1,73 @@
+"""Every engine's children are valid objects for a current Kubernetes release."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from fabric_operator.render import render
+from fabric_operator.validation import validate
+
+FULL: dict[str, Any] = {
+    "replicas": 2,
+    "imagePullPolicy": "Always",
+    "imagePullSecrets": [{"name": "regcred"}],
+    "extraArgs": ["--verbose"],
+    "env": [
+        {"name": "X", "value": "1"},
+        {"name": "Y", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}},
+    ],
+    "nodeSelector": {"pool": "llm"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 1, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}
+            ]
+        }
+    },
+    "priorityClassName": "llm",
+    "service": {"type": "LoadBalancer", "port": 80, "annotations": {"a.io/b": "c"}},
+    "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}},
+}
+SPECS = {
+    "vllm": {
+        "engine": "vllm",
+        "model": {"pvc": {"claimName": "w", "path": "qwen"}},
+        "resources": {"gpu": {"count": 2}},
+        "apiKeySecretRef": {"name": "k", "key": "v"},
+        "hfTokenSecretRef": {"name": "h", "key": "t"},
+    },
+    "tgi": {
+        "engine": "tgi",
+        "model": {"huggingface": {"repo": "a/b", "revision": "main"}},
+        "resources": {"gpu": {"count": 1, "vendor": "amd"}},
+        "apiKeySecretRef": {"name": "k", "key": "v"},
+    },
+    "llamacpp": {
+        "engine": "llamacpp",
+        "model": {"url": "https://h.invalid/m.gguf"},
+        "apiKeySecretRef": {"name": "k", "key": "v"},
+    },
+    "ollama": {"engine": "ollama", "model": {"ollama": "llama3.2:1b"}},
+}
+
+
+@pytest.mark.parametrize("engine", list(SPECS))
+@pytest.mark.parametrize("full", [False, True], ids=["minimal", "every-field"])
+def test_children_validate_against_kubernetes_schemas(engine: str, full: bool) -> None:
+    spec = {**SPECS[engine]}
+    if full:
+        spec = {
+            **FULL,
+            **spec,
+            "resources": {**FULL["resources"], **SPECS[engine].get("resources", {})},
+        }
+        if engine == "ollama":
+            spec.pop("extraArgs")
+    backend, problems = validate({"metadata": {"name": "m", "namespace": "ns"}, "spec": spec})
+    assert backend is not None and problems == []
+    for child in render(backend).all():
+        kubernetes_validate.validate(child, "1.33", strict=True)
