@@ -15,6 +15,8 @@ from pydantic import ValidationError
 
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.v1alpha1 import Engine
+from fabric_operator.config import DEFAULT, OperatorConfig
+from fabric_operator.render.placement import accelerator, placement
 
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS_1123_SUBDOMAIN = re.compile(
@@ -286,7 +288,47 @@ def check_kubernetes_syntax(backend: LLMBackend) -> Iterator[Problem]:
             yield Problem(field, err)
 
 
-def validate(obj: Mapping[str, Any]) -> tuple[LLMBackend | None, list[Problem]]:
+def check_placement(backend: LLMBackend, config: OperatorConfig) -> Iterator[Problem]:
+    """The GPU type must be one the operator knows, of the vendor asked for."""
+    spec = backend.spec
+    gpu_type = spec.gpu_type
+    if gpu_type is not None:
+        pool = accelerator(backend, config)
+        if pool is None:
+            known = ", ".join(sorted(config.catalogue())) or "none configured"
+            yield Problem(
+                "spec.resources.gpu.type",
+                f"unknown GPU type {gpu_type!r}; this operator knows: {known}",
+            )
+        else:
+            if pool.vendor != spec.gpu_vendor:
+                yield Problem(
+                    "spec.resources.gpu.vendor",
+                    f"{gpu_type} is an {pool.vendor} GPU; set vendor: {pool.vendor}",
+                )
+            if not spec.gpu_count:
+                yield Problem(
+                    "spec.resources.gpu.count", f"gpu.type {gpu_type} needs a count of at least 1"
+                )
+    for key in placement(backend, config).conflicts:
+        yield Problem(
+            f"spec.nodeSelector[{key!r}]",
+            f"contradicts the node pool of GPU type {gpu_type}; remove it or change gpu.type",
+        )
+    strategy = spec.strategy
+    if (
+        strategy is not None
+        and strategy.type == "Recreate"
+        and (strategy.max_surge is not None or strategy.max_unavailable is not None)
+    ):
+        yield Problem(
+            "spec.strategy", "maxSurge and maxUnavailable apply to RollingUpdate, not Recreate"
+        )
+
+
+def validate(
+    obj: Mapping[str, Any], config: OperatorConfig = DEFAULT
+) -> tuple[LLMBackend | None, list[Problem]]:
     """Parse and check a whole LLMBackend object; the backend is None if it cannot parse."""
     meta = obj.get("metadata") or {}
     problems = list(check_name(str(meta.get("name", ""))))
@@ -296,6 +338,7 @@ def validate(obj: Mapping[str, Any]) -> tuple[LLMBackend | None, list[Problem]]:
         return None, problems + schema_problems(err)
     problems += check_spec(backend)
     problems += check_kubernetes_syntax(backend)
+    problems += check_placement(backend, config)
     return backend, problems
 
 

@@ -502,8 +502,11 @@ def test_pod_defaults(engine: str) -> None:
     template = pod(engine)
     assert template["enableServiceLinks"] is False
     assert template["automountServiceAccountToken"] is False
-    unset = {"nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets"}
+    unset = {"nodeSelector", "affinity", "priorityClassName", "imagePullSecrets"}
     assert unset.isdisjoint(template)
+    # GPU pools are usually tainted: GPU backends tolerate the vendor's taint, CPU ones don't.
+    gpu_toleration = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert template.get("tolerations") == (gpu_toleration if engine in {"vllm", "tgi"} else None)
     assert ("initContainers" in template) == (engine == "ollama")
 
 

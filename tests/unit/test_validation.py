@@ -340,7 +340,7 @@ def test_model_source_needs_exactly_one(source: dict[str, Any], got: str) -> Non
         {**BASE["llamacpp"], "unknown": True},
         {**BASE["llamacpp"], "model": {"url": URL, "sha": "x"}},
         {**BASE["vllm"], "model": {"huggingface": {"repo": REPO, "branch": "main"}}},
-        {**BASE["vllm"], "resources": {"gpu": {"count": 1, "type": "h100"}}},
+        {**BASE["vllm"], "resources": {"gpu": {"count": 1, "memory": "80Gi"}}},
         {**BASE["llamacpp"], "env": [{"name": "A", "valueFrm": {}}]},
     ],
 )

@@ -179,6 +179,17 @@ class GPU(Model):
         ),
     )
     vendor: GPUVendor = Field(default=GPUVendor.NVIDIA, description="GPU vendor: nvidia or amd.")
+    type: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description=(
+            "GPU model, e.g. H100-80GB, L4 or MI300X: places the pods on the node pool that "
+            "has it (the operator's accelerator catalogue maps it to node labels and "
+            "tolerations). Any GPU node if unset."
+        ),
+    )
 
 
 class ResourceList(Model):
@@ -293,6 +304,31 @@ class EnvVar(Model):
     )
 
 
+class StrategyType(StrEnum):
+    ROLLING_UPDATE = "RollingUpdate"
+    RECREATE = "Recreate"
+
+
+IntOrPercent = Annotated[
+    int | str,
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": r"^[0-9]+%?$"}),
+]
+
+
+class Strategy(Model):
+    """How replicas are replaced when the spec changes."""
+
+    type: StrategyType = Field(description="RollingUpdate or Recreate.")
+    max_surge: IntOrPercent | None = Field(
+        default=None,
+        description="RollingUpdate: extra pods during a rollout (count or percent). Each "
+        "surge pod needs its own GPUs.",
+    )
+    max_unavailable: IntOrPercent | None = Field(
+        default=None, description="RollingUpdate: pods that may be down during a rollout."
+    )
+
+
 class LocalObjectReference(Model):
     name: str = Field(description="Name of the referenced object.", min_length=1)
 
@@ -357,6 +393,12 @@ class LLMBackendSpec(Model):
         default=None, min_length=1, max_length=253, description="PriorityClass of the pods."
     )
     service: ServiceSpec | None = Field(default=None, description="How the endpoint is exposed.")
+    strategy: Strategy | None = Field(
+        default=None,
+        description="Rollout strategy. Default: GPU backends replace pods one at a time "
+        "without surging (maxSurge 0, maxUnavailable 1), so a rollout never waits for spare "
+        "GPUs; CPU backends surge one pod first (maxSurge 1, maxUnavailable 0).",
+    )
 
     @property
     def gpu_count(self) -> int:
@@ -366,6 +408,10 @@ class LLMBackendSpec(Model):
     def gpu_vendor(self) -> str:
         gpu = self.resources.gpu if self.resources else None
         return str(gpu.vendor) if gpu else GPUVendor.NVIDIA.value
+
+    @property
+    def gpu_type(self) -> str | None:
+        return self.resources.gpu.type if self.resources and self.resources.gpu else None
 
     @property
     def options(self) -> EngineOptions:

@@ -8,8 +8,10 @@ from typing import Any
 
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.v1alpha1 import Engine
+from fabric_operator.config import DEFAULT, OperatorConfig
 from fabric_operator.render import llamacpp, ollama, tgi, vllm
 from fabric_operator.render.engine import MODEL_MOUNT, PORT_NAME, EngineContainer, Manifest
+from fabric_operator.render.placement import placement
 
 ENGINES: dict[str, Callable[[LLMBackend], EngineContainer]] = {
     Engine.VLLM: vllm.container,
@@ -125,12 +127,23 @@ def _container(backend: LLMBackend, engine: EngineContainer) -> Manifest:
 
 def _strategy(backend: LLMBackend) -> Manifest:
     """GPU backends roll without surging: a surge pod would wait for a spare GPU forever."""
+    custom = backend.spec.strategy
+    if custom is not None:
+        out: Manifest = {"type": str(custom.type)}
+        rolling = {
+            k: v
+            for k, v in (("maxSurge", custom.max_surge), ("maxUnavailable", custom.max_unavailable))
+            if v is not None
+        }
+        if rolling:
+            out["rollingUpdate"] = rolling
+        return out
     if backend.spec.gpu_count:
         return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
 
 
-def _pod_spec(backend: LLMBackend, engine: EngineContainer) -> Manifest:
+def _pod_spec(backend: LLMBackend, engine: EngineContainer, config: OperatorConfig) -> Manifest:
     spec = backend.spec
     volumes = list(engine.volumes)
     if spec.model.pvc:
@@ -152,12 +165,11 @@ def _pod_spec(backend: LLMBackend, engine: EngineContainer) -> Manifest:
         pod["initContainers"] = engine.init_containers
     if spec.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
-    if spec.node_selector:
-        pod["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod["tolerations"] = [
-            t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations
-        ]
+    where = placement(backend, config)
+    if where.node_selector:
+        pod["nodeSelector"] = where.node_selector
+    if where.tolerations:
+        pod["tolerations"] = where.tolerations
     if spec.affinity:
         pod["affinity"] = spec.affinity
     if spec.priority_class_name:
@@ -165,7 +177,7 @@ def _pod_spec(backend: LLMBackend, engine: EngineContainer) -> Manifest:
     return pod
 
 
-def deployment(backend: LLMBackend) -> Manifest:
+def deployment(backend: LLMBackend, config: OperatorConfig = DEFAULT) -> Manifest:
     engine = ENGINES[backend.spec.engine](backend)
     return {
         "apiVersion": "apps/v1",
@@ -181,7 +193,7 @@ def deployment(backend: LLMBackend) -> Manifest:
             "strategy": _strategy(backend),
             "template": {
                 "metadata": {"labels": labels(backend)},
-                "spec": _pod_spec(backend, engine),
+                "spec": _pod_spec(backend, engine, config),
             },
         },
     }
@@ -216,6 +228,6 @@ def service(backend: LLMBackend) -> Manifest:
     }
 
 
-def render(backend: LLMBackend) -> Children:
+def render(backend: LLMBackend, config: OperatorConfig = DEFAULT) -> Children:
     """The children of a *valid* backend (see fabric_operator.validation)."""
-    return Children(deployment=deployment(backend), service=service(backend))
+    return Children(deployment=deployment(backend, config), service=service(backend))

@@ -1,0 +1,118 @@
+"""Operator configuration, read once at start (Helm renders it into a ConfigMap).
+
+Its main content is the accelerator catalogue: a GPU type a user names in
+`spec.resources.gpu.type` (e.g. H100-80GB) becomes the node labels and tolerations of the
+pool that has it. Presets cover the usual label schemes; `accelerators` adds or overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from fabric_operator.api.v1alpha1 import GPUVendor, Toleration
+
+LabelScheme = Literal["gfd", "gke", "karpenter", "none"]
+
+
+class Accelerator(BaseModel):
+    """Where the GPUs of one type live."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    vendor: GPUVendor = GPUVendor.NVIDIA
+    node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+# Label values per scheme. gfd: NVIDIA GPU feature discovery's `nvidia.com/gpu.product`
+# (the GPU operator sets it); gke: `cloud.google.com/gke-accelerator`; karpenter:
+# `karpenter.k8s.aws/instance-gpu-name`. AMD: the AMD GPU operator's node labeller.
+_GPU_VALUES: dict[str, dict[str, str]] = {
+    "gfd": {
+        "H200": "NVIDIA-H200",
+        "H100-80GB": "NVIDIA-H100-80GB-HBM3",
+        "A100-80GB": "NVIDIA-A100-SXM4-80GB",
+        "A100-40GB": "NVIDIA-A100-SXM4-40GB",
+        "L40S": "NVIDIA-L40S",
+        "L4": "NVIDIA-L4",
+        "A10G": "NVIDIA-A10G",
+        "T4": "Tesla-T4",
+    },
+    "gke": {
+        "H200": "nvidia-h200-141gb",
+        "H100-80GB": "nvidia-h100-80gb",
+        "A100-80GB": "nvidia-a100-80gb",
+        "A100-40GB": "nvidia-tesla-a100",
+        "L4": "nvidia-l4",
+        "T4": "nvidia-tesla-t4",
+    },
+    "karpenter": {
+        "H200": "h200",
+        "H100-80GB": "h100",
+        "A100-80GB": "a100",
+        "A100-40GB": "a100",
+        "L40S": "l40s",
+        "L4": "l4",
+        "A10G": "a10g",
+        "T4": "t4",
+    },
+}
+_SCHEME_LABEL = {
+    "gfd": "nvidia.com/gpu.product",
+    "gke": "cloud.google.com/gke-accelerator",
+    "karpenter": "karpenter.k8s.aws/instance-gpu-name",
+}
+_AMD: dict[str, dict[str, str]] = {
+    "MI300X": {"amd.com/gpu.product-name": "AMD_Instinct_MI300X_OAM"},
+}
+# The taints GPU pools usually carry (GKE and EKS put nvidia.com/gpu on GPU nodes).
+GPU_TOLERATIONS = {
+    "nvidia": Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"),
+    "amd": Toleration(key="amd.com/gpu", operator="Exists", effect="NoSchedule"),
+}
+
+
+def presets(scheme: LabelScheme) -> dict[str, Accelerator]:
+    """The built-in accelerator catalogue for one label scheme."""
+    if scheme == "none":
+        return {}
+    label = _SCHEME_LABEL[scheme]
+    out = {
+        name: Accelerator(node_selector={label: value})
+        for name, value in _GPU_VALUES[scheme].items()
+    }
+    out.update(
+        {
+            name: Accelerator(vendor=GPUVendor.AMD, node_selector=dict(selector))
+            for name, selector in _AMD.items()
+        }
+    )
+    return out
+
+
+class OperatorConfig(BaseModel):
+    """What `--config FILE` holds (YAML, camelCase keys)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    label_scheme: LabelScheme = Field(default="gfd", alias="labelScheme")
+    accelerators: dict[str, Accelerator] = Field(default_factory=dict)
+    gpu_tolerations: bool = Field(default=True, alias="gpuTolerations")
+
+    def catalogue(self) -> dict[str, Accelerator]:
+        """Presets of the chosen scheme, then the configured accelerators over them."""
+        return {**presets(self.label_scheme), **self.accelerators}
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> OperatorConfig:
+        if path is None:
+            return cls()
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.model_validate(data)
+
+
+DEFAULT = OperatorConfig()

@@ -1,0 +1,173 @@
+"""GPU types → node pools, merged with the user's placement; rollout strategy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fabric_operator.config import OperatorConfig, presets
+from fabric_operator.render import render
+from fabric_operator.validation import validate
+
+NVIDIA_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+AMD_TAINT = {"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def vllm(**gpu: Any) -> dict[str, Any]:
+    return {
+        "engine": "vllm",
+        "model": {"huggingface": {"repo": "a/b"}},
+        "resources": {"gpu": {"count": 2, **gpu}},
+    }
+
+
+def pod(spec: dict[str, Any], config: OperatorConfig | None = None) -> dict[str, Any]:
+    config = config or OperatorConfig()
+    backend, problems = validate(
+        {"metadata": {"name": "m", "namespace": "n"}, "spec": spec}, config
+    )
+    assert backend is not None and problems == [], problems
+    out: dict[str, Any] = render(backend, config).deployment["spec"]["template"]["spec"]
+    return out
+
+
+def problems(spec: dict[str, Any], config: OperatorConfig | None = None) -> list[str]:
+    _, found = validate({"metadata": {"name": "m"}, "spec": spec}, config or OperatorConfig())
+    return [str(p) for p in found]
+
+
+@pytest.mark.parametrize(
+    ("scheme", "label", "value"),
+    [
+        ("gfd", "nvidia.com/gpu.product", "NVIDIA-H100-80GB-HBM3"),
+        ("gke", "cloud.google.com/gke-accelerator", "nvidia-h100-80gb"),
+        ("karpenter", "karpenter.k8s.aws/instance-gpu-name", "h100"),
+    ],
+)
+def test_gpu_type_selects_its_pool_in_each_label_scheme(
+    scheme: str, label: str, value: str
+) -> None:
+    config = OperatorConfig.model_validate({"labelScheme": scheme})
+    template = pod(vllm(type="H100-80GB"), config)
+    assert template["nodeSelector"] == {label: value}
+    assert template["tolerations"] == [NVIDIA_TAINT]
+    limits = template["containers"][0]["resources"]["limits"]
+    assert limits == {"nvidia.com/gpu": "2"}
+
+
+def test_user_placement_is_merged_not_replaced() -> None:
+    template = pod(
+        {
+            **vllm(type="L4"),
+            "nodeSelector": {"zone": "a"},
+            "tolerations": [
+                {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}
+            ],
+        }
+    )
+    assert template["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4", "zone": "a"}
+    assert template["tolerations"] == [
+        {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"},
+        NVIDIA_TAINT,
+    ]
+
+
+def test_user_toleration_equal_to_the_default_is_not_repeated() -> None:
+    assert pod({**vllm(), "tolerations": [NVIDIA_TAINT]})["tolerations"] == [NVIDIA_TAINT]
+
+
+def test_amd_type_and_taint() -> None:
+    template = pod(vllm(type="MI300X", vendor="amd"))
+    assert template["nodeSelector"] == {"amd.com/gpu.product-name": "AMD_Instinct_MI300X_OAM"}
+    assert template["tolerations"] == [AMD_TAINT]
+    assert template["containers"][0]["resources"]["limits"] == {"amd.com/gpu": "2"}
+
+
+def test_configured_accelerators_extend_and_override_presets(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("""
+labelScheme: gke
+gpuTolerations: false
+accelerators:
+  L4:
+    nodeSelector: {pool: l4-spot}
+    tolerations: [{key: spot, operator: Exists, effect: NoSchedule}]
+  RTX-6000:
+    nodeSelector: {gpu: rtx6000}
+""")
+    config = OperatorConfig.load(path)
+    assert pod(vllm(type="L4"), config)["nodeSelector"] == {"pool": "l4-spot"}
+    assert pod(vllm(type="L4"), config)["tolerations"] == [
+        {"key": "spot", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert pod(vllm(type="RTX-6000"), config)["nodeSelector"] == {"gpu": "rtx6000"}
+    assert "tolerations" not in pod(vllm(type="RTX-6000"), config)
+    assert "H100-80GB" in config.catalogue()
+
+
+def test_unknown_gpu_type_names_the_known_ones() -> None:
+    [problem] = problems(vllm(type="B300"))
+    assert problem.startswith(
+        "spec.resources.gpu.type: unknown GPU type 'B300'; this "
+        "operator knows: A100-40GB, A100-80GB, A10G, H100-80GB, H200, "
+    )
+    assert "MI300X" in problem and "T4" in problem
+
+
+def test_no_catalogue_says_so() -> None:
+    config = OperatorConfig.model_validate({"labelScheme": "none"})
+    assert problems(vllm(type="L4"), config) == [
+        "spec.resources.gpu.type: unknown GPU type 'L4'; this operator knows: none configured"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (vllm(type="MI300X"), "spec.resources.gpu.vendor: MI300X is an amd GPU; set vendor: amd"),
+        (
+            {**vllm(type="L4"), "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-T4"}},
+            "spec.nodeSelector['nvidia.com/gpu.product']: contradicts the node pool of GPU type L4",
+        ),
+        (
+            {
+                "engine": "llamacpp",
+                "model": {"url": "https://h.invalid/m.gguf"},
+                "resources": {"gpu": {"type": "L4"}},
+            },
+            "spec.resources.gpu.count: gpu.type L4 needs a count of at least 1",
+        ),
+        (
+            {**vllm(), "strategy": {"type": "Recreate", "maxSurge": 1}},
+            "spec.strategy: maxSurge and maxUnavailable apply to RollingUpdate",
+        ),
+    ],
+)
+def test_placement_mistakes(spec: dict[str, Any], expected: str) -> None:
+    assert any(p.startswith(expected) for p in problems(spec)), problems(spec)
+
+
+def test_every_preset_is_a_valid_selector() -> None:
+    for scheme in ("gfd", "gke", "karpenter"):
+        for name, acc in presets(scheme).items():  # type: ignore[arg-type]
+            assert acc.node_selector, name
+            assert pod(vllm(type=name, vendor=str(acc.vendor)))["nodeSelector"] == acc.node_selector
+
+
+@pytest.mark.parametrize(
+    ("spec", "strategy"),
+    [
+        (vllm(), {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}),
+        ({**vllm(), "strategy": {"type": "Recreate"}}, {"type": "Recreate"}),
+        (
+            {**vllm(), "strategy": {"type": "RollingUpdate", "maxSurge": "25%"}},
+            {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%"}},
+        ),
+    ],
+)
+def test_strategy_default_and_override(spec: dict[str, Any], strategy: dict[str, Any]) -> None:
+    backend, found = validate({"metadata": {"name": "m"}, "spec": spec})
+    assert backend is not None and found == []
+    assert render(backend).deployment["spec"]["strategy"] == strategy
