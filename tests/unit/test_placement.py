@@ -151,9 +151,11 @@ def test_placement_mistakes(spec: dict[str, Any], expected: str) -> None:
 
 def test_every_preset_is_a_valid_selector() -> None:
     for scheme in ("gfd", "gke", "karpenter"):
+        config = OperatorConfig.model_validate({"labelScheme": scheme})
         for name, acc in presets(scheme).items():  # type: ignore[arg-type]
             assert acc.node_selector, name
-            assert pod(vllm(type=name, vendor=str(acc.vendor)))["nodeSelector"] == acc.node_selector
+            template = pod(vllm(type=name, vendor=str(acc.vendor)), config)
+            assert template["nodeSelector"] == acc.node_selector
 
 
 @pytest.mark.parametrize(
