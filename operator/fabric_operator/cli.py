@@ -22,6 +22,7 @@ from kubernetes.client.exceptions import ApiException
 from fabric_operator import __version__
 from fabric_operator.api.crd import crd_yaml
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+from fabric_operator.config import OperatorConfig
 from fabric_operator.controller.handlers import build_registry
 from fabric_operator.controller.kube import Kube
 from fabric_operator.controller.reconciler import Reconciler, Settings
@@ -39,7 +40,10 @@ def _run_operator(args: argparse.Namespace) -> int:
     configuration.connection_pool_maxsize = max(4, args.workers)
     store = Store()
     kube = Kube(client.ApiClient(configuration))
-    reconciler = Reconciler(store, kube, Settings(cluster_domain=args.cluster_domain))
+    operator_config = OperatorConfig.load(args.config)
+    reconciler = Reconciler(
+        store, kube, Settings(cluster_domain=args.cluster_domain, config=operator_config)
+    )
     controller = Controller(reconciler, store, workers=args.workers)
     namespaces = [n for item in args.namespace for n in item.split(",") if n]
     asyncio.run(
@@ -63,6 +67,7 @@ def _crd(_: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
 
+    config = OperatorConfig.load(args.config)
     texts = []
     for item in args.file:
         path = Path(item)
@@ -87,14 +92,14 @@ def _render(args: argparse.Namespace) -> int:
         return 1
     out, failed = [], False
     for doc in docs:
-        backend, problems = validate(doc)
+        backend, problems = validate(doc, config)
         name = (doc.get("metadata") or {}).get("name", "?")
         if backend is None or problems:
             failed = True
             for problem in problems:
                 print(f"{name}: {problem}", file=sys.stderr)
             continue
-        out.extend(render(backend).all())
+        out.extend(render(backend, config).all())
     sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False))
     return 1 if failed else 0
 
@@ -206,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     render.add_argument(
         "file", nargs="+", help="YAML files or folders with LLMBackends, or - for stdin"
     )
+    render.add_argument("--config", help="operator configuration file, as for `run`")
     render.set_defaults(func=_render)
 
     check = sub.add_parser("check", help="check a running operator (used by `helm test`)")

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from fabric_operator.api.crd import crd_manifest
+from fabric_operator.config import OperatorConfig
 from tests.chart.conftest import CHART
 from tests.conftest import REPO
 
@@ -108,6 +109,7 @@ EXPECTED_RULES = {
     ("llm.fabric.dev", "llmbackends/finalizers"): {"update"},
     ("apps", "deployments"): {"list", "watch", "create", "patch"},
     ("", "services"): {"list", "watch", "create", "patch"},
+    ("", "pods"): {"list", "watch"},
     ("", "secrets"): {"get"},
     ("", "events"): {"create"},
 }
@@ -209,3 +211,28 @@ def test_every_value_is_documented() -> None:
     assert leaves(yaml.safe_load(text)) <= documented
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert set(yaml.safe_load(text)) == set(schema["properties"])
+
+
+def test_gpu_values_become_a_config_the_operator_reads(helm: Path) -> None:
+    docs = template(
+        helm,
+        "--set",
+        "gpu.labelScheme=gke",
+        "--set",
+        "gpu.tolerations=false",
+        "--set",
+        "gpu.accelerators.RTX-6000.nodeSelector.gpu=rtx6000",
+    )
+    [configmap] = by_kind(docs, "ConfigMap")
+    config = OperatorConfig.model_validate(yaml.safe_load(configmap["data"]["config.yaml"]))
+    assert config.label_scheme == "gke" and config.gpu_tolerations is False
+    assert config.catalogue()["RTX-6000"].node_selector == {"gpu": "rtx6000"}
+    assert config.catalogue()["L4"].node_selector == {
+        "cloud.google.com/gke-accelerator": "nvidia-l4"
+    }
+    [deployment] = by_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]
+    assert "--config=/etc/fabric-operator/config.yaml" in pod["spec"]["containers"][0]["args"]
+    assert pod["metadata"]["annotations"]["checksum/config"]
+    default = yaml.safe_load(by_kind(template(helm), "ConfigMap")[0]["data"]["config.yaml"])
+    assert OperatorConfig.model_validate(default) == OperatorConfig()

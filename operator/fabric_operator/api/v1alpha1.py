@@ -442,11 +442,17 @@ class Condition(Model):
 
 class Phase(StrEnum):
     PENDING = "Pending"
+    LOADING = "Loading"
     PROGRESSING = "Progressing"
     READY = "Ready"
     DEGRADED = "Degraded"
     STOPPED = "Stopped"
     INVALID = "Invalid"
+    UNSCHEDULABLE = "Unschedulable"
+    IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
+    CRASH_LOOP_BACK_OFF = "CrashLoopBackOff"
+    OOM_KILLED = "OOMKilled"
+    CREATE_CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
 
 
 class LLMBackendStatus(Model):
@@ -459,7 +465,9 @@ class LLMBackendStatus(Model):
     )
     phase: Phase | None = Field(
         default=None,
-        description="Summary: Pending, Progressing, Ready, Degraded, Stopped or Invalid.",
+        description="Summary: Pending, Loading, Progressing, Ready, Stopped, Invalid, "
+        "Degraded, or what keeps pods from serving: Unschedulable, ImagePullBackOff, "
+        "CrashLoopBackOff, OOMKilled, CreateContainerConfigError.",
     )
     endpoint: str | None = Field(
         default=None, description="OpenAI-compatible base URL inside the cluster (ends in /v1)."

@@ -71,6 +71,10 @@ def build_registry() -> kopf.OperatorRegistry:
     async def service_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].store.put("Service", dict(body))
 
+    @kopf.index("", "v1", "pods", labels=MANAGED, registry=registry)
+    async def pod_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        memo["controller"].store.put("Pod", dict(body))
+
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def backend_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].observe(BACKEND, dict(event))
@@ -82,6 +86,10 @@ def build_registry() -> kopf.OperatorRegistry:
     @kopf.on.event("", "v1", "services", labels=MANAGED, registry=registry)
     async def service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].observe("Service", dict(event))
+
+    @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=registry)
+    async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        memo["controller"].observe("Pod", dict(event))
 
     @kopf.on.probe(id="controller", registry=registry)
     def probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:

@@ -5,13 +5,15 @@ write status. Reads come from the watch store; the API is only called to change 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator.api.backend import LLMBackend
+from fabric_operator.config import OperatorConfig
 from fabric_operator.controller import status as st
+from fabric_operator.controller.diagnose import diagnose
 from fabric_operator.controller.diff import HASH_ANNOTATION, needs_apply, with_bookkeeping
 from fabric_operator.controller.kube import Kube, api_message
 from fabric_operator.controller.store import Store
@@ -31,6 +33,7 @@ FAILED_APPLY_RECHECK_SECONDS = 300.0
 @dataclass(frozen=True)
 class Settings:
     cluster_domain: str = "cluster.local"
+    config: OperatorConfig = field(default_factory=OperatorConfig)
 
 
 class Reconciler:
@@ -48,7 +51,7 @@ class Reconciler:
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return None  # owner references let the garbage collector remove the children
         previous = obj.get("status") or {}
-        backend, problems = validate(obj)
+        backend, problems = validate(obj, self.settings.config)
         if backend is None:
             unparsable = st.Failure(st.REASON_INVALID, _join(problems))
             generation = obj["metadata"].get("generation")
@@ -56,7 +59,9 @@ class Reconciler:
             return None
 
         desired = (
-            [with_bookkeeping(m, backend) for m in render(backend).all()] if not problems else []
+            [with_bookkeeping(m, backend) for m in render(backend, self.settings.config).all()]
+            if not problems
+            else []
         )
         stale = [m for m in desired if needs_apply(m, self.store.get(m["kind"], namespace, name))]
         recheck: float | None = None
@@ -73,24 +78,30 @@ class Reconciler:
             if failure is not None:
                 recheck = FAILED_APPLY_RECHECK_SECONDS
         deployment = self.store.get("Deployment", namespace, name)
+        diagnosis = diagnose(self.store.owned("Pod", namespace, name))
         status = st.compute(
-            backend, deployment, failure, previous, cluster_domain=self.settings.cluster_domain
+            backend,
+            deployment,
+            failure,
+            previous,
+            diagnosis=diagnosis,
+            cluster_domain=self.settings.cluster_domain,
         )
         self._report(obj, status, applied)
         return recheck
 
     def _secret_problems(self, backend: LLMBackend) -> list[Problem]:
         problems = []
-        for field, name, key in referenced_secrets(backend):
+        for path, name, key in referenced_secrets(backend):
             keys = self.kube.secret_keys(backend.namespace, name)
             if keys is None:
                 problems.append(
-                    Problem(field, f"Secret {name!r} not found in namespace {backend.namespace!r}")
+                    Problem(path, f"Secret {name!r} not found in namespace {backend.namespace!r}")
                 )
             elif key not in keys:
                 problems.append(
                     Problem(
-                        f"{field}.key",
+                        f"{path}.key",
                         f"Secret {name!r} has no key {key!r}"
                         f" (keys: {', '.join(sorted(keys)) or 'none'})",
                     )

@@ -12,6 +12,7 @@ from typing import Any
 
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.v1alpha1 import Phase
+from fabric_operator.controller.diagnose import Diagnosis
 from fabric_operator.render.workload import BACKEND_LABEL, endpoint
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
@@ -50,8 +51,13 @@ def _deployment_condition(deployment: dict[str, Any], type_: str) -> dict[str, A
     return {}
 
 
-def _rollout(backend: LLMBackend, deployment: dict[str, Any] | None) -> dict[str, Any]:
-    """Ready/Progressing/Degraded and counts from the Deployment as last observed."""
+def _rollout(
+    backend: LLMBackend, deployment: dict[str, Any] | None, diagnosis: Diagnosis | None
+) -> dict[str, Any]:
+    """Ready/Progressing/Degraded and counts from the Deployment and pods as last observed.
+
+    A pod-level diagnosis (Unschedulable, CrashLoopBackOff...) names the phase, so that
+    `kubectl get llmb` says what is wrong without a describe."""
     desired = backend.spec.replicas
     st = (deployment or {}).get("status") or {}
     ready = int(st.get("readyReplicas") or 0)
@@ -67,7 +73,9 @@ def _rollout(backend: LLMBackend, deployment: dict[str, Any] | None) -> dict[str
     progressing = _deployment_condition(deployment or {}, "Progressing")
     failure = _deployment_condition(deployment or {}, "ReplicaFailure")
     degraded: tuple[str, str] | None = None
-    if progressing.get("reason") == "ProgressDeadlineExceeded":
+    if diagnosis is not None and diagnosis.failing:
+        degraded = (diagnosis.reason, diagnosis.message)
+    elif progressing.get("reason") == "ProgressDeadlineExceeded":
         degraded = ("ProgressDeadlineExceeded", progressing.get("message", ""))
     elif failure.get("status") == "True":
         degraded = ("ReplicaFailure", failure.get("message", ""))
@@ -78,6 +86,9 @@ def _rollout(backend: LLMBackend, deployment: dict[str, Any] | None) -> dict[str
     elif ready > 0:
         phase = Phase.READY if complete else Phase.PROGRESSING
         ready_cond = _condition(READY, True, "ReplicasReady", counts)
+    elif diagnosis is not None:
+        phase = Phase(diagnosis.reason)
+        ready_cond = _condition(READY, False, diagnosis.reason, f"{counts}: {diagnosis.message}")
     else:
         phase, ready_cond = Phase.PENDING, _condition(READY, False, "NoReplicaReady", counts)
     if complete:
@@ -90,7 +101,7 @@ def _rollout(backend: LLMBackend, deployment: dict[str, Any] | None) -> dict[str
             f"rolling out: {st.get('updatedReplicas') or 0}/{desired} updated, {counts}",
         )
     if degraded:
-        phase = Phase.DEGRADED
+        phase = Phase(degraded[0]) if degraded[0] in Phase.__members__.values() else Phase.DEGRADED
         deg_cond = _condition(DEGRADED, True, *degraded)
     else:
         deg_cond = _condition(DEGRADED, False, "AsExpected", "no problem found")
@@ -123,11 +134,12 @@ def compute(
     failure: Failure | None,
     previous: dict[str, Any] | None,
     *,
+    diagnosis: Diagnosis | None = None,
     cluster_domain: str = "cluster.local",
     timestamp: str | None = None,
 ) -> dict[str, Any]:
     """The whole status; `previous` supplies transition times that did not change."""
-    rollout = _rollout(backend, deployment)
+    rollout = _rollout(backend, deployment, diagnosis)
     conditions = rollout["conditions"]
     phase = rollout["phase"]
     if failure is not None:
@@ -177,12 +189,22 @@ def invalid_status(
     return out
 
 
+# Reasons whose message is the user's own doing (a new spec mistake is news); other
+# messages change as the cluster moves (the scheduler's node counts) and are not.
+MESSAGE_MATTERS = {REASON_INVALID, REASON_APPLY_FAILED}
+
+
 def transitions(previous: dict[str, Any] | None, current: dict[str, Any]) -> list[dict[str, Any]]:
-    """Conditions whose status, reason or message changed: each one is worth an Event."""
+    """Conditions that changed status or reason: each one is worth one Event."""
     old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
     changed = []
     for cond in current.get("conditions") or []:
         before = old.get(cond["type"], {})
-        if any(before.get(k) != cond.get(k) for k in ("status", "reason", "message")):
+        keys = (
+            ("status", "reason", "message")
+            if cond.get("reason") in MESSAGE_MATTERS
+            else ("status", "reason")
+        )
+        if any(before.get(k) != cond.get(k) for k in keys):
             changed.append(cond)
     return changed

@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from fabric_operator.render.workload import BACKEND_LABEL
+
 Key = tuple[str, str, str]  # kind, namespace, name
 
 
@@ -20,9 +22,17 @@ def _version(obj: dict[str, Any]) -> int | None:
         return None
 
 
+def _owner(obj: dict[str, Any]) -> str | None:
+    # Children and pods carry their LLMBackend's name in this label.
+    owner = ((obj.get("metadata") or {}).get("labels") or {}).get(BACKEND_LABEL)
+    return str(owner) if owner else None
+
+
 class Store:
     def __init__(self) -> None:
         self._objects: dict[Key, dict[str, Any]] = {}
+        # (kind, namespace, backend) -> names: a backend's pods without scanning them all.
+        self._owned: dict[Key, set[str]] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -38,10 +48,29 @@ class Store:
             new, old = _version(obj), _version(held) if held else None
             if held is None or new is None or old is None or new >= old:
                 self._objects[key] = obj
+                owner = _owner(obj)
+                if owner:
+                    self._owned.setdefault((kind, key[1], owner), set()).add(key[2])
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
-            self._objects.pop((kind, namespace, name), None)
+            obj = self._objects.pop((kind, namespace, name), None)
+            owner = _owner(obj) if obj else None
+            if owner:
+                names = self._owned.get((kind, namespace, owner), set())
+                names.discard(name)
+                if not names:
+                    self._owned.pop((kind, namespace, owner), None)
+
+    def owned(self, kind: str, namespace: str, backend: str) -> list[dict[str, Any]]:
+        """Objects of `kind` labelled as belonging to the LLMBackend `backend`."""
+        with self._lock:
+            names = self._owned.get((kind, namespace, backend), set())
+            return [
+                self._objects[(kind, namespace, n)]
+                for n in sorted(names)
+                if (kind, namespace, n) in self._objects
+            ]
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
