@@ -193,6 +193,10 @@ def _add_operator_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--health-address", default="0.0.0.0:8080", help="host:port of the /healthz endpoint"
     )
+    p.add_argument(
+        "--config",
+        help="operator configuration file (YAML: labelScheme, accelerators, gpuTolerations)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

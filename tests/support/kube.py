@@ -128,14 +128,25 @@ class Cluster:
         return counts
 
 
-def add_cpu_node(cluster: Cluster, name: str = "sim-cpu-0") -> None:
+def add_node(
+    cluster: Cluster,
+    name: str,
+    *,
+    labels: dict[str, str] | None = None,
+    capacity: dict[str, str] | None = None,
+    taints: list[dict[str, str]] | None = None,
+) -> None:
     """A Node the real scheduler can place pods on (there is no kubelet behind it)."""
     node = {
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {
             "name": name,
-            "labels": {"kubernetes.io/hostname": name, "fabric.dev/simulated": "true"},
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "fabric.dev/simulated": "true",
+                **(labels or {}),
+            },
         },
     }
     try:
@@ -143,13 +154,13 @@ def add_cpu_node(cluster: Cluster, name: str = "sim-cpu-0") -> None:
     except ApiException as err:
         if err.status != 409:
             raise
-    capacity = {"cpu": "64", "memory": "256Gi", "pods": "110"}
+    full = {"cpu": "64", "memory": "256Gi", "pods": "110", **(capacity or {})}
     cluster.core.patch_node_status(
         name,
         {
             "status": {
-                "capacity": capacity,
-                "allocatable": capacity,
+                "capacity": full,
+                "allocatable": full,
                 "conditions": [
                     {
                         "type": "Ready",
@@ -164,8 +175,12 @@ def add_cpu_node(cluster: Cluster, name: str = "sim-cpu-0") -> None:
         },
     )
     # Admission taints a new Node not-ready; with no node-lifecycle controller here, the
-    # simulated kubelet lifts it itself.
-    cluster.core.patch_node(name, {"spec": {"taints": None}})
+    # simulated kubelet lifts it itself (and sets the pool's own taints).
+    cluster.core.patch_node(name, {"spec": {"taints": taints}})
+
+
+def add_cpu_node(cluster: Cluster, name: str = "sim-cpu-0") -> None:
+    add_node(cluster, name)
 
 
 def _now() -> str:
