@@ -49,7 +49,11 @@ def _run_operator(args: argparse.Namespace) -> int:
     asyncio.run(
         kopf.operator(
             registry=build_registry(),
-            memo=kopf.Memo(controller=controller, configuration=configuration),
+            memo=kopf.Memo(
+                controller=controller,
+                configuration=configuration,
+                metrics_address=args.metrics_address,
+            ),
             clusterwide=not namespaces,
             namespaces=namespaces,
             standalone=True,
@@ -192,6 +196,11 @@ def _add_operator_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--health-address", default="0.0.0.0:8080", help="host:port of the /healthz endpoint"
+    )
+    p.add_argument(
+        "--metrics-address",
+        default="0.0.0.0:8081",
+        help="host:port of the Prometheus /metrics endpoint (empty: off)",
     )
     p.add_argument(
         "--config",

@@ -183,7 +183,9 @@ current-context: local
         with urllib.request.urlopen(f"{self.server}/readyz", context=ctx, timeout=2) as r:
             return bool(r.status == 200)
 
-    def start(self, timeout: float = 90.0) -> LocalControlPlane:
+    def start(self, timeout: float = 90.0, *, controllers: bool = True) -> LocalControlPlane:
+        """Start etcd and the API server, plus controller-manager and scheduler unless
+        `controllers` is False (benchmarks measure the operator, not them)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.workdir / "etcd", ignore_errors=True)  # new CA, new cluster
         (self.workdir / "pids").write_text("")
@@ -239,7 +241,7 @@ current-context: local
         if legacy:
             common.append("--port=0")
         cm = self.bin_dir / "kube-controller-manager"
-        if cm.exists():
+        if controllers and cm.exists():
             self._spawn(
                 "kube-controller-manager",
                 [
@@ -252,7 +254,7 @@ current-context: local
                 ],
             )
         scheduler = self.bin_dir / "kube-scheduler"
-        if scheduler.exists():
+        if controllers and scheduler.exists():
             self._spawn("kube-scheduler", [str(scheduler), *common])
         return self
 

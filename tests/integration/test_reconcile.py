@@ -72,6 +72,9 @@ def test_apply_creates_owned_children_and_status(
     assert {c["type"] for c in status["conditions"]} == {"Ready", "Progressing", "Degraded"}
     reasons = [e["reason"] for e in cluster.events(namespace, "tiny")]
     assert "Created" in reasons
+    # The operator's own counters are live (they prove the zero in the restart test).
+    counted = operator.api_requests()
+    assert counted['fabric_operator_api_requests_total{verb="apply",resource="deployments"}'] >= 1
 
 
 def test_status_follows_pods_to_ready(
@@ -359,15 +362,15 @@ def test_unchanged_backends_cost_no_writes_on_restart(
     wait_for(
         "the restarted operator to reconcile everything",
         lambda: (
-            operator.health()["backends"] >= 3
-            and operator.health()["reconciles"] >= 3
-            and operator.health()["queued"] == 0
+            operator.metric("fabric_operator_backends") >= 3
+            and operator.metric("fabric_operator_reconciles_total") >= 3
+            and operator.metric("fabric_operator_queue_depth") == 0
         ),
         20,
     )
     settle(2)
-    health = operator.health()
-    assert health["apiRequests"] == {}, health
+    assert operator.metric("fabric_operator_reconciles_total") >= 3
+    assert operator.api_requests() == {}
     after = cluster.write_counts()
     changed = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
     # The verbs the operator writes with (apply = PATCH, create = POST) on its resources;

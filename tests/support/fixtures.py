@@ -19,6 +19,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator.api.crd import crd_yaml
+from fabric_operator.controller import metrics
 from fabric_operator.localcluster import LocalControlPlane, find_binaries, free_port
 from tests.conftest import REPO
 from tests.support.kube import Cluster, add_cpu_node, wait_for
@@ -79,7 +80,7 @@ class OperatorProcess:
 
     def start(self) -> None:
         self.starts += 1
-        self.port = free_port()
+        self.port, self.metrics_port = free_port(), free_port()
         env = dict(os.environ, PYTHONPATH=str(REPO / "operator"))
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child process writes it
         self.proc = subprocess.Popen(
@@ -90,6 +91,7 @@ class OperatorProcess:
                 "run",
                 f"--kubeconfig={self.kubeconfig}",
                 f"--health-address=127.0.0.1:{self.port}",
+                f"--metrics-address=127.0.0.1:{self.metrics_port}",
                 *self.args,
             ],
             stdout=log,
@@ -112,6 +114,20 @@ class OperatorProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
             data: dict[str, Any] = json.loads(r.read())["controller"]
             return data
+
+    def api_requests(self) -> dict[str, float]:
+        """The operator's own request counters, read live from /metrics (uncached)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as r:
+            samples = metrics.parse(r.read().decode())
+        return {
+            k: v for k, v in samples.items() if k.startswith("fabric_operator_api_requests_total")
+        }
+
+    def metric(self, name: str) -> float:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return metrics.parse(r.read().decode()).get(name, 0.0)
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")

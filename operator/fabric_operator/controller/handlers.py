@@ -12,6 +12,7 @@ from typing import Any
 import kopf
 
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+from fabric_operator.controller import metrics
 from fabric_operator.controller.reconciler import BACKEND
 from fabric_operator.controller.runtime import Controller
 from fabric_operator.render.workload import MANAGED_BY
@@ -55,10 +56,17 @@ def build_registry() -> kopf.OperatorRegistry:
         settings.networking.error_backoffs = [1, 2, 5, 10]
         controller: Controller = memo["controller"]
         await controller.start()
+        address = memo.get("metrics_address")
+        if address:
+            host, _sep, port = address.rpartition(":")
+            memo["metrics_runner"] = await metrics.serve(controller, host or "0.0.0.0", int(port))
 
     @kopf.on.cleanup(registry=registry)
     async def stop(memo: kopf.Memo, **_: Any) -> None:
         await memo["controller"].stop()
+        runner = memo.get("metrics_runner")
+        if runner is not None:
+            await runner.cleanup()
 
     # Index handlers fill the store from the initial listing of the children, and kopf
     # holds every other handler until all indexes are filled: no LLMBackend is reconciled
