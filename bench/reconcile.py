@@ -159,6 +159,7 @@ class Operator:
                 "run",
                 f"--kubeconfig={self.kubeconfig}",
                 f"--health-address=127.0.0.1:{self.port}",
+                f"--metrics-address=127.0.0.1:{self.metrics_port}",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
