@@ -73,8 +73,9 @@ class Reconciler:
             st.Failure(st.REASON_INVALID, _join(problems)) if problems else None
         )
         applied: list[tuple[str, dict[str, Any]]] = []
+        transient: ApiException | None = None
         if failure is None:
-            failure = self._apply(stale, applied)
+            failure, transient = self._apply(stale, applied)
             if failure is not None:
                 recheck = FAILED_APPLY_RECHECK_SECONDS
         deployment = self.store.get("Deployment", namespace, name)
@@ -88,6 +89,8 @@ class Reconciler:
             cluster_domain=self.settings.cluster_domain,
         )
         self._report(obj, status, applied)
+        if transient is not None:
+            raise transient  # shown in the status; the queue retries with backoff
         return recheck
 
     def _secret_problems(self, backend: LLMBackend) -> list[Problem]:
@@ -110,22 +113,24 @@ class Reconciler:
 
     def _apply(
         self, stale: list[dict[str, Any]], applied: list[tuple[str, dict[str, Any]]]
-    ) -> st.Failure | None:
-        """Apply each stale child, Deployment first (the likelier one to be refused)."""
+    ) -> tuple[st.Failure | None, ApiException | None]:
+        """Apply each stale child, Deployment first (the likelier one to be refused).
+
+        A refusal is a Failure; a transient error (busy, conflict, 5xx) is a Failure too,
+        so the user sees it, plus the error for the caller to retry."""
         for manifest in stale:
             meta = manifest["metadata"]
             before = self.store.get(manifest["kind"], meta["namespace"], meta["name"])
             try:
                 result = self.kube.apply(manifest)
             except ApiException as err:
+                message = f"{manifest['kind']} {meta['name']}: {api_message(err)}"
                 if err.status in RETRYABLE:
-                    raise
-                return st.Failure(
-                    st.REASON_APPLY_FAILED, f"{manifest['kind']} {meta['name']}: {api_message(err)}"
-                )
+                    return st.Failure(st.REASON_APPLY_FAILED, f"{message} (retrying)"), err
+                return st.Failure(st.REASON_APPLY_FAILED, message), None
             self.store.put(manifest["kind"], result)
             applied.append((_change(before, manifest), manifest))
-        return None
+        return None, None
 
     def _report(
         self, obj: dict[str, Any], status: dict[str, Any], applied: list[tuple[str, dict[str, Any]]]

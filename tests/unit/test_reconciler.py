@@ -1,0 +1,96 @@
+"""The reconciler's decisions, with an in-memory stand-in for its API edge (`Kube`).
+
+The real API server is exercised by tests/integration; this covers failure paths a real
+server will not produce on demand (a 5xx in the middle of applying children)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from fabric_operator.controller.reconciler import Reconciler
+from fabric_operator.controller.store import Store
+
+
+class FakeKube:
+    def __init__(self, fail_service_with: int | None = None) -> None:
+        self.fail = fail_service_with
+        self.applied: list[str] = []
+        self.statuses: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str]] = []
+        self.requests: dict[str, int] = {}
+
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        if manifest["kind"] == "Service" and self.fail:
+            raise ApiException(status=self.fail, reason="Internal Server Error")
+        self.applied.append(manifest["kind"])
+        return {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": "2"}}
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        self.statuses.append(status)
+        return {**BACKEND, "status": status}
+
+    def secret_keys(self, namespace: str, name: str) -> set[str] | None:
+        return {"api-key"}
+
+    def post_event(
+        self, backend: dict[str, Any], type_: str, reason: str, message: str, timestamp: str
+    ) -> None:
+        self.events.append((type_, reason))
+
+
+BACKEND: dict[str, Any] = {
+    "apiVersion": "llm.fabric.dev/v1alpha1",
+    "kind": "LLMBackend",
+    "metadata": {
+        "name": "m",
+        "namespace": "n",
+        "uid": "u",
+        "generation": 1,
+        "resourceVersion": "1",
+    },
+    "spec": {"engine": "llamacpp", "model": {"url": "https://h.invalid/m.gguf"}},
+}
+
+
+def reconciler(kube: FakeKube) -> tuple[Reconciler, Store]:
+    store = Store()
+    store.put("LLMBackend", dict(BACKEND))
+    return Reconciler(store, kube), store  # type: ignore[arg-type]
+
+
+def test_new_backend_costs_two_applies_one_status_one_event() -> None:
+    kube = FakeKube()
+    rec, _ = reconciler(kube)
+    assert rec.reconcile("n", "m") is None
+    assert kube.applied == ["Deployment", "Service"]
+    assert len(kube.statuses) == 1 and kube.events == [("Normal", "Created")]
+    # Again, with the children and status as the watches would deliver them: nothing.
+    rec.reconcile("n", "m")
+    assert kube.applied == ["Deployment", "Service"] and len(kube.statuses) == 1
+
+
+def test_transient_error_is_shown_and_retried() -> None:
+    kube = FakeKube(fail_service_with=500)
+    rec, _ = reconciler(kube)
+    with pytest.raises(ApiException):
+        rec.reconcile("n", "m")
+    [status] = kube.statuses
+    degraded = status["conditions"][2]
+    assert (degraded["status"], degraded["reason"]) == ("True", "ApplyFailed")
+    assert degraded["message"].startswith("Service m: ") and "(retrying)" in degraded["message"]
+    assert ("Warning", "ApplyFailed") in kube.events
+    kube.fail = None  # the server recovers: the retry completes and clears the condition
+    rec.reconcile("n", "m")
+    assert kube.applied == ["Deployment", "Service"]
+    assert kube.statuses[-1]["conditions"][2]["reason"] == "AsExpected"
+
+
+def test_refusal_is_reported_without_retry_storm() -> None:
+    kube = FakeKube(fail_service_with=422)
+    rec, _ = reconciler(kube)
+    assert rec.reconcile("n", "m") == 300.0  # looked at again later, not hammered
+    assert kube.statuses[-1]["conditions"][2]["reason"] == "ApplyFailed"
+    assert "(retrying)" not in kube.statuses[-1]["conditions"][2]["message"]
