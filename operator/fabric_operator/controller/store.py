@@ -28,6 +28,24 @@ def _owner(obj: dict[str, Any]) -> str | None:
     return str(owner) if owner else None
 
 
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def slim(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object without what the operator never reads but that weighs the most:
+    managedFields (server-side apply bookkeeping) and kubectl's last-applied copy."""
+    meta = obj.get("metadata")
+    if not meta or (
+        "managedFields" not in meta and LAST_APPLIED not in (meta.get("annotations") or {})
+    ):
+        return obj
+    meta = {k: v for k, v in meta.items() if k != "managedFields"}
+    annotations = meta.get("annotations")
+    if annotations and LAST_APPLIED in annotations:
+        meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+    return {**obj, "metadata": meta}
+
+
 class Store:
     def __init__(self) -> None:
         self._objects: dict[Key, dict[str, Any]] = {}
@@ -41,7 +59,8 @@ class Store:
         return kind, meta.get("namespace") or "", meta.get("name") or ""
 
     def put(self, kind: str, obj: dict[str, Any]) -> None:
-        """Keep `obj` unless the store already holds a newer version of it."""
+        """Keep `obj` (slimmed) unless the store already holds a newer version of it."""
+        obj = slim(obj)
         key = self.key(kind, obj)
         with self._lock:
             held = self._objects.get(key)
