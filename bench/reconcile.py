@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config, watch
+from tests.support.fixtures import OperatorProcess
 
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.crd import crd_manifest
@@ -34,7 +34,7 @@ from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from fabric_operator.controller import metrics
 from fabric_operator.controller.diff import with_bookkeeping
 from fabric_operator.controller.status import compute
-from fabric_operator.localcluster import LocalControlPlane, find_binaries, free_port
+from fabric_operator.localcluster import LocalControlPlane, find_binaries
 from fabric_operator.render import render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,53 +139,8 @@ class Observer:
         self._stop.set()
 
 
-class Operator:
-    """The operator as its own process, with its health counters and /proc figures."""
-
-    def __init__(self, kubeconfig: Path, logdir: Path) -> None:
-        self.kubeconfig, self.logdir = kubeconfig, logdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = self.metrics_port = 0
-
-    def start(self) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        env = dict(os.environ, PYTHONPATH=str(REPO / "operator"), FABRIC_LOG_LEVEL="WARNING")
-        log = open(self.logdir / "operator.log", "ab")  # noqa: SIM115 - the child writes it
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fabric_operator",
-                "run",
-                f"--kubeconfig={self.kubeconfig}",
-                f"--health-address=127.0.0.1:{self.port}",
-                f"--metrics-address=127.0.0.1:{self.metrics_port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        wait(self._healthy, 60, "operator health")
-        wait(self._metrics_up, 30, "operator metrics")
-
-    def _metrics_up(self) -> bool:
-        try:
-            self.metrics()
-            return True
-        except OSError:
-            return False
-
-    def _healthy(self) -> bool:
-        try:
-            self.health()
-            return True
-        except OSError:
-            return False
-
-    def health(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as r:
-            data: dict[str, Any] = json.loads(r.read())["controller"]
-            return data
+class Operator(OperatorProcess):
+    """The operator as its own process (the tests' fixture), plus /proc figures."""
 
     def metrics(self) -> dict[str, float]:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -194,13 +149,7 @@ class Operator:
 
     def requests(self) -> int:
         """API requests the operator made, counted by itself (live, uncached)."""
-        return int(
-            sum(
-                v
-                for k, v in self.metrics().items()
-                if k.startswith("fabric_operator_api_requests_total")
-            )
-        )
+        return int(sum(self.api_requests().values()))
 
     def rss_mb(self) -> float:
         assert self.proc is not None
@@ -395,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
     parser.add_argument("--json", default=str(REPO / "bench" / "results.json"))
     args = parser.parse_args(argv)
     sizes = [int(n) for n in args.backends.split(",")]
+    os.environ["FABRIC_LOG_LEVEL"] = "WARNING"
 
     workdir = Path(tempfile.mkdtemp(prefix="fabric-bench-"))
     plane = LocalControlPlane(workdir / "cluster", find_binaries(REPO))

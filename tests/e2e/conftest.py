@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
 from tests.support.fixtures import local_cluster
 from tests.support.kube import Cluster
 
@@ -35,11 +32,3 @@ def e2e_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 "plane (it adds simulated nodes)"
             )
         yield cluster
-
-
-@pytest.fixture(scope="session")
-def helm() -> Path:
-    out = subprocess.run(
-        ["bash", str(REPO / "hack" / "get-helm.sh")], check=True, stdout=subprocess.PIPE, text=True
-    ).stdout
-    return Path(out.strip().splitlines()[-1])

@@ -99,6 +99,14 @@ class OperatorProcess:
             env=env,
         )
         wait_for("the operator's /healthz", self._healthy, timeout=30)
+        wait_for("the operator's /metrics", self._metrics_up, timeout=30)
+
+    def _metrics_up(self) -> bool:
+        try:
+            self.api_requests()
+            return True
+        except OSError:
+            return False
 
     def _healthy(self) -> bool:
         assert self.proc is not None
@@ -144,16 +152,6 @@ class OperatorProcess:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-
-@pytest.fixture(scope="session")
-def operator(
-    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator"))
-    op.start()
-    yield op
-    op.stop()
 
 
 @contextlib.contextmanager
