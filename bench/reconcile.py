@@ -170,6 +170,18 @@ class Operator(OperatorProcess):
             self.proc.wait(timeout=20)
 
 
+def resynced(op: Operator, backends: int) -> bool:
+    """Every LLMBackend reconciled and the queue empty (a busy operator may answer slowly)."""
+    try:
+        sample = op.metrics()
+    except OSError:
+        return False
+    return (
+        sample["fabric_operator_reconciles_total"] >= backends
+        and sample["fabric_operator_queue_depth"] == 0
+    )
+
+
 def wait(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -407,18 +419,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
         writes_before = apiserver_writes(kubeconfig)
         op.start()
         started = time.monotonic()
-        wait(
-            lambda: (
-                op.health()["reconciles"] >= managed - sum(sizes) and op.health()["queued"] == 0
-            ),
-            120 + managed / 10,
-            "restart resync",
-        )
+        wait(lambda: resynced(op, managed - sum(sizes)), 120 + managed / 10, "restart resync")
         time.sleep(2)
         restart = {
             "requests": op.requests(),
             "writes_apiserver": apiserver_writes(kubeconfig) - writes_before,
-            "managed": op.health()["backends"],
+            "managed": op.metrics()["fabric_operator_backends"],
             "seconds": time.monotonic() - started,
         }
         results["restart"] = restart

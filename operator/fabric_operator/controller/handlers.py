@@ -49,6 +49,9 @@ def build_registry() -> kopf.OperatorRegistry:
         # Serve the given namespaces (or the cluster) as they are: no need to list/watch
         # Namespaces and CRDs, so RBAC stays minimal.
         settings.scanning.disabled = True
+        # A per-object kopf worker lives until idle this long; at a restart there is one
+        # per watched object at once, so let them go soon (the queue does our batching).
+        settings.batching.idle_timeout = 0.5
         # Without these a silently dropped watch connection is never noticed.
         settings.watching.connect_timeout = 30
         settings.watching.server_timeout = 270
