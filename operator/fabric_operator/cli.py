@@ -103,7 +103,8 @@ def _render(args: argparse.Namespace) -> int:
             for problem in problems:
                 print(f"{name}: {problem}", file=sys.stderr)
             continue
-        out.extend(render(backend, config).all())
+        if backend.spec.remote is None:  # a remote backend is a route only: no children
+            out.extend(render(backend, config).all())
     sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False))
     return 1 if failed else 0
 

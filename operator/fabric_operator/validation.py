@@ -104,10 +104,57 @@ def check_name(name: str) -> Iterator[Problem]:
         )
 
 
+# Fields that shape pods: meaningless for a remote backend, so refused rather than ignored.
+POD_FIELDS = (
+    "image",
+    "imagePullPolicy",
+    "imagePullSecrets",
+    "engineOptions",
+    "extraArgs",
+    "env",
+    "hfTokenSecretRef",
+    "resources",
+    "nodeSelector",
+    "tolerations",
+    "affinity",
+    "priorityClassName",
+    "service",
+    "strategy",
+)
+
+
+def check_remote(backend: LLMBackend) -> Iterator[Problem]:
+    """engine remote goes with spec.remote and nothing that shapes pods."""
+    spec = backend.spec
+    if spec.engine != Engine.REMOTE:
+        if spec.remote is not None:
+            yield Problem("spec.remote", f"is for engine remote, not {spec.engine}")
+        return
+    if spec.remote is None:
+        yield Problem("spec.model", "engine remote takes spec.remote, not a model source")
+        return
+    given = spec.model_dump(by_alias=True, exclude_unset=True)
+    for field in POD_FIELDS:
+        if field in given:
+            yield Problem(f"spec.{field}", "a remote backend runs no pods; remove it")
+
+
+def check_fallback(backend: LLMBackend) -> Iterator[Problem]:
+    for i, name in enumerate(backend.spec.fallback or []):
+        if name == backend.name:
+            yield Problem(f"spec.fallback[{i}]", "a backend cannot fall back to itself")
+    if len(set(backend.spec.fallback or [])) != len(backend.spec.fallback or []):
+        yield Problem("spec.fallback", "lists a backend more than once")
+
+
 def check_spec(backend: LLMBackend) -> Iterator[Problem]:
     spec = backend.spec
     engine = spec.engine
     gpus = spec.gpu_count
+    yield from check_fallback(backend)
+    if engine == Engine.REMOTE or spec.remote is not None:
+        yield from check_remote(backend)
+        return
 
     if engine in GPU_ENGINES and gpus < 1:
         yield Problem(
@@ -117,14 +164,14 @@ def check_spec(backend: LLMBackend) -> Iterator[Problem]:
         )
 
     allowed = SOURCES_BY_ENGINE[engine]
-    source = spec.model.kind
+    source = spec.source.kind
     if source not in allowed:
         yield Problem(
             f"spec.model.{source}",
             f"engine {engine} cannot load a {source} model source; use "
             f"{' or '.join('spec.model.' + s for s in allowed)}",
         )
-    hf = spec.model.huggingface
+    hf = spec.source.huggingface
     if hf and hf.file and engine != Engine.LLAMACPP:
         yield Problem(
             "spec.model.huggingface.file", f"a GGUF file is for engine llamacpp, not {engine}"
@@ -270,7 +317,7 @@ def check_kubernetes_syntax(backend: LLMBackend) -> Iterator[Problem]:
         (f"spec.imagePullSecrets[{i}].name", s.name)
         for i, s in enumerate(spec.image_pull_secrets or [])
     ]
-    if spec.model.pvc:
+    if spec.model is not None and spec.model.pvc:
         names.append(("spec.model.pvc.claimName", spec.model.pvc.claim_name))
     for field, ref in (
         ("spec.apiKeySecretRef", spec.api_key_secret_ref),
@@ -338,7 +385,8 @@ def validate(
         return None, problems + schema_problems(err)
     problems += check_spec(backend)
     problems += check_kubernetes_syntax(backend)
-    problems += check_placement(backend, config)
+    if backend.spec.remote is None:
+        problems += check_placement(backend, config)
     return backend, problems
 
 

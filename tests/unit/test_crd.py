@@ -57,8 +57,11 @@ def test_schema_is_structural() -> None:
 def test_schema_validates_what_it_can() -> None:
     spec = _schema()["properties"]["spec"]
     props = spec["properties"]
-    assert spec["required"] == ["engine", "model"]
-    assert props["engine"]["enum"] == ["vllm", "tgi", "llamacpp", "ollama"]
+    assert spec["required"] == ["engine"]
+    assert spec["oneOf"] == [{"required": ["model"]}, {"required": ["remote"]}]
+    assert props["engine"]["enum"] == ["vllm", "tgi", "llamacpp", "ollama", "remote"]
+    assert props["remote"]["required"] == ["baseURL"]
+    assert props["fallback"]["maxItems"] == 8
     assert props["replicas"] == {
         "default": 1,
         "description": "Number of engine replicas.",

@@ -21,6 +21,8 @@ class FakeKube:
         self.statuses: list[dict[str, Any]] = []
         self.events: list[tuple[str, str]] = []
         self.requests: dict[str, int] = {}
+        self.deleted: list[tuple[str, str]] = []
+        self.secrets: set[str] = {"api-key"}
 
     def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         if manifest["kind"] == "Service" and self.fail:
@@ -33,7 +35,10 @@ class FakeKube:
         return {**BACKEND, "status": status}
 
     def secret_keys(self, namespace: str, name: str) -> set[str] | None:
-        return {"api-key"}
+        return self.secrets if name != "missing" else None
+
+    def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
+        self.deleted.append((kind, uid))
 
     def post_event(
         self, backend: dict[str, Any], type_: str, reason: str, message: str, timestamp: str
@@ -94,3 +99,46 @@ def test_refusal_is_reported_without_retry_storm() -> None:
     assert rec.reconcile("n", "m") == 300.0  # looked at again later, not hammered
     assert kube.statuses[-1]["conditions"][2]["reason"] == "ApplyFailed"
     assert "(retrying)" not in kube.statuses[-1]["conditions"][2]["message"]
+
+
+REMOTE_SPEC = {
+    "engine": "remote",
+    "remote": {"baseURL": "https://api.openai.com/v1", "model": "gpt-4o-mini"},
+    "apiKeySecretRef": {"name": "openai", "key": "api-key"},
+}
+
+
+def test_engine_backend_turned_remote_loses_its_children_and_reports_remote() -> None:
+    kube = FakeKube()
+    rec, store = reconciler(kube)
+    rec.reconcile("n", "m")
+    for kind in ("Deployment", "Service"):
+        child = store.get(kind, "n", "m")
+        assert child is not None
+        store.put(kind, {**child, "metadata": {**child["metadata"], "uid": f"{kind}-uid"}})
+    backend = store.get("LLMBackend", "n", "m")
+    assert backend is not None
+    meta = {**backend["metadata"], "generation": 2, "resourceVersion": "3"}
+    store.put("LLMBackend", {**backend, "metadata": meta, "spec": REMOTE_SPEC})
+    assert rec.reconcile("n", "m") is None
+    assert kube.deleted == [("Deployment", "Deployment-uid"), ("Service", "Service-uid")]
+    assert store.get("Deployment", "n", "m") is None
+    status = kube.statuses[-1]
+    assert (status["phase"], status["endpoint"]) == ("Remote", "https://api.openai.com/v1")
+    assert status["replicas"] is None and status["ready"] is None  # engine fields cleared
+    ready = status["conditions"][0]
+    assert (ready["status"], ready["reason"]) == ("True", "RemoteEndpoint")
+    assert "https://api.openai.com/v1" in ready["message"]
+    assert kube.applied == ["Deployment", "Service"]  # nothing applied for the remote
+
+
+def test_remote_backend_with_a_missing_key_secret_is_invalid_and_rechecked() -> None:
+    kube = FakeKube()
+    rec, store = reconciler(kube)
+    spec = {**REMOTE_SPEC, "apiKeySecretRef": {"name": "missing", "key": "api-key"}}
+    store.put("LLMBackend", {**BACKEND, "spec": spec})
+    assert rec.reconcile("n", "m") == 30.0
+    status = kube.statuses[-1]
+    assert status["phase"] == "Invalid"
+    assert "Secret 'missing' not found" in status["conditions"][2]["message"]
+    assert ("Warning", "InvalidSpec") in kube.events and not kube.deleted

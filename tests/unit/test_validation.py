@@ -292,7 +292,8 @@ def test_trailing_newline_is_refused(fields: dict[str, Any], name: str, field: s
 @pytest.mark.parametrize(
     ("spec", "fields"),
     [
-        ({"engine": "gpt"}, {"spec.engine", "spec.model"}),
+        ({"engine": "gpt"}, {"spec.engine"}),
+        ({"engine": "vllm"}, {"spec"}),
         ({**BASE["llamacpp"], "replicas": -1}, {"spec.replicas"}),
         ({**BASE["llamacpp"], "bogus": 1}, {"spec.bogus"}),
         ({**BASE["llamacpp"], "engineOptions": {"contextLength": 0}}, {OPTIONS + ".contextLength"}),
@@ -315,7 +316,7 @@ def test_unparsable_spec_gives_no_backend_and_spec_paths(
 def test_unparsable_spec_still_reports_a_bad_name() -> None:
     backend, found = validate({"metadata": {"name": "Bad"}, "spec": {}})
     assert backend is None
-    assert [p.field for p in found] == ["metadata.name", "spec.engine", "spec.model"]
+    assert [p.field for p in found] == ["metadata.name", "spec.engine"]
     assert str(found[1]).startswith("spec.engine: ")
 
 
@@ -357,3 +358,58 @@ def test_replicas_bounds(replicas: int, ok: bool) -> None:
     else:
         with pytest.raises(ValidationError, match="replicas"):
             LLMBackendSpec.model_validate(spec)
+
+
+REMOTE = {"engine": "remote", "remote": {"baseURL": "https://api.anthropic.com/v1"}}
+
+
+def test_remote_backend_is_valid_without_model_source() -> None:
+    backend, found = validate({"metadata": {"name": "claude"}, "spec": REMOTE})
+    assert backend is not None and found == []
+    assert backend.spec.remote is not None and backend.spec.remote.provider == "openai-compatible"
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({**REMOTE, "image": "x"}, [("spec.image", "a remote backend runs no pods; remove it")]),
+        (
+            {**REMOTE, "resources": {"gpu": {"count": 1}}, "nodeSelector": {"a": "b"}},
+            [
+                ("spec.resources", "a remote backend runs no pods; remove it"),
+                ("spec.nodeSelector", "a remote backend runs no pods; remove it"),
+            ],
+        ),
+        (
+            {"engine": "vllm", "remote": REMOTE["remote"], "resources": GPU1},
+            [("spec.remote", "is for engine remote, not vllm")],
+        ),
+        (
+            {"engine": "remote", "model": {"url": URL}},
+            [("spec.model", "engine remote takes spec.remote, not a model source")],
+        ),
+        (
+            {**REMOTE, "fallback": ["m", "other", "other"]},
+            [
+                ("spec.fallback[0]", "a backend cannot fall back to itself"),
+                ("spec.fallback", "lists a backend more than once"),
+            ],
+        ),
+    ],
+)
+def test_remote_and_fallback_mistakes_are_named(
+    spec: dict[str, Any], expected: list[tuple[str, str]]
+) -> None:
+    backend, found = validate({"metadata": {"name": "m"}, "spec": spec})
+    assert backend is not None
+    assert [(p.field, p.message) for p in found] == expected
+
+
+def test_model_and_remote_together_do_not_parse() -> None:
+    backend, found = validate(
+        {"metadata": {"name": "m"}, "spec": {**REMOTE, "model": {"url": URL}}}
+    )
+    assert backend is None
+    assert [(p.field, p.message) for p in found] == [
+        ("spec", "Value error, exactly one of model and remote must be set")
+    ]

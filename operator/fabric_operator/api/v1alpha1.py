@@ -49,6 +49,17 @@ class Engine(StrEnum):
     TGI = "tgi"
     LLAMACPP = "llamacpp"
     OLLAMA = "ollama"
+    REMOTE = "remote"
+
+
+class Provider(StrEnum):
+    """Who runs a remote backend; decides how the key is sent."""
+
+    OPENAI = "openai"
+    AZURE = "azure"
+    ANTHROPIC = "anthropic"
+    GOOGLE = "google"
+    OPENAI_COMPATIBLE = "openai-compatible"
 
 
 class HuggingFaceSource(Model):
@@ -329,6 +340,34 @@ class Strategy(Model):
     )
 
 
+class RemoteSpec(Model):
+    """An OpenAI-compatible endpoint outside the cluster, reached through the gateway."""
+
+    base_url: str = Field(
+        alias="baseURL",
+        description="OpenAI-compatible base URL, ending before /chat/completions, e.g. "
+        "https://api.openai.com/v1, https://RESOURCE.openai.azure.com/openai/v1, "
+        "https://api.anthropic.com/v1, "
+        "https://generativelanguage.googleapis.com/v1beta/openai.",
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        max_length=2048,
+    )
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        pattern=r"^\S+$",
+        description="The provider's name of the model, sent upstream in place of "
+        "servedModelName, e.g. gpt-4o-mini or claude-sonnet-4-5; servedModelName if unset.",
+    )
+    provider: Provider = Field(
+        default=Provider.OPENAI_COMPATIBLE,
+        description="openai, azure (the key also goes in the api-key header), anthropic, "
+        "google or openai-compatible. Every one is called with OpenAI's chat-completions "
+        "protocol; nothing is translated.",
+    )
+
+
 class LocalObjectReference(Model):
     name: str = Field(description="Name of the referenced object.", min_length=1)
 
@@ -336,8 +375,31 @@ class LocalObjectReference(Model):
 class LLMBackendSpec(Model):
     """Desired state of an LLM inference backend."""
 
-    engine: Engine = Field(description="Inference server: vllm, tgi, llamacpp or ollama.")
-    model: ModelSource = Field(description="Where the weights come from.")
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["model"]}, {"required": ["remote"]}]}
+    )
+
+    engine: Engine = Field(
+        description="Inference server: vllm, tgi, llamacpp or ollama; remote for an "
+        "endpoint outside the cluster (spec.remote)."
+    )
+    model: ModelSource | None = Field(
+        default=None,
+        description="Where the weights come from (every engine but remote; exactly one of "
+        "model and remote).",
+    )
+    remote: RemoteSpec | None = Field(
+        default=None,
+        description="Engine remote: the OpenAI-compatible endpoint the gateway routes to. "
+        "No pods are created; apiKeySecretRef is the key sent to it.",
+    )
+    fallback: list[Annotated[str, Field(max_length=63, pattern=DNS_LABEL_PATTERN)]] | None = Field(
+        default=None,
+        max_length=8,
+        description="LLMBackends in this namespace the gateway tries, in order, when "
+        "this one refuses to connect, answers 5xx or 429, or times out before its "
+        "first byte.",
+    )
     served_model_name: str | None = Field(
         default=None,
         min_length=1,
@@ -371,7 +433,7 @@ class LLMBackendSpec(Model):
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None,
         description="Secret key holding the bearer key the engine requires of every request "
-        "(vllm, tgi, llamacpp).",
+        "(vllm, tgi, llamacpp), or the key the gateway sends to a remote endpoint.",
     )
     hf_token_secret_ref: SecretKeyRef | None = Field(
         default=None,
@@ -399,6 +461,19 @@ class LLMBackendSpec(Model):
         "without surging (maxSurge 0, maxUnavailable 1), so a rollout never waits for spare "
         "GPUs; CPU backends surge one pod first (maxSurge 1, maxUnavailable 0).",
     )
+
+    @model_validator(mode="after")
+    def _model_or_remote(self) -> LLMBackendSpec:
+        if (self.model is None) == (self.remote is None):
+            raise ValueError("exactly one of model and remote must be set")
+        return self
+
+    @property
+    def source(self) -> ModelSource:
+        """The model source of an engine backend (validation guarantees one)."""
+        if self.model is None:
+            raise ValueError("a remote backend has no model source")
+        return self.model
 
     @property
     def gpu_count(self) -> int:
@@ -447,6 +522,7 @@ class Phase(StrEnum):
     READY = "Ready"
     DEGRADED = "Degraded"
     STOPPED = "Stopped"
+    REMOTE = "Remote"
     INVALID = "Invalid"
     UNSCHEDULABLE = "Unschedulable"
     IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
@@ -465,7 +541,7 @@ class LLMBackendStatus(Model):
     )
     phase: Phase | None = Field(
         default=None,
-        description="Summary: Pending, Loading, Progressing, Ready, Stopped, Invalid, "
+        description="Summary: Pending, Loading, Progressing, Ready, Stopped, Remote, Invalid, "
         "Degraded, or what keeps pods from serving: Unschedulable, ImagePullBackOff, "
         "CrashLoopBackOff, OOMKilled, CreateContainerConfigError.",
     )

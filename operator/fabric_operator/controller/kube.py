@@ -81,6 +81,23 @@ class Kube:
             raise ValueError(f"unexpected child kind {kind}")
         return self._json(resp)
 
+    def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
+        """Delete a child, only if it is still the object we saw (uid precondition)."""
+        body = {"preconditions": {"uid": uid}, "propagationPolicy": "Background"}
+        kwargs: dict[str, Any] = {"body": body, "_request_timeout": TIMEOUT}
+        try:
+            if kind == "Deployment":
+                self._count("delete", "deployments")
+                self.apps.delete_namespaced_deployment(name, namespace, **kwargs)
+            elif kind == "Service":
+                self._count("delete", "services")
+                self.core.delete_namespaced_service(name, namespace, **kwargs)
+            else:
+                raise ValueError(f"unexpected child kind {kind}")
+        except ApiException as err:
+            if err.status not in (404, 409):  # gone already, or replaced by another object
+                raise
+
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         self._count("patch", "llmbackends/status")
         resp = self.custom.patch_namespaced_custom_object_status(

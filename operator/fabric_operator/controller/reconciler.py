@@ -57,6 +57,8 @@ class Reconciler:
             generation = obj["metadata"].get("generation")
             self._report(obj, st.invalid_status(generation, unparsable, previous), [])
             return None
+        if backend.spec.remote is not None:
+            return self._reconcile_remote(obj, backend, problems)
 
         desired = (
             [with_bookkeeping(m, backend) for m in render(backend, self.settings.config).all()]
@@ -91,6 +93,34 @@ class Reconciler:
         self._report(obj, status, applied)
         if transient is not None:
             raise transient  # shown in the status; the queue retries with backoff
+        return recheck
+
+    def _reconcile_remote(
+        self, obj: dict[str, Any], backend: LLMBackend, problems: list[Problem]
+    ) -> float | None:
+        """A remote backend is a route for the gateway: no children, only a status.
+
+        Children left from when it was an engine backend are deleted."""
+        previous = obj.get("status") or {}
+        recheck: float | None = None
+        was_invalid = any(
+            c.get("reason") == st.REASON_INVALID for c in previous.get("conditions") or []
+        )
+        if not problems and (
+            backend.generation != previous.get("observedGeneration") or was_invalid
+        ):
+            problems = self._secret_problems(backend)
+            recheck = SECRET_RECHECK_SECONDS if problems else None
+        failure = st.Failure(st.REASON_INVALID, _join(problems)) if problems else None
+        if failure is None:
+            for kind in ("Deployment", "Service"):
+                child = self.store.get(kind, backend.namespace, backend.name)
+                if child is not None and _owned_by(child, backend.uid):
+                    self.kube.delete(
+                        kind, backend.namespace, backend.name, child["metadata"]["uid"]
+                    )
+                    self.store.delete(kind, backend.namespace, backend.name)
+        self._report(obj, st.remote_status(backend, failure, previous), [])
         return recheck
 
     def _secret_problems(self, backend: LLMBackend) -> list[Problem]:
@@ -183,6 +213,11 @@ def _change(before: dict[str, Any] | None, manifest: dict[str, Any]) -> str:
         if old_hash == manifest["metadata"]["annotations"][HASH_ANNOTATION]
         else "Updated"
     )
+
+
+def _owned_by(child: dict[str, Any], uid: str | None) -> bool:
+    refs = (child.get("metadata") or {}).get("ownerReferences") or []
+    return uid is not None and any(r.get("uid") == uid and r.get("controller") for r in refs)
 
 
 def _join(problems: list[Problem]) -> str:

@@ -168,6 +168,45 @@ def compute(
     }
 
 
+def remote_status(
+    backend: LLMBackend,
+    failure: Failure | None,
+    previous: dict[str, Any] | None,
+    timestamp: str | None = None,
+) -> dict[str, Any]:
+    """Status of a remote backend: no pods to watch, so Ready means a valid route."""
+    remote = backend.spec.remote
+    assert remote is not None
+    if failure is None:
+        phase = Phase.REMOTE
+        conditions = [
+            _condition(
+                READY,
+                True,
+                "RemoteEndpoint",
+                f"the gateway routes {backend.served_model_name} to {remote.provider} at "
+                f"{remote.base_url}",
+            ),
+            _condition(PROGRESSING, False, "NoPods", "a remote backend runs no pods"),
+            _condition(DEGRADED, False, "AsExpected", "no problem found"),
+        ]
+    else:
+        phase = Phase.INVALID if failure.reason == REASON_INVALID else Phase.DEGRADED
+        conditions = [
+            _condition(READY, False, failure.reason, failure.message),
+            _condition(PROGRESSING, False, failure.reason, "fix the spec to continue"),
+            _condition(DEGRADED, True, failure.reason, failure.message),
+        ]
+    _stamp(conditions, previous, backend.generation, timestamp or now())
+    return {
+        "observedGeneration": backend.generation,
+        "phase": str(phase),
+        "endpoint": remote.base_url,
+        "servedModelName": backend.served_model_name,
+        "conditions": conditions,
+    }
+
+
 def invalid_status(
     generation: int | None,
     failure: Failure,

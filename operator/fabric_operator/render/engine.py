@@ -63,7 +63,7 @@ def shm_volume(backend: LLMBackend) -> tuple[Manifest, Manifest]:
 
 def pvc_model_path(backend: LLMBackend) -> str | None:
     """The in-container path of a PVC model source, or None for other sources."""
-    pvc = backend.spec.model.pvc
+    pvc = backend.spec.source.pvc
     return f"{MODEL_MOUNT}/{pvc.path.strip('/')}" if pvc else None
 
 

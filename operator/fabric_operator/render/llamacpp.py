@@ -28,7 +28,7 @@ ALL_LAYERS = 999
 
 def container(backend: LLMBackend) -> EngineContainer:
     spec, opts = backend.spec, backend.spec.options
-    source = spec.model
+    source = spec.source
     args = [
         "--host",
         "0.0.0.0",

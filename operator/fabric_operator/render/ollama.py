@@ -37,7 +37,7 @@ def pull_script(tag: str, served: str) -> str:
 
 def container(backend: LLMBackend) -> EngineContainer:
     spec = backend.spec
-    tag = str(spec.model.ollama)
+    tag = str(spec.source.ollama)
     image = IMAGE[spec.gpu_vendor if spec.gpu_count else "cpu"]
     env = [
         plain_env("OLLAMA_HOST", f"0.0.0.0:{PORT}"),

@@ -29,7 +29,7 @@ PORT = 8080
 
 def container(backend: LLMBackend) -> EngineContainer:
     spec, opts = backend.spec, backend.spec.options
-    hf = spec.model.huggingface
+    hf = spec.source.huggingface
     model = hf.repo if hf else pvc_model_path(backend)
     args = ["--model-id", str(model), "--hostname", "0.0.0.0", "--port", str(PORT)]
     flag(args, "--revision", hf.revision if hf else None)

@@ -23,7 +23,7 @@ PORT = 8000
 
 def container(backend: LLMBackend) -> EngineContainer:
     spec, opts = backend.spec, backend.spec.options
-    hf = spec.model.huggingface
+    hf = spec.source.huggingface
     model = hf.repo if hf else pvc_model_path(backend)
     args = [
         str(model),

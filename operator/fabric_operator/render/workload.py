@@ -98,7 +98,7 @@ def _resources(backend: LLMBackend) -> Manifest:
 def _container(backend: LLMBackend, engine: EngineContainer) -> Manifest:
     spec = backend.spec
     mounts = list(engine.volume_mounts)
-    if spec.model.pvc:
+    if spec.source.pvc:
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
     env = list(engine.env) + [
         e.model_dump(by_alias=True, exclude_none=True) for e in spec.env or []
@@ -146,11 +146,14 @@ def _strategy(backend: LLMBackend) -> Manifest:
 def _pod_spec(backend: LLMBackend, engine: EngineContainer, config: OperatorConfig) -> Manifest:
     spec = backend.spec
     volumes = list(engine.volumes)
-    if spec.model.pvc:
+    if spec.source.pvc:
         volumes.append(
             {
                 "name": "model",
-                "persistentVolumeClaim": {"claimName": spec.model.pvc.claim_name, "readOnly": True},
+                "persistentVolumeClaim": {
+                    "claimName": spec.source.pvc.claim_name,
+                    "readOnly": True,
+                },
             }
         )
     pod: Manifest = {
