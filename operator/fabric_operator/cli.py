@@ -28,6 +28,7 @@ from fabric_operator.controller.kube import Kube
 from fabric_operator.controller.reconciler import Reconciler, Settings
 from fabric_operator.controller.runtime import Controller
 from fabric_operator.controller.store import Store
+from fabric_operator.gateway import server as gateway_server
 from fabric_operator.localcluster import LocalControlPlane, find_binaries
 from fabric_operator.render import render
 from fabric_operator.validation import validate
@@ -178,6 +179,12 @@ def _dev(args: argparse.Namespace) -> int:
             plane.stop()
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    if args.config:
+        args.config = Path(args.config)
+    return gateway_server.run(args)
+
+
 def _add_operator_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kubeconfig", help="kubeconfig file (default: in-cluster, $KUBECONFIG, ~/.kube/config)"
@@ -239,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--workdir", help="where the local cluster keeps its files")
     dev.add_argument("--no-examples", action="store_true", help="do not apply examples/")
     dev.set_defaults(func=_dev)
+
+    gateway = sub.add_parser(
+        "gateway", help="serve one OpenAI-compatible endpoint in front of the LLMBackends"
+    )
+    gateway_server.add_flags(gateway)
+    gateway.set_defaults(func=_gateway)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

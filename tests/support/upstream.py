@@ -1,0 +1,205 @@
+"""A small, fast OpenAI-compatible server run as a real process: the upstream of gateway
+tests and benchmarks. Deterministic answers, so a stream can be compared byte for byte.
+
+    python -m tests.support.upstream --port 8001 --name a [--status 503] [--key K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def chat_answer(name: str, model: str) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{name}",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": f"hello from {name}"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+    }
+
+
+def stream_chunks(name: str, model: str, pieces: int) -> list[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+        body = {
+            "id": f"chatcmpl-{name}",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    out = [chunk({"role": "assistant", "content": ""}, None)]
+    out += [chunk({"content": f"{name}-{i} "}, None) for i in range(pieces)]
+    out += [chunk({}, "stop"), b"data: [DONE]\n\n"]
+    return out
+
+
+class Upstream:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.name, self.status, self.key = args.name, args.status, args.key
+        self.delay, self.pieces, self.gap = args.delay, args.pieces, args.gap
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = dict(scope["headers"])
+        seen = headers.get(b"authorization", b"").decode()
+        extra = [(b"x-upstream", self.name.encode()), (b"x-seen-authorization", seen.encode())]
+        if self.key and seen != f"Bearer {self.key}":
+            return await _send(send, 401, {"error": {"message": "bad key"}}, extra)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.status != 200:
+            return await _send(send, self.status, {"error": {"message": self.name}}, extra)
+        path = scope["path"]
+        if path == "/v1/models":
+            data = {"object": "list", "data": [{"id": self.name, "object": "model"}]}
+            return await _send(send, 200, data, extra)
+        request = json.loads(body or b"{}")
+        model = str(request.get("model"))
+        if path == "/v1/embeddings":
+            data = {"object": "list", "data": [{"embedding": [0.1, 0.2], "index": 0}]}
+            return await _send(send, 200, {**data, "model": model}, extra)
+        if request.get("stream"):
+            start = [(b"content-type", b"text/event-stream"), *extra]
+            await send({"type": "http.response.start", "status": 200, "headers": start})
+            for piece in stream_chunks(self.name, model, self.pieces):
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                if self.gap:
+                    await asyncio.sleep(self.gap)
+            await send({"type": "http.response.body", "body": b""})
+            return None
+        return await _send(send, 200, chat_answer(self.name, model), extra)
+
+
+async def _send(send: Send, status: int, data: Any, extra: list[tuple[bytes, bytes]]) -> None:
+    headers = [(b"content-type", b"application/json"), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": json.dumps(data).encode()})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--name", default="upstream")
+    p.add_argument("--status", type=int, default=200, help="answer every request with this")
+    p.add_argument("--key", help="require this bearer key")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds before answering")
+    p.add_argument("--pieces", type=int, default=5, help="content chunks of a stream")
+    p.add_argument("--gap", type=float, default=0.0, help="seconds between stream chunks")
+    args = p.parse_args()
+    uvicorn.run(
+        Upstream(args),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        http="httptools",
+        loop="uvloop",
+        lifespan="off",
+        server_header=False,
+        date_header=False,
+        backlog=4096,
+    )
+
+
+# ---- for tests: the server (and the gateway) as processes ------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers, if only with an error
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen[bytes]
+    url: str  # base URL, ending in /v1 for upstreams
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@contextlib.contextmanager
+def upstream(name: str, *args: str, host: str = "127.0.0.1", port: int = 0) -> Iterator[Process]:
+    """The fake upstream as its own process, stopped at exit."""
+    port = port or free_port(host)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.upstream", "--host", host, "--port", str(port)]
+        + ["--name", name, *args],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'operator'}"),
+    )
+    p = Process(proc, f"http://{host}:{port}/v1")
+    try:
+        wait_http(f"{p.url}/models", proc)
+        yield p
+    finally:
+        p.stop()
+
+
+if __name__ == "__main__":
+    main()
