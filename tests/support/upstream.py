@@ -82,14 +82,14 @@ class Upstream:
         extra = [(b"x-upstream", self.name.encode()), (b"x-seen-authorization", seen.encode())]
         if self.key and seen != f"Bearer {self.key}":
             return await _send(send, 401, {"error": {"message": "bad key"}}, extra)
+        path = scope["path"]
+        if path == "/v1/models":  # answered at once: it is how tests see the server is up
+            data = {"object": "list", "data": [{"id": self.name, "object": "model"}]}
+            return await _send(send, 200, data, extra)
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.status != 200:
             return await _send(send, self.status, {"error": {"message": self.name}}, extra)
-        path = scope["path"]
-        if path == "/v1/models":
-            data = {"object": "list", "data": [{"id": self.name, "object": "model"}]}
-            return await _send(send, 200, data, extra)
         request = json.loads(body or b"{}")
         model = str(request.get("model"))
         if path == "/v1/embeddings":
@@ -188,8 +188,10 @@ def upstream(name: str, *args: str, host: str = "127.0.0.1", port: int = 0) -> I
     """The fake upstream as its own process, stopped at exit."""
     port = port or free_port(host)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.upstream", "--host", host, "--port", str(port)]
-        + ["--name", name, *args],
+        [
+            *(sys.executable, "-m", "tests.support.upstream"),
+            *("--host", host, "--port", str(port), "--name", name, *args),
+        ],
         cwd=REPO,
         env=dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'operator'}"),
     )
