@@ -67,9 +67,9 @@ def config(up: dict[str, Process]) -> dict[str, Any]:
             },
         ],
         "tenants": [
-            {"name": "all", "keyEnv": "KEY_ALL"},
+            {"name": "all", "keyEnv": "KEY_ALL", "models": ["*"]},
             {"name": "qwen-only", "keyEnv": "KEY_QWEN", "models": ["qwen"]},
-            {"name": "slow", "keyEnv": "KEY_SLOW", "rpm": 2},
+            {"name": "slow", "keyEnv": "KEY_SLOW", "models": ["*"], "rpm": 2},
         ],
     }
 

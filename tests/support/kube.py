@@ -187,8 +187,11 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def run_pods(cluster: Cluster, namespace: str, selector: str) -> int:
-    """Mark scheduled pods Running and Ready, as a kubelet would; returns how many."""
+def run_pods(
+    cluster: Cluster, namespace: str, selector: str, pod_ips: list[str] | None = None
+) -> int:
+    """Mark scheduled pods Running and Ready, as a kubelet would; returns how many.
+    With `pod_ips`, the pods get those addresses in turn (the Endpoints publish them)."""
     pods = cluster.core.list_namespaced_pod(namespace, label_selector=selector).items
     done = 0
     for pod in pods:
@@ -200,6 +203,11 @@ def run_pods(cluster: Cluster, namespace: str, selector: str) -> int:
             namespace,
             {
                 "status": {
+                    **(
+                        {"podIP": pod_ips[done], "podIPs": [{"ip": pod_ips[done]}]}
+                        if pod_ips
+                        else {}
+                    ),
                     "phase": "Running",
                     "conditions": [
                         {"type": t, "status": "True", "lastTransitionTime": _now()}

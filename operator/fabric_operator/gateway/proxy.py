@@ -208,7 +208,8 @@ class Gateway:
         if not tenant.may_use(model):
             raise HTTPError(
                 403,
-                f"tenant '{tenant.name}' may not use the model '{model}'",
+                f"tenant '{tenant.name}' may not use the model '{model}'"
+                + ("" if tenant.models else " (its key lists no models)"),
                 "permission_error",
                 "model_not_allowed",
             )

@@ -76,7 +76,7 @@ class FileBackend(_FileModel):
 class FileTenant(_FileModel):
     name: str = Field(min_length=1)
     key_env: str = Field(alias="keyEnv", min_length=1)
-    models: list[str] = Field(default_factory=lambda: ["*"])
+    models: list[str] = Field(default_factory=list, description="None unless listed.")
     rpm: int | None = Field(default=None, ge=1)
 
 
