@@ -108,9 +108,11 @@ class Upstream:
 
 
 async def _send(send: Send, status: int, data: Any, extra: list[tuple[bytes, bytes]]) -> None:
-    headers = [(b"content-type", b"application/json"), *extra]
+    body = json.dumps(data).encode()
+    length = (b"content-length", str(len(body)).encode())
+    headers = [(b"content-type", b"application/json"), length, *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": json.dumps(data).encode()})
+    await send({"type": "http.response.body", "body": body})
 
 
 def main() -> None:

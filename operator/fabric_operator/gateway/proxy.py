@@ -15,12 +15,18 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from fabric_operator.gateway.metrics import GatewayMetrics
 from fabric_operator.gateway.ratelimit import RateLimiter
 from fabric_operator.gateway.routes import Backend, Tenant
 from fabric_operator.gateway.sources import Source
+from fabric_operator.gateway.upstream import (
+    CLIENTS,
+    BrokenAnswerError,
+    Client,
+    Response,
+    UpstreamTimeoutError,
+    UpstreamUnreachableError,
+)
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -102,6 +108,7 @@ class Settings:
     connect_timeout: float = 5.0
     max_connections: int = 1000
     access_log: bool = True
+    client: str = "aiohttp"  # or httpx: see fabric_operator.gateway.upstream
 
 
 class Gateway:
@@ -111,17 +118,11 @@ class Gateway:
         self.source, self.metrics = source, metrics
         self.settings = settings or Settings()
         self.limiter = RateLimiter()
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.settings.timeout, connect=self.settings.connect_timeout),
-            limits=httpx.Limits(
-                max_connections=self.settings.max_connections,
-                max_keepalive_connections=self.settings.max_connections,
-            ),
-            follow_redirects=False,
-        )
+        st = self.settings
+        self.client: Client = CLIENTS[st.client](st.timeout, st.connect_timeout, st.max_connections)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.client.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -250,18 +251,10 @@ class Gateway:
             content = call.body
             if backend.upstream_model and backend.upstream_model != model:
                 content = json.dumps({**call.payload, "model": backend.upstream_model}).encode()
-            request = self.client.build_request(
-                "POST",
-                backend.pick() + call.suffix,
-                content=content,
-                headers=[
-                    *call.headers,
-                    *((k.encode(), v.encode()) for k, v in backend.headers().items()),
-                ],
-            )
+            headers = [*call.headers, *backend.header_bytes]
             try:
-                response = await self.client.send(request, stream=True)
-            except httpx.TimeoutException:
+                response = await self.client.post(backend.pick() + call.suffix, content, headers)
+            except UpstreamTimeoutError:
                 self.metrics.upstream_errors.labels(backend.id, "timeout").inc()
                 failure = HTTPError(
                     504,
@@ -270,44 +263,44 @@ class Gateway:
                     "upstream_timeout",
                 )
                 continue
-            except httpx.HTTPError as err:
+            except UpstreamUnreachableError as err:
                 self.metrics.upstream_errors.labels(backend.id, "unreachable").inc()
                 failure = HTTPError(
                     502,
-                    f"upstream {backend.id} is unreachable ({type(err).__name__})",
+                    f"upstream {backend.id} is unreachable ({err})",
                     "upstream_error",
                     "upstream_unreachable",
                 )
                 continue
-            if response.status_code in RETRYABLE:
-                self.metrics.upstream_errors.labels(backend.id, str(response.status_code)).inc()
+            if response.status in RETRYABLE:
+                self.metrics.upstream_errors.labels(backend.id, str(response.status)).inc()
                 if i < last:
-                    await response.aclose()
+                    await response.close()
                     continue
             await self._pass_through(response, backend, call)
             return
         assert failure is not None
         raise failure
 
-    async def _pass_through(self, response: httpx.Response, backend: Backend, call: Call) -> None:
+    async def _pass_through(self, response: Response, backend: Backend, call: Call) -> None:
         """The upstream's status, headers and body, chunk by chunk as they arrive."""
         send, outcome = call.send, call.outcome
-        outcome.backend, outcome.status = backend.id, response.status_code
-        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
+        outcome.backend, outcome.status = backend.id, response.status
+        headers = [(k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP]
         headers.append((BACKEND_HEADER, backend.id.encode()))
         try:
             await send(
-                {"type": "http.response.start", "status": response.status_code, "headers": headers}
+                {"type": "http.response.start", "status": response.status, "headers": headers}
             )
-            async for chunk in response.aiter_raw():
+            async for chunk in response.body():
                 if outcome.ttfb is None:
                     outcome.ttfb = time.perf_counter() - call.start
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as err:
+        except BrokenAnswerError as err:
             # Too late to fall back or to answer otherwise: end the answer where it broke.
-            log.warning("upstream %s broke off its answer: %s", backend.id, type(err).__name__)
+            log.warning("upstream %s broke off its answer: %s", backend.id, err)
         finally:
-            await response.aclose()
+            await response.close()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _record(self, outcome: Outcome, path: str, elapsed: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import fnmatch
+import functools
 import hashlib
 import itertools
 import logging
@@ -48,6 +49,10 @@ class Backend:
     def pick(self) -> str:
         """Round-robin over the ready upstreams (the caller checks there is one)."""
         return self.urls[next(self._next) % len(self.urls)]
+
+    @functools.cached_property
+    def header_bytes(self) -> list[tuple[bytes, bytes]]:
+        return [(k.encode(), v.encode("latin-1")) for k, v in self.headers().items()]
 
     def headers(self) -> dict[str, str]:
         if not self.api_key:

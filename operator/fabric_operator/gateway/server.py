@@ -17,6 +17,7 @@ from fabric_operator.gateway.metrics import GatewayMetrics
 from fabric_operator.gateway.proxy import Gateway, Settings
 from fabric_operator.gateway.routes import DEFAULT_KEY_SELECTOR
 from fabric_operator.gateway.sources import FileSource, KubeSource, Source
+from fabric_operator.gateway.upstream import CLIENTS
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,12 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="seconds to wait for an upstream's first byte before falling back (default 600)",
     )
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    p.add_argument(
+        "--upstream-client",
+        choices=sorted(CLIENTS),
+        default="aiohttp",
+        help="HTTP client for upstreams (default aiohttp; see bench/README.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,7 +98,11 @@ def run(args: argparse.Namespace) -> int:
     logging.root.handlers = [handler]
     for noisy in ("httpx", "httpcore"):  # a line per upstream request: the access log says it
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return asyncio.run(_serve(args))
+    try:
+        import uvloop  # noqa: PLC0415 - optional: not on every platform
+    except ImportError:
+        return asyncio.run(_serve(args))
+    return uvloop.run(_serve(args))
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -115,7 +126,11 @@ async def _serve(args: argparse.Namespace) -> int:
     gateway = Gateway(
         source,
         GatewayMetrics(),
-        Settings(timeout=args.timeout, access_log=not args.no_access_log),
+        Settings(
+            timeout=args.timeout,
+            access_log=not args.no_access_log,
+            client=args.upstream_client,
+        ),
     )
     host, port = _split(args.address)
     server = uvicorn.Server(
