@@ -70,6 +70,14 @@ def _crd(_: argparse.Namespace) -> int:
     return 0
 
 
+class _NoAliases(yaml.SafeDumper):
+    """Shared dicts (one volume mount in two containers) written out in full, not as
+    &id001 anchors that make GitOps diffs unreadable."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
 def _render(args: argparse.Namespace) -> int:
 
     config = OperatorConfig.load(args.config)
@@ -106,7 +114,7 @@ def _render(args: argparse.Namespace) -> int:
             continue
         if backend.spec.remote is None:  # a remote backend is a route only: no children
             out.extend(render(backend, config).all())
-    sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False))
+    sys.stdout.write(yaml.dump_all(out, Dumper=_NoAliases, sort_keys=False))
     return 1 if failed else 0
 
 

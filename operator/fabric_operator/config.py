@@ -28,11 +28,16 @@ class Accelerator(BaseModel):
     tolerations: list[Toleration] = Field(default_factory=list)
 
 
-# Label values per scheme. gfd: NVIDIA GPU feature discovery's `nvidia.com/gpu.product`
-# (the GPU operator sets it); gke: `cloud.google.com/gke-accelerator`; karpenter:
-# `karpenter.k8s.aws/instance-gpu-name`. AMD: the AMD GPU operator's node labeller.
+# Label values per scheme, checked against each project's source (2026-11): gfd: NVIDIA
+# GPU feature discovery's `nvidia.com/gpu.product` (the driver's name, sanitised; SXM
+# boards; nodes with time-slicing or MIG get -SHARED/-MIG-... suffixes and need a custom
+# accelerator); gke: `cloud.google.com/gke-accelerator` (A3 Mega H100s are
+# nvidia-h100-mega-80gb: configure them as their own type); karpenter:
+# `karpenter.k8s.aws/instance-gpu-name` (plus the GPU memory where the name is shared).
+# AMD: the ROCm node labeller's product name of bare-metal OAM boards.
 _GPU_VALUES: dict[str, dict[str, str]] = {
     "gfd": {
+        "B200": "NVIDIA-B200",
         "H200": "NVIDIA-H200",
         "H100-80GB": "NVIDIA-H100-80GB-HBM3",
         "A100-80GB": "NVIDIA-A100-SXM4-80GB",
@@ -47,10 +52,12 @@ _GPU_VALUES: dict[str, dict[str, str]] = {
         "H100-80GB": "nvidia-h100-80gb",
         "A100-80GB": "nvidia-a100-80gb",
         "A100-40GB": "nvidia-tesla-a100",
+        "B200": "nvidia-b200",
         "L4": "nvidia-l4",
         "T4": "nvidia-tesla-t4",
     },
     "karpenter": {
+        "B200": "b200",
         "H200": "h200",
         "H100-80GB": "h100",
         "A100-80GB": "a100",
@@ -65,6 +72,11 @@ _SCHEME_LABEL = {
     "gfd": "nvidia.com/gpu.product",
     "gke": "cloud.google.com/gke-accelerator",
     "karpenter": "karpenter.k8s.aws/instance-gpu-name",
+}
+# Karpenter names both A100 sizes "a100": the GPU memory (MiB) tells p4de from p4d.
+_EXTRA: dict[tuple[str, str], dict[str, str]] = {
+    ("karpenter", "A100-80GB"): {"karpenter.k8s.aws/instance-gpu-memory": "81920"},
+    ("karpenter", "A100-40GB"): {"karpenter.k8s.aws/instance-gpu-memory": "40960"},
 }
 _AMD: dict[str, dict[str, str]] = {
     "MI300X": {"amd.com/gpu.product-name": "AMD_Instinct_MI300X_OAM"},
@@ -82,7 +94,7 @@ def presets(scheme: LabelScheme) -> dict[str, Accelerator]:
         return {}
     label = _SCHEME_LABEL[scheme]
     out = {
-        name: Accelerator(node_selector={label: value})
+        name: Accelerator(node_selector={label: value, **_EXTRA.get((scheme, name), {})})
         for name, value in _GPU_VALUES[scheme].items()
     }
     out.update(

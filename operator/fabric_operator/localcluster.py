@@ -66,6 +66,8 @@ class LocalControlPlane:
     bin_dir: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     apiserver_port: int = 0
+    # The API server's command line, kept to restart it alone (fault-injection tests).
+    apiserver_args: list[str] = field(default_factory=list)
 
     @property
     def kubeconfig(self) -> Path:
@@ -214,27 +216,25 @@ current-context: local
         d = self.workdir / "pki"
         apiserver = self.bin_dir / "kube-apiserver"
         legacy = _version(apiserver) < (1, 24)
-        self._spawn(
-            "kube-apiserver",
-            [
-                str(apiserver),
-                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={self.apiserver_port}",
-                *(["--insecure-port=0"] if legacy else []),
-                f"--tls-cert-file={d / 'apiserver.crt'}",
-                f"--tls-private-key-file={d / 'apiserver.key'}",
-                f"--client-ca-file={d / 'ca.crt'}",
-                f"--service-account-key-file={d / 'sa.pub'}",
-                f"--service-account-signing-key-file={d / 'sa.key'}",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                "--service-cluster-ip-range=10.0.0.0/16",  # room for benchmarks (>254 Services)
-                "--authorization-mode=Node,RBAC",
-                "--allow-privileged=true",
-                "--profiling=false",
-            ],
-        )
+        self.apiserver_args = [
+            str(apiserver),
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={self.apiserver_port}",
+            *(["--insecure-port=0"] if legacy else []),
+            f"--tls-cert-file={d / 'apiserver.crt'}",
+            f"--tls-private-key-file={d / 'apiserver.key'}",
+            f"--client-ca-file={d / 'ca.crt'}",
+            f"--service-account-key-file={d / 'sa.pub'}",
+            f"--service-account-signing-key-file={d / 'sa.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            "--service-cluster-ip-range=10.0.0.0/16",  # room for benchmarks (>254 Services)
+            "--authorization-mode=Node,RBAC",
+            "--allow-privileged=true",
+            "--profiling=false",
+        ]
+        self._spawn("kube-apiserver", self.apiserver_args)
         self._write_kubeconfig()
         self._wait("kube-apiserver", self._apiserver_ready, timeout)
         common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--secure-port=0"]
@@ -257,6 +257,37 @@ current-context: local
         if controllers and scheduler.exists():
             self._spawn("kube-scheduler", [str(scheduler), *common])
         return self
+
+    def stop_apiserver(self, *, kill: bool = False, grace: float = 10.0) -> None:
+        """Stop only the kube-apiserver, by its PID (etcd, controllers and scheduler keep
+        running and retry): an API-server outage as clients see it, connections refused.
+        `kill` sends SIGKILL at once (a crash) instead of a graceful SIGTERM."""
+        proc = self.processes.pop("kube-apiserver", None)
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def start_apiserver(self, timeout: float = 90.0) -> None:
+        """Start the kube-apiserver again after `stop_apiserver`: same port, certificates
+        and etcd, so every client's kubeconfig stays valid."""
+        if not self.apiserver_args:
+            raise RuntimeError("start() the control plane first")
+        if "kube-apiserver" in self.processes:
+            return
+        self._spawn("kube-apiserver", self.apiserver_args)
+        self._wait("kube-apiserver", self._apiserver_ready, timeout)
+
+    @property
+    def apiserver_running(self) -> bool:
+        proc = self.processes.get("kube-apiserver")
+        return proc is not None and proc.poll() is None
 
     @property
     def has_controller_manager(self) -> bool:

@@ -111,7 +111,7 @@ def test_unknown_gpu_type_names_the_known_ones() -> None:
     [problem] = problems(vllm(type="B300"))
     assert problem.startswith(
         "spec.resources.gpu.type: unknown GPU type 'B300'; this "
-        "operator knows: A100-40GB, A100-80GB, A10G, H100-80GB, H200, "
+        "operator knows: A100-40GB, A100-80GB, A10G, B200, H100-80GB, H200, "
     )
     assert "MI300X" in problem and "T4" in problem
 
@@ -173,3 +173,13 @@ def test_strategy_default_and_override(spec: dict[str, Any], strategy: dict[str,
     backend, found = validate({"metadata": {"name": "m"}, "spec": spec})
     assert backend is not None and found == []
     assert render(backend).deployment["spec"]["strategy"] == strategy
+
+
+def test_karpenter_tells_the_a100_sizes_apart_by_gpu_memory() -> None:
+    catalogue = OperatorConfig.model_validate({"labelScheme": "karpenter"}).catalogue()
+    big, small = catalogue["A100-80GB"].node_selector, catalogue["A100-40GB"].node_selector
+    assert (
+        big["karpenter.k8s.aws/instance-gpu-name"] == small["karpenter.k8s.aws/instance-gpu-name"]
+    )
+    assert big["karpenter.k8s.aws/instance-gpu-memory"] == "81920"
+    assert small["karpenter.k8s.aws/instance-gpu-memory"] == "40960"

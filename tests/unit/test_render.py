@@ -161,7 +161,7 @@ LLAMA_HEAD = ["--host", "0.0.0.0", "--port", "8080", "--alias", "m", "--metrics"
             [REPO, *VLLM_HEAD, "m"],
             id="vllm-tp1-no-flag",
         ),
-        pytest.param("tgi", {}, ["--model-id", REPO, *TGI_HEAD], id="tgi-hf"),
+        pytest.param("tgi", {}, ["--model-id", REPO, *TGI_HEAD, "--num-shard", "1"], id="tgi-hf"),
         pytest.param(
             "tgi",
             {
@@ -178,10 +178,15 @@ LLAMA_HEAD = ["--host", "0.0.0.0", "--port", "8080", "--alias", "m", "--metrics"
         pytest.param(
             "tgi",
             {"engineOptions": {"dtype": "bfloat16"}},
-            ["--model-id", REPO, *TGI_HEAD, "--dtype", "bfloat16"],
+            ["--model-id", REPO, *TGI_HEAD, "--num-shard", "1", "--dtype", "bfloat16"],
             id="tgi-dtype",
         ),
-        pytest.param("tgi", pvc("q"), ["--model-id", "/models/q", *TGI_HEAD], id="tgi-pvc"),
+        pytest.param(
+            "tgi",
+            pvc("q"),
+            ["--model-id", "/models/q", *TGI_HEAD, "--num-shard", "1"],
+            id="tgi-pvc",
+        ),
         pytest.param("llamacpp", {}, [*LLAMA_HEAD, "--model-url", URL], id="llamacpp-url"),
         pytest.param(
             "llamacpp",

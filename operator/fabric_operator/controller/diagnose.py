@@ -53,7 +53,8 @@ def _pod_problem(pod: dict[str, Any]) -> Diagnosis | None:
             found.append(Diagnosis(IMAGE_PULL, f"pod {name} {what}: {reason}: {detail}".strip()))
         elif reason in _CONFIG_REASONS:
             found.append(Diagnosis(CONFIG_ERROR, f"pod {name} {what}: {detail}".strip()))
-        elif last.get("reason") == "OOMKilled":
+        elif last.get("reason") == "OOMKilled" and not cs.get("ready"):
+            # lastState keeps an old OOM until the next restart: news only while not ready
             found.append(
                 Diagnosis(
                     OOM_KILLED,

@@ -51,9 +51,12 @@ def contains(observed: Any, desired: Any, key: str = "", parent: str = "") -> bo
     Maps may hold more keys than desired (server defaults, other managers); lists must
     match element by element, since the operator owns them whole.
     """
+    if desired == {}:
+        return True  # an empty map asks for nothing
+    if isinstance(desired, str | list | type(None)) and not desired:
+        # The API server drops empty strings and lists (omitempty): absent is equal.
+        return observed is None or (isinstance(observed, str | list | dict) and not observed)
     if isinstance(desired, dict):
-        if not desired:
-            return True
         if not isinstance(observed, dict):
             return False
         return all(contains(observed.get(k), v, k, key) for k, v in desired.items())

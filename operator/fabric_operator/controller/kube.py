@@ -50,6 +50,11 @@ class Kube:
         with self._lock:
             self.requests[f"{verb} {resource}"] += 1
 
+    def request_counts(self) -> dict[str, int]:
+        """A copy taken under the lock: worker threads add keys while /metrics reads."""
+        with self._lock:
+            return dict(self.requests)
+
     @staticmethod
     def _json(response: Any) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(response.data)

@@ -135,8 +135,8 @@ class Reconciler:
                 problems.append(
                     Problem(
                         f"{path}.key",
-                        f"Secret {name!r} has no key {key!r}"
-                        f" (keys: {', '.join(sorted(keys)) or 'none'})",
+                        # Other key names are not listed: they are not the user's to see.
+                        f"Secret {name!r} has no key {key!r}",
                     )
                 )
         return problems

@@ -96,5 +96,5 @@ class Controller:
             "reconciles": self.reconciles,
             "errors": self.errors,
             "lastError": self.last_error,
-            "apiRequests": dict(self.reconciler.kube.requests),
+            "apiRequests": self.reconciler.kube.request_counts(),
         }

@@ -33,9 +33,8 @@ def container(backend: LLMBackend) -> EngineContainer:
     model = hf.repo if hf else pvc_model_path(backend)
     args = ["--model-id", str(model), "--hostname", "0.0.0.0", "--port", str(PORT)]
     flag(args, "--revision", hf.revision if hf else None)
-    tp = tensor_parallel(backend)
-    if tp > 1:
-        flag(args, "--num-shard", tp)
+    # Always: without it the launcher shards over every visible GPU, whatever tp says.
+    flag(args, "--num-shard", tensor_parallel(backend))
     flag(args, "--max-total-tokens", opts.context_length)
     flag(args, "--quantize", opts.quantization)
     flag(args, "--dtype", opts.dtype)
