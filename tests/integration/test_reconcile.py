@@ -382,3 +382,34 @@ def test_unchanged_backends_cost_no_writes_on_restart(
         and k.split()[1].split("/")[0] in {"deployments", "services", "llmbackends"}
     }
     assert ours == {}, changed
+
+
+def test_someone_elses_deployment_with_the_name_is_left_alone(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    theirs = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "tiny", "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": {"app": "theirs"}},
+            "template": {
+                "metadata": {"labels": {"app": "theirs"}},
+                "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]},
+            },
+        },
+    }
+    cluster.apply(theirs)
+    cluster.apply(backend(namespace))
+    wait_for(
+        "NameConflict",
+        lambda: cluster.condition(namespace, "tiny", "Degraded").get("reason") == "NameConflict",
+    )
+    message = cluster.condition(namespace, "tiny", "Degraded")["message"]
+    print("refused:", message)
+    assert "Deployment tiny already exists and does not belong" in message
+    dep = cluster.deployment(namespace, "tiny")
+    assert dep is not None
+    assert [c["name"] for c in dep["spec"]["template"]["spec"]["containers"]] == ["web"]
+    assert not dep["metadata"].get("ownerReferences")
+    assert cluster.service(namespace, "tiny") is None  # nothing half-applied

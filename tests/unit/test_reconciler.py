@@ -23,10 +23,18 @@ class FakeKube:
         self.requests: dict[str, int] = {}
         self.deleted: list[tuple[str, str]] = []
         self.secrets: set[str] = {"api-key"}
+        self.foreign: dict[str, dict[str, Any]] = {}  # kind -> an object someone else owns
+        self.forced: list[bool] = []
 
-    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.foreign.get(kind)
+
+    def apply(self, manifest: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
         if manifest["kind"] == "Service" and self.fail:
             raise ApiException(status=self.fail, reason="Internal Server Error")
+        if not force and manifest["kind"] in self.foreign:
+            raise ApiException(status=409, reason="Conflict")
+        self.forced.append(force)
         self.applied.append(manifest["kind"])
         return {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": "2"}}
 
@@ -142,3 +150,26 @@ def test_remote_backend_with_a_missing_key_secret_is_invalid_and_rechecked() -> 
     assert status["phase"] == "Invalid"
     assert "Secret 'missing' not found" in status["conditions"][2]["message"]
     assert ("Warning", "InvalidSpec") in kube.events and not kube.deleted
+
+
+def test_a_child_name_taken_by_someone_elses_object_is_left_alone() -> None:
+    kube = FakeKube()
+    kube.foreign["Deployment"] = {"metadata": {"name": "m", "ownerReferences": []}}
+    rec, _ = reconciler(kube)
+    assert rec.reconcile("n", "m") == 300.0
+    assert kube.applied == []  # not even the Service: nothing half-applied
+    degraded = kube.statuses[-1]["conditions"][2]
+    assert (degraded["reason"], kube.events[-1]) == ("NameConflict", ("Warning", "NameConflict"))
+    assert "Deployment m already exists and does not belong" in degraded["message"]
+
+
+def test_new_children_are_applied_without_force_seen_ones_with() -> None:
+    kube = FakeKube()
+    rec, store = reconciler(kube)
+    rec.reconcile("n", "m")
+    assert kube.forced == [False, False]
+    dep = store.get("Deployment", "n", "m")
+    assert dep is not None
+    dep["spec"]["replicas"] = 5  # drift
+    rec.reconcile("n", "m")
+    assert kube.forced == [False, False, True]

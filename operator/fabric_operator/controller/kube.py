@@ -60,13 +60,14 @@ class Kube:
         data: dict[str, Any] = json.loads(response.data)
         return data
 
-    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply, taking ownership of our fields from whoever edited them."""
+    def apply(self, manifest: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
+        """Server-side apply. With force, our fields are taken back from whoever edited
+        them (drift); without, a field another manager owns is a 409 (not our object)."""
         meta = manifest["metadata"]
         kind = manifest["kind"]
         kwargs: dict[str, Any] = {
             "field_manager": FIELD_MANAGER,
-            "force": True,
+            "force": force,
             "_content_type": APPLY,
             "_preload_content": False,
             "_request_timeout": TIMEOUT,
@@ -84,6 +85,25 @@ class Kube:
             )
         else:
             raise ValueError(f"unexpected child kind {kind}")
+        return self._json(resp)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """One child as the API server has it now, or None (only to settle a conflict)."""
+        kwargs: dict[str, Any] = {"_preload_content": False, "_request_timeout": TIMEOUT}
+        resp: Any
+        try:
+            if kind == "Deployment":
+                self._count("get", "deployments")
+                resp = self.apps.read_namespaced_deployment(name, namespace, **kwargs)
+            elif kind == "Service":
+                self._count("get", "services")
+                resp = self.core.read_namespaced_service(name, namespace, **kwargs)
+            else:
+                raise ValueError(f"unexpected child kind {kind}")
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
         return self._json(resp)
 
     def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:

@@ -28,6 +28,11 @@ RETRYABLE = {409, 429, 500, 502, 503, 504}
 # A missing Secret may be created any moment: look again this often.
 SECRET_RECHECK_SECONDS = 30.0
 FAILED_APPLY_RECHECK_SECONDS = 300.0
+REASON_NAME_CONFLICT = "NameConflict"
+
+
+class NameConflictError(Exception):
+    """A child's name is taken by an object the backend does not own."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ class Reconciler:
         applied: list[tuple[str, dict[str, Any]]] = []
         transient: ApiException | None = None
         if failure is None:
-            failure, transient = self._apply(stale, applied)
+            failure, transient = self._apply(backend, stale, applied)
             if failure is not None:
                 recheck = FAILED_APPLY_RECHECK_SECONDS
         deployment = self.store.get("Deployment", namespace, name)
@@ -142,7 +147,10 @@ class Reconciler:
         return problems
 
     def _apply(
-        self, stale: list[dict[str, Any]], applied: list[tuple[str, dict[str, Any]]]
+        self,
+        backend: LLMBackend,
+        stale: list[dict[str, Any]],
+        applied: list[tuple[str, dict[str, Any]]],
     ) -> tuple[st.Failure | None, ApiException | None]:
         """Apply each stale child, Deployment first (the likelier one to be refused).
 
@@ -152,7 +160,9 @@ class Reconciler:
             meta = manifest["metadata"]
             before = self.store.get(manifest["kind"], meta["namespace"], meta["name"])
             try:
-                result = self.kube.apply(manifest)
+                result = self._apply_one(backend, manifest, before)
+            except NameConflictError as err:
+                return st.Failure(REASON_NAME_CONFLICT, str(err)), None
             except ApiException as err:
                 message = f"{manifest['kind']} {meta['name']}: {api_message(err)}"
                 if err.status in RETRYABLE:
@@ -161,6 +171,28 @@ class Reconciler:
             self.store.put(manifest["kind"], result)
             applied.append((_change(before, manifest), manifest))
         return None, None
+
+    def _apply_one(
+        self, backend: LLMBackend, manifest: dict[str, Any], before: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Children we have seen are applied with force (drift is taken back). A child we
+        have not seen is applied without: if another manager owns its fields, the object
+        with that name is someone else's, and it is left alone."""
+        if before is not None:
+            return self.kube.apply(manifest)
+        try:
+            return self.kube.apply(manifest, force=False)
+        except ApiException as err:
+            if err.status != 409:
+                raise
+        meta = manifest["metadata"]
+        current = self.kube.get(manifest["kind"], meta["namespace"], meta["name"])
+        if current is not None and not _owned_by(current, backend.uid):
+            raise NameConflictError(
+                f"{manifest['kind']} {meta['name']} already exists and does not belong to "
+                "this LLMBackend; delete or rename it (or rename the LLMBackend)"
+            )
+        return self.kube.apply(manifest)  # ours after all (or gone meanwhile)
 
     def _report(
         self, obj: dict[str, Any], status: dict[str, Any], applied: list[tuple[str, dict[str, Any]]]
