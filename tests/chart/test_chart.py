@@ -78,7 +78,14 @@ def test_lint_strict(helm: Path) -> None:
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("args", [[], CUSTOM], ids=["default", "custom"])
+GATEWAY = ["--set", "gateway.enabled=true"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], CUSTOM, GATEWAY, [*GATEWAY, "--set", "watch.namespaces={a,b}"]],
+    ids=["default", "custom", "gateway", "gateway-namespaced"],
+)
 def test_every_object_is_valid_kubernetes(helm: Path, args: list[str]) -> None:
     docs = template(helm, *args)
     assert docs
@@ -186,6 +193,11 @@ def test_values_overrides_reach_the_pod(helm: Path) -> None:
     [
         (["--set", "operator.workrs=3"], "Additional property workrs is not allowed"),
         (["--set", "replicaCount=two"], "replicaCount: Invalid type. Expected: integer"),
+        (["--set", "replicaCount=2"], "replicaCount: Must be less than or equal to 1"),
+        (
+            ["--set", "gateway.service.type=Public"],
+            "gateway.service.type: gateway.service.type must",
+        ),
         (["--set", "watch.namespaces={Team_A}"], "watch.namespaces.0: Does not match pattern"),
         (["--set", "operator.logLevel=LOUD"], "operator.logLevel: operator.logLevel must be"),
         (["--set", "image.pullPolicy=Sometimes"], "image.pullPolicy: image.pullPolicy must be"),
@@ -200,7 +212,7 @@ def test_every_value_is_documented() -> None:
     documented = set(re.findall(r"^\s*## @param (\S+)", text, re.M))
 
     def leaves(node: Any, prefix: str = "") -> set[str]:
-        if isinstance(node, dict) and node and prefix not in {"resources"}:
+        if isinstance(node, dict) and node and prefix not in {"resources", "gateway.resources"}:
             return {
                 p
                 for k, v in node.items()
@@ -236,3 +248,39 @@ def test_gpu_values_become_a_config_the_operator_reads(helm: Path) -> None:
     assert pod["metadata"]["annotations"]["checksum/config"]
     default = yaml.safe_load(by_kind(template(helm), "ConfigMap")[0]["data"]["config.yaml"])
     assert OperatorConfig.model_validate(default) == OperatorConfig()
+
+
+def test_operator_upgrades_never_run_two_operators(helm: Path) -> None:
+    [deployment] = by_kind(template(helm), "Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_gateway_is_off_by_default_and_complete_when_on(helm: Path) -> None:
+    assert all("gateway" not in d["metadata"]["name"] for d in template(helm))
+    docs = template(helm, *GATEWAY)
+    operator, gateway = sorted(
+        by_kind(docs, "Deployment"), key=lambda d: "gateway" in d["metadata"]["name"]
+    )
+    assert gateway["metadata"]["name"] == "rel-fabric-operator-gateway"
+    # Neither Deployment's selector picks the other's pods.
+    op_sel, gw_sel = (d["spec"]["selector"]["matchLabels"] for d in (operator, gateway))
+    gw_labels = gateway["spec"]["template"]["metadata"]["labels"]
+    op_labels = operator["spec"]["template"]["metadata"]["labels"]
+    assert not op_sel.items() <= gw_labels.items() and not gw_sel.items() <= op_labels.items()
+    pod = gateway["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    [container] = pod["containers"]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["args"][0] == "gateway"
+    assert "--key-selector=llm.fabric.dev/gateway-key=true" in container["args"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    services = {d["metadata"]["name"]: d for d in by_kind(docs, "Service")}
+    assert services["rel-fabric-operator-gateway"]["spec"]["selector"] == gw_sel
+    [role] = [r for r in by_kind(docs, "ClusterRole") if "gateway" in r["metadata"]["name"]]
+    assert rules(role) == {
+        ("llm.fabric.dev", "llmbackends"): {"get", "list", "watch"},
+        ("", "endpoints"): {"list", "watch"},
+        ("", "secrets"): {"get", "list", "watch"},
+    }

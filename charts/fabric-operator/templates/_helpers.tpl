@@ -64,3 +64,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   resources: ["events"]
   verbs: ["create"]
 {{- end }}
+
+{{/* The gateway only reads: backends, their Endpoints, and keys (see README "Gateway"). */}}
+{{- define "fabric-operator.gatewayRules" -}}
+- apiGroups: ["llm.fabric.dev"]
+  resources: ["llmbackends"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["endpoints"]
+  verbs: ["list", "watch"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
