@@ -89,8 +89,12 @@ GATEWAY = ["--set", "gateway.enabled=true"]
 def test_every_object_is_valid_kubernetes(helm: Path, args: list[str]) -> None:
     docs = template(helm, *args)
     assert docs
+    label_value = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        # The schemas do not check label syntax; the API server does.
+        for value in (doc["metadata"].get("labels") or {}).values():
+            assert len(value) <= 63 and label_value.fullmatch(value), (doc["kind"], value)
 
 
 def test_crd_is_the_generated_one_and_kept(helm: Path) -> None:

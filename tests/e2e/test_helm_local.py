@@ -7,12 +7,16 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
+from fabric_operator.gateway.routes import KEY_LABEL
 from tests.conftest import REPO
 from tests.support.fixtures import OperatorProcess, settle
+from tests.support.gateway import gateway
 from tests.support.kube import Cluster, run_pods, wait_for
+from tests.support.upstream import upstream
 
 pytestmark = pytest.mark.e2e
 
@@ -29,10 +33,10 @@ def run(*cmd: str | Path) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def sa_kubeconfig(cluster: Cluster, path: Path) -> Path:
-    """A kubeconfig that is the chart's ServiceAccount and nothing more."""
+def sa_kubeconfig(cluster: Cluster, path: Path, account: str = "fab-fabric-operator") -> Path:
+    """A kubeconfig that is one of the chart's ServiceAccounts and nothing more."""
     token = cluster.kubectl(
-        "create", "token", "fab-fabric-operator", "-n", SYSTEM, "--duration=1h"
+        "create", "token", account, "-n", SYSTEM, "--duration=1h"
     ).stdout.strip()
     admin = yaml.safe_load(cluster.kubeconfig.read_text())
     server = admin["clusters"][0]["cluster"]
@@ -51,11 +55,59 @@ def sa_kubeconfig(cluster: Cluster, path: Path) -> Path:
     return path
 
 
+def check_gateway(cluster: Cluster, tmp_path: Path) -> None:
+    """The chart's gateway, run here with its own ServiceAccount's token: it reads what it
+    needs (backends, Endpoints, keys) and can change nothing."""
+    account = f"system:serviceaccount:{SYSTEM}:fab-fabric-operator-gateway"
+    for verb, resource in [("create", "secrets"), ("patch", "llmbackends"), ("list", "nodes")]:
+        answer = cluster.kubectl(
+            "auth", "can-i", verb, resource, "-A", f"--as={account}", check=False
+        ).stdout.strip()
+        assert answer == "no", (verb, resource, answer)
+    kubeconfig = sa_kubeconfig(cluster, tmp_path / "gw.kubeconfig", "fab-fabric-operator-gateway")
+    with (
+        upstream("provider") as provider,
+        gateway(f"--kubeconfig={kubeconfig}", workdir=tmp_path, ready_path="/readyz") as gw,
+    ):
+        key = {"key": "sk-e2e-team", "models": "*"}
+        cluster.core.create_namespaced_secret(
+            TEAM,
+            {
+                "metadata": {"name": "team-key", "labels": {KEY_LABEL: "true"}},
+                "stringData": key,
+            },
+        )
+        cluster.apply(
+            {
+                "apiVersion": "llm.fabric.dev/v1alpha1",
+                "kind": "LLMBackend",
+                "metadata": {"name": "cloud", "namespace": TEAM},
+                "spec": {"engine": "remote", "remote": {"baseURL": provider.url}},
+            }
+        )
+
+        def chat(model: str) -> httpx.Response:
+            return httpx.post(
+                f"{gw.url}/v1/chat/completions",
+                json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+                headers={"authorization": "Bearer sk-e2e-team"},
+            )
+
+        wait_for("a routed answer", lambda: chat("cloud").status_code == 200, 20)
+        assert chat("cloud").headers["x-fabric-backend"] == f"{TEAM}/cloud"
+        # The simulated engine pod has no address: known, but no ready replica.
+        assert chat("tiny").json()["error"]["code"] == "upstream_unavailable"
+    cluster.custom.delete_namespaced_custom_object(
+        "llm.fabric.dev", "v1alpha1", TEAM, "llmbackends", "cloud"
+    )
+
+
 def test_install_use_upgrade_uninstall(e2e_cluster: Cluster, helm: Path, tmp_path: Path) -> None:
     cluster = e2e_cluster
     kube = f"--kubeconfig={cluster.kubeconfig}"
     install = run(
-        helm, "install", RELEASE, CHART, kube, "-n", SYSTEM, "--create-namespace", "--wait=false"
+        *(helm, "install", RELEASE, CHART, kube, "-n", SYSTEM, "--create-namespace"),
+        *("--wait=false", "--set", "gateway.enabled=true"),
     )
     notes = install.stdout.split("NOTES:", 1)[1]
     assert "kubectl get llmb -n default" in notes
@@ -84,7 +136,7 @@ def test_install_use_upgrade_uninstall(e2e_cluster: Cluster, helm: Path, tmp_pat
         forbidden = [
             ("list", "secrets"),
             ("create", "pods"),
-            ("delete", "deployments"),
+            ("delete", "pods"),
             ("update", "llmbackends"),
             ("list", "nodes"),
         ]
@@ -133,6 +185,7 @@ def test_install_use_upgrade_uninstall(e2e_cluster: Cluster, helm: Path, tmp_pat
         )
         assert status["endpoint"] == f"http://tiny.{TEAM}.svc.cluster.local:8080/v1"
         assert operator.health()["errors"] == 0, operator.logs()[-2000:]
+        check_gateway(cluster, tmp_path)
 
         check = subprocess.run(
             [

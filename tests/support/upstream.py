@@ -151,7 +151,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+def wait_http(
+    url: str, proc: subprocess.Popen[bytes], timeout: float = 20, *, need_ok: bool = False
+) -> None:
+    """Until `url` answers (with 200 if need_ok); fails early if the process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -160,7 +163,9 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> N
             with urllib.request.urlopen(url, timeout=1):
                 return
         except urllib.error.HTTPError:
-            return  # it answers, if only with an error
+            if not need_ok:
+                return  # it answers, if only with an error
+            time.sleep(0.05)
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"{url} did not answer within {timeout}s")

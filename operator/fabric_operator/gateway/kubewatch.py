@@ -69,7 +69,8 @@ class ApiClient:
         # In a pod the token file rotates; the client's hook re-reads it.
         if self._cfg.refresh_api_key_hook is not None:
             self._cfg.refresh_api_key_hook(self._cfg)
-        token = self._cfg.get_api_key_with_prefix("authorization")
+        # The client keeps a kubeconfig's or the pod's token under "BearerToken".
+        token = self._cfg.get_api_key_with_prefix("BearerToken", alias="authorization")
         return {"authorization": token} if token else {}
 
     async def get(self, path: str, **params: Any) -> dict[str, Any]:
