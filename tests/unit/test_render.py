@@ -603,3 +603,24 @@ def test_pull_script_shell_quotes_both_names() -> None:
     script = ollama.pull_script("a b;x", "c'd")
     assert "ollama pull 'a b;x'" in script.splitlines()
     assert shlex.split(script.splitlines()[4]) == ["ollama", "cp", "a b;x", "c'd"]
+
+
+@pytest.mark.parametrize("engine", ["vllm", "tgi", "llamacpp", "ollama"])
+def test_inference_pods_are_locked_down(engine: str) -> None:
+    spec = {"llamacpp": {}, "ollama": {}}.get(engine, {"resources": {"gpu": {"count": 1}}})
+    spec_pod = pod(engine, **spec)
+    assert spec_pod["automountServiceAccountToken"] is False
+    assert spec_pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in spec_pod["containers"] + spec_pod.get("initContainers", []):
+        assert c["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        }, c["name"]
+    # Non-root only where the image writes nowhere but its volumes.
+    assert spec_pod["securityContext"].get("runAsNonRoot", False) is (engine == "llamacpp")
+    if engine == "llamacpp":
+        assert (
+            spec_pod["securityContext"]["fsGroup"]
+            == spec_pod["securityContext"]["runAsUser"]
+            == 65532
+        )

@@ -27,6 +27,9 @@ class EngineContainer:
     volumes: list[Manifest] = field(default_factory=list)
     volume_mounts: list[Manifest] = field(default_factory=list)
     init_containers: list[Manifest] = field(default_factory=list)
+    # The image runs as any user (writes only to its volumes): the pod runs as 65532.
+    # Others (vLLM, TGI, Ollama) write under /root at run time and keep the image's user.
+    non_root: bool = False
     liveness_path: str = "/health"
     readiness_path: str = "/health"
     # Long first starts (weight downloads) must not trip the liveness probe: the startup

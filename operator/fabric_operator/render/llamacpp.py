@@ -63,4 +63,5 @@ def container(backend: LLMBackend) -> EngineContainer:
         env=env,
         volumes=[cache],
         volume_mounts=[cache_mount],
+        non_root=True,
     )

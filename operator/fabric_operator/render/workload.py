@@ -118,11 +118,33 @@ def _container(backend: LLMBackend, engine: EngineContainer) -> Manifest:
         "livenessProbe": _probe(engine.liveness_path, 10, 3),
         "readinessProbe": _probe(engine.readiness_path, 5, 3),
     }
+    container["securityContext"] = container_security()
     if engine.command:
         container["command"] = engine.command
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
     return container
+
+
+# Every engine: no privilege escalation, no Linux capabilities (GPUs need none: the
+# device plugin hands over the device files).
+def container_security() -> Manifest:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+NON_ROOT_UID = 65532
+
+
+def _pod_security(engine: EngineContainer) -> Manifest:
+    pod: Manifest = {"seccompProfile": {"type": "RuntimeDefault"}}
+    if engine.non_root:
+        pod |= {
+            "runAsNonRoot": True,
+            "runAsUser": NON_ROOT_UID,
+            "runAsGroup": NON_ROOT_UID,
+            "fsGroup": NON_ROOT_UID,  # the cache volumes become writable
+        }
+    return pod
 
 
 def _strategy(backend: LLMBackend) -> Manifest:
@@ -161,11 +183,14 @@ def _pod_spec(backend: LLMBackend, engine: EngineContainer, config: OperatorConf
         # mistakes for its own setting; engines need no API access either.
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
+        "securityContext": _pod_security(engine),
         "containers": [_container(backend, engine)],
         "volumes": volumes,
     }
     if engine.init_containers:
-        pod["initContainers"] = engine.init_containers
+        pod["initContainers"] = [
+            {**c, "securityContext": container_security()} for c in engine.init_containers
+        ]
     if spec.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
     where = placement(backend, config)
