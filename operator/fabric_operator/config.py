@@ -114,6 +114,11 @@ class OperatorConfig(BaseModel):
     label_scheme: LabelScheme = Field(default="gfd", alias="labelScheme")
     accelerators: dict[str, Accelerator] = Field(default_factory=dict)
     gpu_tolerations: bool = Field(default=True, alias="gpuTolerations")
+    network_policy: bool = Field(
+        default=False,
+        alias="networkPolicy",
+        description="Give backends without spec.networkPolicy the default NetworkPolicy.",
+    )
 
     def catalogue(self) -> dict[str, Accelerator]:
         """Presets of the chosen scheme, then the configured accelerators over them."""

@@ -6,6 +6,7 @@ Each rule yields a Problem naming the field and what is allowed, so that the use
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fabric_operator.api.backend import LLMBackend
-from fabric_operator.api.v1alpha1 import Engine
+from fabric_operator.api.v1alpha1 import Engine, LabelSelector
 from fabric_operator.config import DEFAULT, OperatorConfig
 from fabric_operator.render.placement import accelerator, placement
 
@@ -120,6 +121,7 @@ POD_FIELDS = (
     "priorityClassName",
     "service",
     "strategy",
+    "networkPolicy",
 )
 
 
@@ -335,6 +337,48 @@ def check_kubernetes_syntax(backend: LLMBackend) -> Iterator[Problem]:
             yield Problem(field, err)
 
 
+def _selector_problems(field: str, selector: LabelSelector | None) -> Iterator[Problem]:
+    if selector is None:
+        return
+    for key, value in (selector.match_labels or {}).items():
+        if err := _qualified_name_error(key):
+            yield Problem(f"{field}.matchLabels[{key[:80]!r}]", err)
+        if len(value) > 63 or not LABEL_VALUE.fullmatch(value):
+            yield Problem(
+                f"{field}.matchLabels[{key[:80]!r}]", f"{value[:80]!r} is not a valid label value"
+            )
+    for i, req in enumerate(selector.match_expressions or []):
+        where = f"{field}.matchExpressions[{i}]"
+        if err := _qualified_name_error(req.key):
+            yield Problem(f"{where}.key", err)
+        if req.operator in ("In", "NotIn") and not req.values:
+            yield Problem(f"{where}.values", f"operator {req.operator} needs values")
+        if req.operator in ("Exists", "DoesNotExist") and req.values:
+            yield Problem(f"{where}.values", f"must be empty for operator {req.operator}")
+
+
+def check_network_policy(backend: LLMBackend) -> Iterator[Problem]:
+    """What the API server would refuse in the NetworkPolicy (applied after the others)."""
+    wanted = backend.spec.network_policy
+    for i, peer in enumerate((wanted.from_ if wanted else None) or []):
+        field = f"spec.networkPolicy.from[{i}]"
+        if peer.ip_block is not None and (peer.namespace_selector or peer.pod_selector):
+            yield Problem(field, "ipBlock cannot be combined with namespaceSelector/podSelector")
+        if not (peer.ip_block or peer.namespace_selector or peer.pod_selector):
+            yield Problem(field, "needs namespaceSelector, podSelector or ipBlock")
+        yield from _selector_problems(f"{field}.namespaceSelector", peer.namespace_selector)
+        yield from _selector_problems(f"{field}.podSelector", peer.pod_selector)
+        if peer.ip_block is not None:
+            try:
+                net = ipaddress.ip_network(peer.ip_block.cidr, strict=False)
+                for j, cidr in enumerate(peer.ip_block.except_ or []):
+                    inner = ipaddress.ip_network(cidr, strict=False)
+                    if inner.version != net.version or not inner.subnet_of(net):  # type: ignore[arg-type]
+                        yield Problem(f"{field}.ipBlock.except[{j}]", f"not inside {net}")
+            except ValueError as err:
+                yield Problem(f"{field}.ipBlock", f"not a CIDR: {err}")
+
+
 def check_placement(backend: LLMBackend, config: OperatorConfig) -> Iterator[Problem]:
     """The GPU type must be one the operator knows, of the vendor asked for."""
     spec = backend.spec
@@ -385,6 +429,7 @@ def validate(
         return None, problems + schema_problems(err)
     problems += check_spec(backend)
     problems += check_kubernetes_syntax(backend)
+    problems += check_network_policy(backend)
     if backend.spec.remote is None:
         problems += check_placement(backend, config)
     return backend, problems

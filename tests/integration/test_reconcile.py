@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from tests.support.fixtures import OperatorProcess, settle
 from tests.support.kube import Cluster, run_pods, wait_for
@@ -413,3 +414,29 @@ def test_someone_elses_deployment_with_the_name_is_left_alone(
     assert [c["name"] for c in dep["spec"]["template"]["spec"]["containers"]] == ["web"]
     assert not dep["metadata"].get("ownerReferences")
     assert cluster.service(namespace, "tiny") is None  # nothing half-applied
+
+
+def test_network_policy_follows_the_spec(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    def policy() -> Any:
+        try:
+            return cluster.networking.read_namespaced_network_policy("tiny", namespace)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    cluster.apply(backend(namespace, networkPolicy={}))
+    created = wait_for("the NetworkPolicy", policy)
+    assert created.metadata.owner_references[0].kind == "LLMBackend"
+    assert created.spec.pod_selector.match_labels == {"llm.fabric.dev/backend": "tiny"}
+    [rule] = created.spec.ingress
+    assert rule.ports[0].port == 8080
+    assert [p.pod_selector.match_labels for p in rule._from] == [
+        {"app.kubernetes.io/name": "fabric-gateway"},
+        {"llm.fabric.dev/client": "true"},
+    ]
+    cluster.apply(backend(namespace, networkPolicy={"enabled": False}))
+    wait_for("the NetworkPolicy removed", lambda: policy() is None)
+    assert children(cluster, namespace) is not None  # the rest stays

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from fabric_operator.api.backend import LLMBackend
+from fabric_operator.config import OperatorConfig
 from fabric_operator.render import ollama, render
 from fabric_operator.render.workload import endpoint
 from fabric_operator.validation import validate
@@ -624,3 +625,45 @@ def test_inference_pods_are_locked_down(engine: str) -> None:
             == spec_pod["securityContext"]["runAsUser"]
             == 65532
         )
+
+
+def test_no_network_policy_unless_asked() -> None:
+    assert render(backend(spec("llamacpp"))).network_policy is None
+    assert len(render(backend(spec("llamacpp"))).all()) == 2
+
+
+def test_default_network_policy_admits_the_gateway_and_labelled_clients() -> None:
+    children = render(backend(spec("vllm", networkPolicy={})))
+    policy = children.network_policy
+    assert policy is not None and children.all()[-1] is policy
+    assert policy["spec"] == {
+        "podSelector": {"matchLabels": {"llm.fabric.dev/backend": "m"}},
+        "policyTypes": ["Ingress"],
+        "ingress": [
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {},
+                        "podSelector": {
+                            "matchLabels": {"app.kubernetes.io/name": "fabric-gateway"}
+                        },
+                    },
+                    {"podSelector": {"matchLabels": {"llm.fabric.dev/client": "true"}}},
+                ],
+                "ports": [{"port": 8000, "protocol": "TCP"}],
+            }
+        ],
+    }
+
+
+def test_network_policy_peers_and_operator_default() -> None:
+    peers = [
+        {"namespaceSelector": {"matchLabels": {"team": "a"}}},
+        {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}},
+    ]
+    policy = render(backend(spec("llamacpp", networkPolicy={"from": peers}))).network_policy
+    assert policy is not None and policy["spec"]["ingress"][0]["from"] == peers
+    on = OperatorConfig.model_validate({"networkPolicy": True})
+    assert render(backend(spec("llamacpp")), on).network_policy is not None
+    off = spec("llamacpp", networkPolicy={"enabled": False})
+    assert render(backend(off), on).network_policy is None

@@ -31,6 +31,15 @@ FULL: dict[str, Any] = {
     "priorityClassName": "llm",
     "service": {"type": "LoadBalancer", "port": 80, "annotations": {"a.io/b": "c"}},
     "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}},
+    "networkPolicy": {
+        "from": [
+            {
+                "namespaceSelector": {"matchLabels": {"team": "a"}},
+                "podSelector": {"matchExpressions": [{"key": "tier", "operator": "Exists"}]},
+            },
+            {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}},
+        ]
+    },
 }
 SPECS = {
     "vllm": {

@@ -413,3 +413,47 @@ def test_model_and_remote_together_do_not_parse() -> None:
     assert [(p.field, p.message) for p in found] == [
         ("spec", "Value error, exactly one of model and remote must be set")
     ]
+
+
+@pytest.mark.parametrize(
+    ("peer", "expected"),
+    [
+        ({}, [("spec.networkPolicy.from[0]", "needs namespaceSelector, podSelector or ipBlock")]),
+        (
+            {"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}},
+            [
+                (
+                    "spec.networkPolicy.from[0]",
+                    "ipBlock cannot be combined with namespaceSelector/podSelector",
+                )
+            ],
+        ),
+        (
+            {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["192.168.0.0/16"]}},
+            [("spec.networkPolicy.from[0].ipBlock.except[0]", "not inside 10.0.0.0/8")],
+        ),
+        (
+            {"podSelector": {"matchLabels": {"app": "bad value"}}},
+            [
+                (
+                    "spec.networkPolicy.from[0].podSelector.matchLabels['app']",
+                    "'bad value' is not a valid label value",
+                )
+            ],
+        ),
+        (
+            {"podSelector": {"matchExpressions": [{"key": "tier", "operator": "In"}]}},
+            [
+                (
+                    "spec.networkPolicy.from[0].podSelector.matchExpressions[0].values",
+                    "operator In needs values",
+                )
+            ],
+        ),
+    ],
+)
+def test_network_policy_peers_the_api_server_would_refuse(
+    peer: dict[str, Any], expected: list[tuple[str, str]]
+) -> None:
+    found = problems("llamacpp", networkPolicy={"from": [peer]})
+    assert found == expected

@@ -287,6 +287,56 @@ class ServiceSpec(Model):
     )
 
 
+class LabelSelectorRequirement(Model):
+    key: str = Field(description="Label key.", min_length=1, max_length=317)
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="In, NotIn, Exists or DoesNotExist."
+    )
+    values: list[str] | None = Field(default=None, description="Values for In and NotIn.")
+
+
+class LabelSelector(Model):
+    """As metav1.LabelSelector; an empty selector selects everything."""
+
+    match_labels: dict[str, str] | None = Field(default=None, description="Labels to match.")
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
+        default=None, description="Label requirements, all of which must hold."
+    )
+
+
+class IPBlock(Model):
+    cidr: str = Field(description="CIDR allowed, e.g. 10.0.0.0/8.", min_length=1, max_length=64)
+    except_: list[str] | None = Field(
+        default=None, alias="except", description="CIDRs inside cidr that are not allowed."
+    )
+
+
+class NetworkPeer(Model):
+    """Who may connect, as a networking/v1 NetworkPolicyPeer."""
+
+    namespace_selector: LabelSelector | None = Field(
+        default=None, description="Namespaces by label (with podSelector: pods in them)."
+    )
+    pod_selector: LabelSelector | None = Field(
+        default=None, description="Pods by label (in this namespace unless namespaceSelector)."
+    )
+    ip_block: IPBlock | None = Field(default=None, description="Addresses outside the cluster.")
+
+
+class NetworkPolicySpec(Model):
+    """Which clients may reach the engine port; everything else is refused."""
+
+    enabled: bool = Field(default=True, description="Create the NetworkPolicy.")
+    from_: list[NetworkPeer] | None = Field(
+        default=None,
+        alias="from",
+        max_length=32,
+        description="Allowed clients. Default: the gateway's pods (label "
+        "app.kubernetes.io/name=fabric-gateway, any namespace) and pods labelled "
+        "llm.fabric.dev/client=true in this namespace.",
+    )
+
+
 class Toleration(Model):
     """A pod toleration, as in core/v1."""
 
@@ -455,6 +505,11 @@ class LLMBackendSpec(Model):
         default=None, min_length=1, max_length=253, description="PriorityClass of the pods."
     )
     service: ServiceSpec | None = Field(default=None, description="How the endpoint is exposed.")
+    network_policy: NetworkPolicySpec | None = Field(
+        default=None,
+        description="A NetworkPolicy that admits only the listed clients to the engine port "
+        "(the operator's default applies when unset: off unless configured).",
+    )
     strategy: Strategy | None = Field(
         default=None,
         description="Rollout strategy. Default: GPU backends replace pods one at a time "

@@ -82,6 +82,10 @@ def build_registry() -> kopf.OperatorRegistry:
     async def service_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].store.put("Service", dict(body))
 
+    @kopf.index("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED, registry=registry)
+    async def network_policy_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        memo["controller"].store.put("NetworkPolicy", dict(body))
+
     @kopf.index("", "v1", "pods", labels=MANAGED, registry=registry)
     async def pod_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].store.put("Pod", dict(body))
@@ -97,6 +101,10 @@ def build_registry() -> kopf.OperatorRegistry:
     @kopf.on.event("", "v1", "services", labels=MANAGED, registry=registry)
     async def service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].observe("Service", dict(event))
+
+    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED, registry=registry)
+    async def network_policy_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        memo["controller"].observe("NetworkPolicy", dict(event))
 
     @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=registry)
     async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:

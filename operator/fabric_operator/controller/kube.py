@@ -42,6 +42,7 @@ class Kube:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.apps = client.AppsV1Api(api_client)
         self.core = client.CoreV1Api(api_client)
+        self.networking = client.NetworkingV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.requests: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -83,6 +84,11 @@ class Kube:
             resp = self.core.patch_namespaced_service(
                 meta["name"], meta["namespace"], manifest, **kwargs
             )
+        elif kind == "NetworkPolicy":
+            self._count("apply", "networkpolicies")
+            resp = self.networking.patch_namespaced_network_policy(
+                meta["name"], meta["namespace"], manifest, **kwargs
+            )
         else:
             raise ValueError(f"unexpected child kind {kind}")
         return self._json(resp)
@@ -98,6 +104,9 @@ class Kube:
             elif kind == "Service":
                 self._count("get", "services")
                 resp = self.core.read_namespaced_service(name, namespace, **kwargs)
+            elif kind == "NetworkPolicy":
+                self._count("get", "networkpolicies")
+                resp = self.networking.read_namespaced_network_policy(name, namespace, **kwargs)
             else:
                 raise ValueError(f"unexpected child kind {kind}")
         except ApiException as err:
@@ -117,6 +126,9 @@ class Kube:
             elif kind == "Service":
                 self._count("delete", "services")
                 self.core.delete_namespaced_service(name, namespace, **kwargs)
+            elif kind == "NetworkPolicy":
+                self._count("delete", "networkpolicies")
+                self.networking.delete_namespaced_network_policy(name, namespace, **kwargs)
             else:
                 raise ValueError(f"unexpected child kind {kind}")
         except ApiException as err:

@@ -29,6 +29,7 @@ RETRYABLE = {409, 429, 500, 502, 503, 504}
 SECRET_RECHECK_SECONDS = 30.0
 FAILED_APPLY_RECHECK_SECONDS = 300.0
 REASON_NAME_CONFLICT = "NameConflict"
+CHILD_KINDS = frozenset({"Deployment", "Service", "NetworkPolicy"})
 
 
 class NameConflictError(Exception):
@@ -85,6 +86,8 @@ class Reconciler:
             failure, transient = self._apply(backend, stale, applied)
             if failure is not None:
                 recheck = FAILED_APPLY_RECHECK_SECONDS
+            else:
+                self._prune(backend, keep={m["kind"] for m in desired})
         deployment = self.store.get("Deployment", namespace, name)
         diagnosis = diagnose(self.store.owned("Pod", namespace, name))
         status = st.compute(
@@ -118,15 +121,18 @@ class Reconciler:
             recheck = SECRET_RECHECK_SECONDS if problems else None
         failure = st.Failure(st.REASON_INVALID, _join(problems)) if problems else None
         if failure is None:
-            for kind in ("Deployment", "Service"):
-                child = self.store.get(kind, backend.namespace, backend.name)
-                if child is not None and _owned_by(child, backend.uid):
-                    self.kube.delete(
-                        kind, backend.namespace, backend.name, child["metadata"]["uid"]
-                    )
-                    self.store.delete(kind, backend.namespace, backend.name)
+            self._prune(backend, keep=set())
         self._report(obj, st.remote_status(backend, failure, previous), [])
         return recheck
+
+    def _prune(self, backend: LLMBackend, keep: set[str]) -> None:
+        """Delete this backend's children of kinds it no longer wants (a backend turned
+        remote, a NetworkPolicy switched off)."""
+        for kind in sorted(CHILD_KINDS - keep):
+            child = self.store.get(kind, backend.namespace, backend.name)
+            if child is not None and _owned_by(child, backend.uid):
+                self.kube.delete(kind, backend.namespace, backend.name, child["metadata"]["uid"])
+                self.store.delete(kind, backend.namespace, backend.name)
 
     def _secret_problems(self, backend: LLMBackend) -> list[Problem]:
         problems = []

@@ -39,9 +39,11 @@ class Children:
 
     deployment: Manifest
     service: Manifest
+    network_policy: Manifest | None = None
 
     def all(self) -> list[Manifest]:
-        return [self.deployment, self.service]
+        extra = [self.network_policy] if self.network_policy else []
+        return [self.deployment, self.service, *extra]
 
 
 def selector_labels(backend: LLMBackend) -> dict[str, str]:
@@ -256,6 +258,50 @@ def service(backend: LLMBackend) -> Manifest:
     }
 
 
+GATEWAY_PEER: Manifest = {
+    "namespaceSelector": {},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "fabric-gateway"}},
+}
+CLIENT_LABEL = "llm.fabric.dev/client"
+CLIENT_PEER: Manifest = {"podSelector": {"matchLabels": {CLIENT_LABEL: "true"}}}
+
+
+def network_policy(backend: LLMBackend, config: OperatorConfig = DEFAULT) -> Manifest | None:
+    """Only the allowed clients reach the engine port (spec.networkPolicy, else the
+    operator's default); None when no policy is wanted."""
+    wanted = backend.spec.network_policy
+    if not (wanted.enabled if wanted is not None else config.network_policy):
+        return None
+    peers = (
+        [p.model_dump(by_alias=True, exclude_none=True) for p in wanted.from_]
+        if wanted is not None and wanted.from_
+        else [dict(GATEWAY_PEER), dict(CLIENT_PEER)]
+    )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": backend.name,
+            "namespace": backend.namespace,
+            "labels": labels(backend),
+        },
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(backend)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": peers,
+                    "ports": [{"port": ENGINE_PORTS[backend.spec.engine], "protocol": "TCP"}],
+                }
+            ],
+        },
+    }
+
+
 def render(backend: LLMBackend, config: OperatorConfig = DEFAULT) -> Children:
     """The children of a *valid* backend (see fabric_operator.validation)."""
-    return Children(deployment=deployment(backend, config), service=service(backend))
+    return Children(
+        deployment=deployment(backend, config),
+        service=service(backend),
+        network_policy=network_policy(backend, config),
+    )
