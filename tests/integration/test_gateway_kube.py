@@ -97,9 +97,19 @@ def test_remote_backend_and_keys_follow_the_api(
         assert status["endpoint"] == provider.url
         assert cluster.deployment(namespace, "cloud") is None  # a route, not pods
 
+        # Rotated in place: the old key stops working, the new one works, at once.
+        cluster.core.patch_namespaced_secret(
+            "team", namespace, {"stringData": {"key": "sk-t1-rotated"}}
+        )
+        rotated = until(
+            "the rotated key", lambda: chat(gw, "sk-t1-rotated", "smart").status_code == 200
+        )
+        assert chat(gw, "sk-t1", "smart").status_code == 401
+        print(f"key Secret rotated -> new key accepted in {rotated:.2f}s")
         cluster.core.delete_namespaced_secret("team", namespace)
         refused = until(
-            "the removed key to be refused", lambda: chat(gw, "sk-t1", "smart").status_code == 401
+            "the removed key to be refused",
+            lambda: chat(gw, "sk-t1-rotated", "smart").status_code == 401,
         )
         print(f"key Secret deleted -> refused in {refused:.2f}s")
         cluster.core.create_namespaced_secret(
