@@ -25,6 +25,7 @@ from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from fabric_operator.config import OperatorConfig
 from fabric_operator.controller.handlers import build_registry
 from fabric_operator.controller.kube import Kube
+from fabric_operator.controller.leader import LeaderElector
 from fabric_operator.controller.reconciler import Reconciler, Settings
 from fabric_operator.controller.runtime import Controller
 from fabric_operator.controller.store import Store
@@ -45,10 +46,27 @@ def _run_operator(args: argparse.Namespace) -> int:
     reconciler = Reconciler(
         store, kube, Settings(cluster_domain=args.cluster_domain, config=operator_config)
     )
-    controller = Controller(reconciler, store, workers=args.workers)
     namespaces = [n for item in args.namespace for n in item.split(",") if n]
-    asyncio.run(
-        kopf.operator(
+    asyncio.run(_operate(args, configuration, reconciler, store, namespaces))
+    return 0
+
+
+async def _operate(
+    args: argparse.Namespace,
+    configuration: client.Configuration,
+    reconciler: Reconciler,
+    store: Store,
+    namespaces: list[str],
+) -> None:
+    elector = None
+    if args.leader_elect:
+        namespace = args.leader_election_namespace or _own_namespace()
+        elector = LeaderElector(client.ApiClient(configuration), namespace)
+    leading = elector.leading if elector else None
+    controller = Controller(reconciler, store, workers=args.workers, leading=leading)
+    electing = asyncio.create_task(elector.run()) if elector else None
+    try:
+        await kopf.operator(
             registry=build_registry(),
             memo=kopf.Memo(
                 controller=controller,
@@ -60,8 +78,17 @@ def _run_operator(args: argparse.Namespace) -> int:
             standalone=True,
             liveness_endpoint=f"http://{args.health_address}/healthz",
         )
-    )
-    return 0
+    finally:
+        if electing is not None:
+            electing.cancel()
+
+
+def _own_namespace() -> str:
+    """The pod's namespace (the service account's), else POD_NAMESPACE, else default."""
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    if path.exists():
+        return path.read_text().strip()
+    return os.environ.get("POD_NAMESPACE", "default")
 
 
 def _crd(_: argparse.Namespace) -> int:
@@ -221,6 +248,15 @@ def _add_operator_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         help="operator configuration file (YAML: labelScheme, accelerators, gpuTolerations)",
+    )
+    p.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="reconcile only while holding the fabric-operator Lease (for several replicas)",
+    )
+    p.add_argument(
+        "--leader-election-namespace",
+        help="namespace of the Lease (default: the pod's own namespace)",
     )
 
 

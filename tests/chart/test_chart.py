@@ -198,7 +198,7 @@ def test_values_overrides_reach_the_pod(helm: Path) -> None:
     [
         (["--set", "operator.workrs=3"], "Additional property workrs is not allowed"),
         (["--set", "replicaCount=two"], "replicaCount: Invalid type. Expected: integer"),
-        (["--set", "replicaCount=2"], "replicaCount: Must be less than or equal to 1"),
+        (["--set", "replicaCount=2"], "replicaCount > 1 needs leaderElection.enabled=true"),
         (
             ["--set", "gateway.service.type=Public"],
             "gateway.service.type: gateway.service.type must",
@@ -258,6 +258,19 @@ def test_gpu_values_become_a_config_the_operator_reads(helm: Path) -> None:
 def test_operator_upgrades_never_run_two_operators(helm: Path) -> None:
     [deployment] = by_kind(template(helm), "Deployment")
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [r for r in by_kind(template(helm), "Role") if "leader" in r["metadata"]["name"]]
+
+
+def test_leader_election_allows_replicas_with_a_lease_role(helm: Path) -> None:
+    docs = template(helm, "--set", "leaderElection.enabled=true", "--set", "replicaCount=3")
+    [deployment] = by_kind(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--leader-elect" in args and "--leader-election-namespace=ops" in args
+    [role] = [r for r in by_kind(docs, "Role") if "leader" in r["metadata"]["name"]]
+    assert role["metadata"]["namespace"] == "ops"
+    assert rules(role) == {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 
 
 def test_gateway_is_off_by_default_and_complete_when_on(helm: Path) -> None:

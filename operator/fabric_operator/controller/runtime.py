@@ -21,9 +21,17 @@ Key = tuple[str, str]  # namespace, name of an LLMBackend
 
 
 class Controller:
-    def __init__(self, reconciler: Reconciler, store: Store, workers: int = 4) -> None:
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        store: Store,
+        workers: int = 4,
+        leading: asyncio.Event | None = None,
+    ) -> None:
         self.reconciler, self.store = reconciler, store
         self.workers = workers
+        # With leader election, workers wait for the Lease; watches fill the store meanwhile.
+        self.leading = leading
         self.queue: WorkQueue[Key] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.reconciles = 0
@@ -33,6 +41,15 @@ class Controller:
     async def start(self) -> None:
         self.queue = WorkQueue()
         self._tasks = [asyncio.create_task(self._work(i)) for i in range(self.workers)]
+        if self.leading is not None:
+            self._tasks.append(asyncio.create_task(self._resync_on_leading()))
+
+    async def _resync_on_leading(self) -> None:
+        """A new leader looks at every backend once (unchanged ones cost no request)."""
+        assert self.leading is not None and self.queue is not None
+        await self.leading.wait()
+        for key in self.store.names(BACKEND):
+            self.queue.add(key)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -63,6 +80,8 @@ class Controller:
     async def _work(self, worker: int) -> None:
         assert self.queue is not None
         queue = self.queue
+        if self.leading is not None:
+            await self.leading.wait()
         while True:
             key = await queue.get()
             started = time.monotonic()
@@ -92,6 +111,7 @@ class Controller:
     def health(self) -> dict[str, Any]:
         return {
             "backends": self.store.count(BACKEND),
+            "leading": self.leading is None or self.leading.is_set(),
             "queued": len(self.queue) if self.queue is not None else 0,
             "reconciles": self.reconciles,
             "errors": self.errors,

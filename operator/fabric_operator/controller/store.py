@@ -95,6 +95,11 @@ class Store:
         with self._lock:
             return self._objects.get((kind, namespace, name))
 
+    def names(self, kind: str) -> list[tuple[str, str]]:
+        """(namespace, name) of every object of `kind`."""
+        with self._lock:
+            return [(k[1], k[2]) for k in self._objects if k[0] == kind]
+
     def count(self, kind: str) -> int:
         with self._lock:
             return sum(1 for k in self._objects if k[0] == kind)
