@@ -242,6 +242,12 @@ def check_spec(backend: LLMBackend) -> Iterator[Problem]:
                 "it with OLLAMA_* variables in spec.env",
             )
 
+    yield from check_overrides(backend)
+
+
+def check_overrides(backend: LLMBackend) -> Iterator[Problem]:
+    """extraArgs and env may add to the engine's settings, not take the operator's."""
+    spec = backend.spec
     for i, arg in enumerate(spec.extra_args or []):
         name = arg.split("=", 1)[0]
         if name in MANAGED_FLAGS:
@@ -254,7 +260,11 @@ def check_spec(backend: LLMBackend) -> Iterator[Problem]:
                 f"spec.extraArgs[{i}]",
                 f"{name} is set by the operator and cannot be overridden{hint}",
             )
+    seen: set[str] = set()
     for i, env in enumerate(spec.env or []):
+        if env.name in seen:
+            yield Problem(f"spec.env[{i}].name", f"{env.name} is listed twice")
+        seen.add(env.name)
         if env.name in MANAGED_ENV:
             yield Problem(
                 f"spec.env[{i}].name",

@@ -94,6 +94,8 @@ def test_transient_error_is_shown_and_retried() -> None:
     degraded = status["conditions"][2]
     assert (degraded["status"], degraded["reason"]) == ("True", "ApplyFailed")
     assert degraded["message"].startswith("Service m: ") and "(retrying)" in degraded["message"]
+    progressing = status["conditions"][1]
+    assert (progressing["status"], progressing["reason"]) == ("True", "Retrying")
     assert ("Warning", "ApplyFailed") in kube.events
     kube.fail = None  # the server recovers: the retry completes and clears the condition
     rec.reconcile("n", "m")

@@ -667,3 +667,10 @@ def test_network_policy_peers_and_operator_default() -> None:
     assert render(backend(spec("llamacpp")), on).network_policy is not None
     off = spec("llamacpp", networkPolicy={"enabled": False})
     assert render(backend(off), on).network_policy is None
+
+
+def test_user_env_overrides_engine_defaults_once() -> None:
+    env = pod("vllm", env=[{"name": "HF_HOME", "value": "/models/hf"}])["containers"][0]["env"]
+    assert [e for e in env if e["name"] == "HF_HOME"] == [
+        {"name": "HF_HOME", "value": "/models/hf"}
+    ]

@@ -457,3 +457,8 @@ def test_network_policy_peers_the_api_server_would_refuse(
 ) -> None:
     found = problems("llamacpp", networkPolicy={"from": [peer]})
     assert found == expected
+
+
+def test_env_listed_twice_is_refused() -> None:
+    env = [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]
+    assert problems("llamacpp", env=env) == [("spec.env[1].name", "A is listed twice")]

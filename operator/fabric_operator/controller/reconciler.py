@@ -172,7 +172,10 @@ class Reconciler:
             except ApiException as err:
                 message = f"{manifest['kind']} {meta['name']}: {api_message(err)}"
                 if err.status in RETRYABLE:
-                    return st.Failure(st.REASON_APPLY_FAILED, f"{message} (retrying)"), err
+                    failure = st.Failure(
+                        st.REASON_APPLY_FAILED, f"{message} (retrying)", retrying=True
+                    )
+                    return failure, err
                 return st.Failure(st.REASON_APPLY_FAILED, message), None
             self.store.put(manifest["kind"], result)
             applied.append((_change(before, manifest), manifest))

@@ -27,6 +27,7 @@ class Failure:
 
     reason: str
     message: str
+    retrying: bool = False  # a transient API error: nothing for the user to fix
 
 
 def now() -> str:
@@ -144,14 +145,19 @@ def compute(
     phase = rollout["phase"]
     if failure is not None:
         phase = Phase.INVALID if failure.reason == REASON_INVALID else Phase.DEGRADED
-        conditions = [
-            conditions[0],
-            _condition(
+        progressing = (
+            _condition(PROGRESSING, True, "Retrying", "the API server refused for now; retrying")
+            if failure.retrying
+            else _condition(
                 PROGRESSING,
                 False,
                 failure.reason,
                 "the children were left as they were; fix the spec to continue",
-            ),
+            )
+        )
+        conditions = [
+            conditions[0],
+            progressing,
             _condition(DEGRADED, True, failure.reason, failure.message),
         ]
     _stamp(conditions, previous, backend.generation, timestamp or now())

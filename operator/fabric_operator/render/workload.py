@@ -102,9 +102,11 @@ def _container(backend: LLMBackend, engine: EngineContainer) -> Manifest:
     mounts = list(engine.volume_mounts)
     if spec.source.pvc:
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
-    env = list(engine.env) + [
-        e.model_dump(by_alias=True, exclude_none=True) for e in spec.env or []
-    ]
+    # The user's variables override the engine's defaults of the same name (HF_HOME on a
+    # PVC, say); a name twice in one list would make the API server refuse the apply.
+    user = [e.model_dump(by_alias=True, exclude_none=True) for e in spec.env or []]
+    names = {e["name"] for e in user}
+    env = [e for e in engine.env if e["name"] not in names] + user
     startup_period = 10
     container: Manifest = {
         "name": CONTAINER_NAME,
