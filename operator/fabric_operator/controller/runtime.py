@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import logging
+import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -18,6 +22,19 @@ from fabric_operator.render.workload import BACKEND_LABEL
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # namespace, name of an LLMBackend
+TRIM_SECONDS = 10.0
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None elsewhere (musl, macOS) or if FABRIC_MALLOC_TRIM=0."""
+    if os.environ.get("FABRIC_MALLOC_TRIM") == "0":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    trim: Callable[[int], int] | None = getattr(libc, "malloc_trim", None)
+    return trim
 
 
 class Controller:
@@ -43,6 +60,22 @@ class Controller:
         self._tasks = [asyncio.create_task(self._work(i)) for i in range(self.workers)]
         if self.leading is not None:
             self._tasks.append(asyncio.create_task(self._resync_on_leading()))
+        self._tasks.append(asyncio.create_task(self._give_back_memory()))
+
+    async def _give_back_memory(self) -> None:
+        """After a burst (the initial listing, a mass update) glibc keeps the freed heap;
+        when the queue is idle, hand it back to the OS so RSS reflects what is held."""
+        trim = _malloc_trim()
+        if trim is None:
+            return
+        trimmed_at = -1  # reconciles done when last trimmed: trim once after activity
+        while True:
+            await asyncio.sleep(TRIM_SECONDS)
+            if (self.queue is not None and len(self.queue)) or self.reconciles == trimmed_at:
+                continue
+            gc.collect()
+            trim(0)
+            trimmed_at = self.reconciles
 
     async def _resync_on_leading(self) -> None:
         """A new leader looks at every backend once (unchanged ones cost no request)."""
