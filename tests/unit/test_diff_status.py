@@ -471,3 +471,16 @@ def test_drop_cancels_timers_and_backoff() -> None:
         q.drop("a")
 
     asyncio.run(run())
+
+
+def test_store_keeps_pods_without_their_spec() -> None:
+    store = Store()
+    pod = {
+        "metadata": {"name": "p", "namespace": "n", "labels": {"llm.fabric.dev/backend": "b"}},
+        "spec": {"containers": [{"name": "engine", "image": "x"}]},
+        "status": {"phase": "Running"},
+    }
+    store.put("Pod", pod)
+    [kept] = store.owned("Pod", "n", "b")
+    assert "spec" not in kept and kept["status"] == {"phase": "Running"}
+    assert "spec" in pod  # the caller's object is untouched

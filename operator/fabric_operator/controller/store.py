@@ -61,6 +61,8 @@ class Store:
     def put(self, kind: str, obj: dict[str, Any]) -> None:
         """Keep `obj` (slimmed) unless the store already holds a newer version of it."""
         obj = slim(obj)
+        if kind == "Pod":  # only diagnose reads pods, and only their metadata and status
+            obj = {k: v for k, v in obj.items() if k != "spec"}
         key = self.key(kind, obj)
         with self._lock:
             held = self._objects.get(key)
