@@ -74,17 +74,19 @@ def build_registry() -> kopf.OperatorRegistry:
     # Index handlers fill the store from the initial listing of the children, and kopf
     # holds every other handler until all indexes are filled: no LLMBackend is reconciled
     # before its children are known (else a restart would re-apply all of them).
-    @kopf.index("apps", "v1", "deployments", labels=MANAGED, registry=registry)
+    # Children are not filtered by label: a child whose labels someone removed must still
+    # be seen (and restored); `Controller.ours` keeps only ours, labelled or remembered.
+    @kopf.index("apps", "v1", "deployments", registry=registry)
     async def deployment_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        memo["controller"].store.put("Deployment", dict(body))
+        memo["controller"].keep("Deployment", dict(body))
 
-    @kopf.index("", "v1", "services", labels=MANAGED, registry=registry)
+    @kopf.index("", "v1", "services", registry=registry)
     async def service_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        memo["controller"].store.put("Service", dict(body))
+        memo["controller"].keep("Service", dict(body))
 
-    @kopf.index("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED, registry=registry)
+    @kopf.index("networking.k8s.io", "v1", "networkpolicies", registry=registry)
     async def network_policy_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        memo["controller"].store.put("NetworkPolicy", dict(body))
+        memo["controller"].keep("NetworkPolicy", dict(body))
 
     @kopf.index("", "v1", "pods", labels=MANAGED, registry=registry)
     async def pod_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -94,17 +96,17 @@ def build_registry() -> kopf.OperatorRegistry:
     async def backend_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].observe(BACKEND, dict(event))
 
-    @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
+    @kopf.on.event("apps", "v1", "deployments", registry=registry)
     async def deployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        memo["controller"].observe("Deployment", dict(event))
+        memo["controller"].observe_child("Deployment", dict(event))
 
-    @kopf.on.event("", "v1", "services", labels=MANAGED, registry=registry)
+    @kopf.on.event("", "v1", "services", registry=registry)
     async def service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        memo["controller"].observe("Service", dict(event))
+        memo["controller"].observe_child("Service", dict(event))
 
-    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED, registry=registry)
+    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", registry=registry)
     async def network_policy_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        memo["controller"].observe("NetworkPolicy", dict(event))
+        memo["controller"].observe_child("NetworkPolicy", dict(event))
 
     @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=registry)
     async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:

@@ -17,7 +17,9 @@ from fabric_operator.controller.kube import api_message
 from fabric_operator.controller.reconciler import BACKEND, Reconciler
 from fabric_operator.controller.store import Store
 from fabric_operator.controller.workqueue import WorkQueue
-from fabric_operator.render.workload import BACKEND_LABEL
+from fabric_operator.render.workload import BACKEND_LABEL, MANAGED_BY
+
+MANAGED_LABEL = "app.kubernetes.io/managed-by"
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,22 @@ class Controller:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def ours(self, kind: str, obj: dict[str, Any]) -> bool:
+        """A child labelled as the operator's, or one it held before its labels changed."""
+        meta = obj.get("metadata") or {}
+        if (meta.get("labels") or {}).get(MANAGED_LABEL) == MANAGED_BY:
+            return True
+        return self.store.get(kind, meta.get("namespace") or "", meta.get("name") or "") is not None
+
+    def keep(self, kind: str, obj: dict[str, Any]) -> None:
+        """The initial listing of a child kind: store only ours."""
+        if self.ours(kind, obj):
+            self.store.put(kind, obj)
+
+    def observe_child(self, kind: str, event: dict[str, Any]) -> None:
+        if self.ours(kind, event.get("object") or {}):
+            self.observe(kind, event)
+
     def observe(self, kind: str, event: dict[str, Any]) -> None:
         """A watch event: update the store and queue the LLMBackend it concerns."""
         obj = event.get("object") or {}
@@ -103,8 +121,9 @@ class Controller:
             if event.get("type") == "DELETED" and self.queue is not None:
                 self.queue.drop(key)
         else:
-            owner = (meta.get("labels") or {}).get(BACKEND_LABEL)
-            if not owner or self.store.get(BACKEND, namespace, owner) is None:
+            # Children carry their backend's name (and label; the name survives relabelling).
+            owner = (meta.get("labels") or {}).get(BACKEND_LABEL) or name
+            if self.store.get(BACKEND, namespace, owner) is None:
                 return
             key = (namespace, owner)
         if self.queue is not None:
