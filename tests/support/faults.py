@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
+import http.client
 import json
 import os
 import random
 import re
 import signal
+import ssl
+import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import InvalidOperation
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -232,22 +237,42 @@ def _same_quantity(a: Any, b: Any) -> bool:
         return False
 
 
-def mismatch(observed: Any, desired: Any, path: str = "") -> str | None:
+def _keyed(items: list[Any]) -> dict[str, Any] | None:
+    """A list of named objects (env, containers, volumes, ports) as a map, else None."""
+    if not items or not all(isinstance(i, dict) and "name" in i for i in items):
+        return None
+    keyed = {str(i["name"]): i for i in items}
+    return keyed if len(keyed) == len(items) else None
+
+
+def mismatch(observed: Any, desired: Any, path: str = "", *, ordered: bool = True) -> str | None:
     """Where `observed` does not hold `desired` (None: it does). Maps may have more keys
-    (server defaults); lists must match element by element; quantities compare by value."""
+    (server defaults); lists must match element by element, or with `ordered=False`, lists
+    of named objects by name (same names, each entry holding the desired one); quantities
+    compare by value."""
     if isinstance(desired, dict):
         if not isinstance(observed, dict):
             return f"{path or '.'}: expected an object, found {str(observed)[:80]!r}"
         for key, value in desired.items():
-            found = mismatch(observed.get(key), value, f"{path}.{key}")
+            found = mismatch(observed.get(key), value, f"{path}.{key}", ordered=ordered)
             if found:
                 return found
         return None
     if isinstance(desired, list):
         if not isinstance(observed, list) or len(observed) != len(desired):
             return f"{path}: expected {str(desired)[:200]}, found {str(observed)[:200]}"
-        for i, (o, d) in enumerate(zip(observed, desired, strict=True)):
-            found = mismatch(o, d, f"{path}[{i}]")
+        want, have = _keyed(desired), _keyed(observed)
+        if not ordered and want is not None and have is not None:
+            if set(want) != set(have):
+                return f"{path}: expected names {sorted(want)}, found {sorted(have)}"
+            pairs = [(have[k], want[k], f"{path}[{k}]") for k in want]
+        else:
+            pairs = [
+                (o, d, f"{path}[{i}]")
+                for i, (o, d) in enumerate(zip(observed, desired, strict=True))
+            ]
+        for o, d, where in pairs:
+            found = mismatch(o, d, where, ordered=ordered)
             if found:
                 return found
         return None
@@ -342,7 +367,10 @@ def _check_children(
 
 
 def _check_backend(
-    out: Convergence, obj: dict[str, Any], by_name: dict[str, dict[str, dict[str, Any]]]
+    out: Convergence,
+    obj: dict[str, Any],
+    by_name: dict[str, dict[str, dict[str, Any]]],
+    ordered: bool,
 ) -> None:
     """One LLMBackend: its status is for its generation, its children are its spec's."""
     meta = obj["metadata"]
@@ -390,15 +418,16 @@ def _check_backend(
             out.problems.append(f"{name}: {kind} owned by {ref}, not by uid {meta['uid']}")
         # Items of a list carry no apiVersion and kind: the list says what they are.
         desired = {k: v for k, v in wanted[kind].items() if k not in ("apiVersion", "kind")}
-        diff = mismatch(child, desired)
+        diff = mismatch(child, desired, ordered=ordered)
         if diff:
             out.problems.append(f"{name}: {kind} differs from its spec at {diff}")
 
 
-def check_converged(cluster: Cluster, namespace: str) -> Convergence:
+def check_converged(cluster: Cluster, namespace: str, *, ordered: bool = True) -> Convergence:
     """Every live LLMBackend has exactly the children its spec renders to (or none and an
     InvalidSpec status), a status for its current generation, nothing stuck deleting; no
-    child is orphaned, stale (owned by an older uid) or duplicated."""
+    child is orphaned, stale (owned by an older uid) or duplicated. `ordered=False`
+    compares lists of named entries (env, volumes...) by name, not position."""
     out = Convergence()
     backends = list_backends(cluster, namespace)
     deployments, services = list_children(cluster, namespace)
@@ -408,22 +437,35 @@ def check_converged(cluster: Cluster, namespace: str) -> Convergence:
     _check_children(out, live, children)
     by_name = {kind: {c["metadata"]["name"]: c for c in items} for kind, items in children.items()}
     for obj in backends:
-        _check_backend(out, obj, by_name)
+        _check_backend(out, obj, by_name, ordered)
     return out
 
 
 def wait_converged(
-    cluster: Cluster, namespace: str, timeout: float, interval: float = 1.0
+    cluster: Cluster,
+    namespace: str,
+    timeout: float,
+    interval: float = 1.0,
+    *,
+    ordered: bool = True,
+    progress: float = 10.0,
 ) -> tuple[Convergence, float]:
-    """Poll until converged; returns the last look and the seconds it took."""
+    """Poll until converged; returns the last look and the seconds it took. Says what is
+    still pending every `progress` seconds."""
     started = time.monotonic()
+    told = started
     while True:
         try:
-            last = check_converged(cluster, namespace)
+            last = check_converged(cluster, namespace, ordered=ordered)
         except ApiException as err:
             last = Convergence(problems=[f"API error while checking: {err.status} {err.reason}"])
-        if last.ok or time.monotonic() - started > timeout:
-            return last, time.monotonic() - started
+        now = time.monotonic()
+        if last.ok or now - started > timeout:
+            return last, now - started
+        if now - told >= progress:
+            told = now
+            kinds = Counter(re.sub(r"^[^:]*: ", "", p)[:40] for p in last.problems)
+            say("still converging after %.0fs: %s", now - started, dict(kinds.most_common(4)))
         time.sleep(interval)
 
 
@@ -525,3 +567,199 @@ def assert_alive(op: OperatorProcess) -> None:
     assert op.proc is not None, "the operator was never started"
     code = op.proc.poll()
     assert code is None, f"the operator exited with {code}: {op.logs()[-3000:]}"
+
+
+# --- a fault-injecting proxy in front of the API server ----------------------------------
+
+
+class FaultProxy:
+    """An HTTPS proxy on loopback between a client (the operator) and the kube-apiserver.
+
+    It forwards everything, watches streamed as they come, except that a share of the
+    requests `inject` selects is answered by the proxy itself with an error status
+    (409 Conflict, 500, 503, 429...), as a busy or racing API server would. Needs the local
+    control plane's CA key to issue itself a certificate the client trusts.
+    """
+
+    def __init__(
+        self,
+        plane: LocalControlPlane,
+        workdir: Path,
+        *,
+        share: float,
+        statuses: list[int],
+        inject: Callable[[str, str], bool],
+        seed: int = 0,
+    ) -> None:
+        self.plane, self.workdir = plane, workdir
+        self.share, self.statuses, self.inject = share, statuses, inject
+        self.rng = random.Random(seed)
+        self.injected: Counter[str] = Counter()
+        self.forwarded: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self.port = 0
+
+    def _certificate(self) -> tuple[Path, Path]:
+        pki = self.plane.workdir / "pki"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        key, csr, crt = (self.workdir / f"proxy.{x}" for x in ("key", "csr", "crt"))
+        ext = self.workdir / "san.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run = functools.partial(subprocess.run, check=True, capture_output=True)
+        subject = ["-subj", "/CN=fault-proxy"]
+        run(
+            [
+                "openssl",
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                str(key),
+                "-out",
+                str(csr),
+                *subject,
+            ]
+        )
+        ca = ["-CA", str(pki / "ca.crt"), "-CAkey", str(pki / "ca.key"), "-CAcreateserial"]
+        run(
+            [
+                "openssl",
+                "x509",
+                "-req",
+                "-in",
+                str(csr),
+                *ca,
+                "-out",
+                str(crt),
+                "-days",
+                "2",
+                "-extfile",
+                str(ext),
+            ]
+        )
+        return crt, key
+
+    def _upstream_context(self) -> ssl.SSLContext:
+        pki = self.plane.workdir / "pki"
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        return ctx
+
+    def decide(self, method: str, path: str) -> int | None:
+        """The status to answer with instead of forwarding, or None."""
+        if not self.inject(method, path):
+            return None
+        with self._lock:
+            if self.rng.random() >= self.share:
+                return None
+            status = self.rng.choice(self.statuses)
+            self.injected[f"{status} {method}"] += 1
+            return status
+
+    def start(self) -> FaultProxy:
+        crt, key = self._certificate()
+        proxy = self
+        upstream = ("127.0.0.1", self.plane.apiserver_port)
+        upstream_ctx = self._upstream_context()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _answer(self, status: int) -> None:
+                reason = {409: "Conflict", 429: "TooManyRequests", 500: "InternalError"}.get(
+                    status, "ServiceUnavailable"
+                )
+                body = json.dumps(
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "metadata": {},
+                        "status": "Failure",
+                        "message": f"injected by the fault proxy ({status})",
+                        "reason": reason,
+                        "details": {"retryAfterSeconds": 1} if status == 429 else {},
+                        "code": status,
+                    }
+                ).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                if status == 429:
+                    self.send_header("Retry-After", "1")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                status = proxy.decide(self.command, self.path)
+                if status is not None:
+                    self._answer(status)
+                    return
+                with proxy._lock:
+                    proxy.forwarded[self.command] += 1
+                conn = http.client.HTTPSConnection(*upstream, context=upstream_ctx, timeout=330)
+                try:
+                    headers = {
+                        k: v
+                        for k, v in self.headers.items()
+                        if k.lower() not in {"host", "connection", "transfer-encoding"}
+                    }
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    self.send_response(resp.status, resp.reason)
+                    chunked = resp.getheader("Transfer-Encoding", "").lower() == "chunked"
+                    for k, v in resp.getheaders():
+                        if k.lower() not in {"transfer-encoding", "connection", "content-length"}:
+                            self.send_header(k, v)
+                    if chunked:
+                        self.send_header("Transfer-Encoding", "chunked")
+                        self.end_headers()
+                        with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
+                            # A watch ends when either side goes away.
+                            while chunk := resp.read1(65536):
+                                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                                self.wfile.flush()
+                        self.wfile.write(b"0\r\n\r\n")
+                    else:
+                        data = resp.read()
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data)
+                    self.wfile.flush()
+                finally:
+                    conn.close()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward  # noqa: N815
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client or the API server hung up: nothing to report
+
+        server = Server(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(crt), str(key))
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        self._server, self.port = server, server.server_address[1]
+        threading.Thread(target=server.serve_forever, name="fault-proxy", daemon=True).start()
+        return self
+
+    def kubeconfig(self) -> Path:
+        """The admin kubeconfig with the proxy as the server."""
+        text = self.plane.kubeconfig.read_text().replace(
+            self.plane.server, f"https://127.0.0.1:{self.port}"
+        )
+        path = self.workdir / "kubeconfig-via-proxy"
+        path.write_text(text)
+        return path
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
