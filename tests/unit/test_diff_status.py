@@ -484,3 +484,20 @@ def test_store_keeps_pods_without_their_spec() -> None:
     [kept] = store.owned("Pod", "n", "b")
     assert "spec" not in kept and kept["status"] == {"phase": "Running"}
     assert "spec" in pod  # the caller's object is untouched
+
+
+def test_named_lists_match_by_name_in_any_order_with_others_entries_left_alone() -> None:
+    desired = {"env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]}
+    shuffled = {
+        "env": [
+            {"name": "X", "value": "sidecar"},
+            {"name": "B", "value": "2"},
+            {"name": "A", "value": "1"},
+        ]
+    }
+    assert contains(shuffled, desired)
+    assert not contains({"env": [{"name": "A", "value": "1"}]}, desired)  # ours removed
+    assert not contains(
+        {"env": [{"name": "A", "value": "9"}, {"name": "B", "value": "2"}]}, desired
+    )
+    assert not contains({"args": ["--b", "--a"]}, {"args": ["--a", "--b"]})  # args keep order

@@ -48,8 +48,8 @@ def _same_quantity(a: Any, b: Any) -> bool:
 def contains(observed: Any, desired: Any, key: str = "", parent: str = "") -> bool:
     """True when every field of `desired` is in `observed` with an equal value.
 
-    Maps may hold more keys than desired (server defaults, other managers); lists must
-    match element by element, since the operator owns them whole.
+    Maps may hold more keys than desired (server defaults, other managers). Lists of named
+    entries are matched by name; other lists (args, tolerations) element by element.
     """
     if desired == {}:
         return True  # an empty map asks for nothing
@@ -60,6 +60,12 @@ def contains(observed: Any, desired: Any, key: str = "", parent: str = "") -> bo
         if not isinstance(observed, dict):
             return False
         return all(contains(observed.get(k), v, k, key) for k, v in desired.items())
+    if isinstance(desired, list) and _named(desired) and _named(observed or []):
+        # containers, env, ports, volumes, volumeMounts: server-side apply merges these by
+        # name, keeping its position for an entry that exists and any entry another manager
+        # added (a sidecar); ours must each be there, the order and the others do not count.
+        by_name = {o["name"]: o for o in observed or []}
+        return all(contains(by_name.get(d["name"]), d, key, parent) for d in desired)
     if isinstance(desired, list):
         observed = [] if observed is None else observed
         if not isinstance(observed, list) or len(observed) != len(desired):
@@ -70,6 +76,10 @@ def contains(observed: Any, desired: Any, key: str = "", parent: str = "") -> bo
     if parent in _QUANTITY_PARENTS or key in _QUANTITY_KEYS:
         return _same_quantity(observed, desired)
     return False
+
+
+def _named(items: Any) -> bool:
+    return isinstance(items, list) and all(isinstance(i, dict) and "name" in i for i in items)
 
 
 def needs_apply(desired: dict[str, Any], observed: dict[str, Any] | None) -> bool:
