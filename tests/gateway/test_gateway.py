@@ -278,3 +278,20 @@ def test_no_first_byte_in_time_falls_back(tmp_path: Path) -> None:
             took = time.monotonic() - start
     assert resp.status_code == 200 and resp.headers["x-fabric-backend"] == "ns/q"
     assert took < 4, f"fell back after {took:.1f}s"
+
+
+def test_a_dead_replica_is_skipped_for_the_backends_next_one(tmp_path: Path) -> None:
+    with upstream("dead") as dead:
+        pass  # stopped: its port refuses connections, as a pod that just died
+    with upstream("alive") as alive:
+        cfg = {
+            "requireKeys": False,
+            "backends": [{"id": "ns/m", "model": "m", "baseURLs": [dead.url, alive.url]}],
+        }
+        with gateway(config=cfg, workdir=tmp_path) as gw:
+            answers = [
+                httpx.post(gw.url + "/v1/chat/completions", json={"model": "m", **CHAT})
+                for _ in range(4)
+            ]
+    assert [a.status_code for a in answers] == [200] * 4
+    assert {a.headers["x-upstream"] for a in answers} == {"alive"}

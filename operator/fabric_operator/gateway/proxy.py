@@ -253,7 +253,7 @@ class Gateway:
                 content = json.dumps({**call.payload, "model": backend.upstream_model}).encode()
             headers = [*call.headers, *backend.header_bytes]
             try:
-                response = await self.client.post(backend.pick() + call.suffix, content, headers)
+                response = await self._post(backend, call.suffix, content, headers)
             except UpstreamTimeoutError:
                 self.metrics.upstream_errors.labels(backend.id, "timeout").inc()
                 failure = HTTPError(
@@ -281,6 +281,20 @@ class Gateway:
             return
         assert failure is not None
         raise failure
+
+    async def _post(
+        self, backend: Backend, suffix: str, content: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> Response:
+        """One backend: a replica that refuses the connection (it died before the
+        Endpoints said so) is skipped for the next ready one; nothing was sent yet."""
+        for attempt in range(len(backend.urls)):
+            try:
+                return await self.client.post(backend.pick() + suffix, content, headers)
+            except UpstreamUnreachableError:
+                if attempt == len(backend.urls) - 1:
+                    raise
+                self.metrics.upstream_errors.labels(backend.id, "unreachable").inc()
+        raise AssertionError("unreachable: a backend without URLs is skipped before")
 
     async def _pass_through(self, response: Response, backend: Backend, call: Call) -> None:
         """The upstream's status, headers and body, chunk by chunk as they arrive."""
