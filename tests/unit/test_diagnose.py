@@ -90,6 +90,17 @@ def pod(
             'secret "k" not found',
         ),
         (
+            [
+                pod(
+                    phase="Running",
+                    waiting="CrashLoopBackOff",
+                    last={"exitCode": 128, "reason": "StartError", "message": "no such flag"},
+                )
+            ],
+            "CrashLoopBackOff",
+            "code 128 (4 restarts): StartError: no such flag; see kubectl logs",
+        ),
+        (
             [pod(init=True, waiting="CrashLoopBackOff", last={"exitCode": 1})],
             "CrashLoopBackOff",
             "init container engine keeps exiting",

@@ -65,13 +65,15 @@ def _pod_problem(pod: dict[str, Any]) -> Diagnosis | None:
             )
         elif reason == "CrashLoopBackOff":
             code = last.get("exitCode")
+            # A container that failed to start has no logs: its termination says why.
+            why = ": ".join(str(last[k])[:300] for k in ("reason", "message") if last.get(k))
             found.append(
                 Diagnosis(
                     CRASH_LOOP,
                     f"pod {name} {what} keeps exiting"
                     f"{f' with code {code}' if code is not None else ''} "
                     f"({cs.get('restartCount', 0)} restarts): "
-                    "see kubectl logs",
+                    f"{why + '; ' if why and why != 'Error' else ''}see kubectl logs",
                 )
             )
     for cond in (pod.get("status") or {}).get("conditions") or []:
