@@ -242,8 +242,10 @@ def test_compute_messages_and_fields() -> None:
         "replicas": 2,
         "readyReplicas": 1,
         "ready": "1/2",
+        "restarts": 0,
         "selector": "llm.fabric.dev/backend=qwen",
     }
+    assert compute(b, None, None, None, restarts=3)["restarts"] == 3
     messages = {c["type"]: c["message"] for c in status["conditions"]}
     assert messages["Ready"] == "1/2 replicas ready"
     assert messages["Progressing"] == "rolling out: 1/2 updated, 1/2 replicas ready"

@@ -175,3 +175,21 @@ def test_new_children_are_applied_without_force_seen_ones_with() -> None:
     dep["spec"]["replicas"] = 5  # drift
     rec.reconcile("n", "m")
     assert kube.forced == [False, False, True]
+
+
+def test_status_counts_container_restarts_of_live_pods() -> None:
+    kube = FakeKube()
+    rec, store = reconciler(kube)
+    for name, restarts, deleting in (("p1", 2, False), ("p2", 1, False), ("old", 9, True)):
+        meta: dict[str, Any] = {
+            "name": name,
+            "namespace": "n",
+            "labels": {"llm.fabric.dev/backend": "m"},
+        }
+        if deleting:
+            meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        store.put(
+            "Pod", {"metadata": meta, "status": {"containerStatuses": [{"restartCount": restarts}]}}
+        )
+    rec.reconcile("n", "m")
+    assert kube.statuses[-1]["restarts"] == 3

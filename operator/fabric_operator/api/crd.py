@@ -120,6 +120,7 @@ PRINTER_COLUMNS = [
     _column("Age", ".metadata.creationTimestamp", kind="date"),
     _column("GPUs", ".spec.resources.gpu.count", kind="integer", priority=1),
     _column("Reason", '.status.conditions[?(@.type=="Ready")].reason', priority=1),
+    _column("Restarts", ".status.restarts", kind="integer", priority=1),
 ]
 
 

@@ -607,6 +607,11 @@ class LLMBackendStatus(Model):
     replicas: int | None = Field(default=None, description="Replicas the Deployment has.")
     ready_replicas: int | None = Field(default=None, description="Replicas ready to serve.")
     ready: str | None = Field(default=None, description="Ready/desired replicas, e.g. 1/1.")
+    restarts: int | None = Field(
+        default=None,
+        description="Container restarts across the current pods: a crash the pods "
+        "recovered from shows here even when the backend is Ready again.",
+    )
     selector: str | None = Field(
         default=None, description="Label selector of the pods (for the scale subresource)."
     )

@@ -89,7 +89,8 @@ class Reconciler:
             else:
                 self._prune(backend, keep={m["kind"] for m in desired})
         deployment = self.store.get("Deployment", namespace, name)
-        diagnosis = diagnose(self.store.owned("Pod", namespace, name))
+        pods = self.store.owned("Pod", namespace, name)
+        diagnosis = diagnose(pods)
         status = st.compute(
             backend,
             deployment,
@@ -97,6 +98,7 @@ class Reconciler:
             previous,
             diagnosis=diagnosis,
             cluster_domain=self.settings.cluster_domain,
+            restarts=_restarts(pods),
         )
         self._report(obj, status, applied)
         if transient is not None:
@@ -253,6 +255,15 @@ def _change(before: dict[str, Any] | None, manifest: dict[str, Any]) -> str:
         "Restored"
         if old_hash == manifest["metadata"]["annotations"][HASH_ANNOTATION]
         else "Updated"
+    )
+
+
+def _restarts(pods: list[dict[str, Any]]) -> int:
+    return sum(
+        int(cs.get("restartCount") or 0)
+        for pod in pods
+        if not (pod.get("metadata") or {}).get("deletionTimestamp")
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []
     )
 
 

@@ -138,6 +138,7 @@ def compute(
     diagnosis: Diagnosis | None = None,
     cluster_domain: str = "cluster.local",
     timestamp: str | None = None,
+    restarts: int = 0,
 ) -> dict[str, Any]:
     """The whole status; `previous` supplies transition times that did not change."""
     rollout = _rollout(backend, deployment, diagnosis)
@@ -169,6 +170,7 @@ def compute(
         "replicas": rollout["replicas"],
         "readyReplicas": rollout["readyReplicas"],
         "ready": f"{rollout['readyReplicas']}/{backend.spec.replicas}",
+        "restarts": restarts,
         "selector": f"{BACKEND_LABEL}={backend.name}",
         "conditions": conditions,
     }
