@@ -191,7 +191,6 @@ DRIFTS: dict[str, Drift] = {
         applies=2,
         recreates=("Deployment", "Service"),
     ),
-    # Edits the operator does not undo today (xfail below, with the cause).
     "managed-by-changed": Drift(
         "Deployment label app.kubernetes.io/managed-by -> helm",
         lambda c, ns, n: c.apps.patch_namespaced_deployment(
@@ -216,21 +215,13 @@ DRIFTS: dict[str, Drift] = {
     ),
 }
 
-LABEL_FILTER_BUG = (
-    "operator bug: handlers.py subscribes to children with kopf's client-side label filter "
-    "labels={managed-by: fabric-operator}; once a child's label no longer matches, kopf drops "
-    "its events, the store keeps the stale labelled copy and diff.needs_apply sees no drift, so "
-    "the child is never restored (and after its ownerReference is removed too, never garbage "
-    "collected). Fix: watch the children without the label filter (or also by name/owner "
-    "reference) and queue the backend of the same name"
-)
+# Fixed since: children are watched without a label filter (a relabelled child is restored)
+# and diff.contains matches named lists by name (no endless re-apply over foreign entries).
 MERGE_LIST_BUG = (
-    "operator bug: diff.contains compares lists whole, but server-side apply merges "
-    "associative lists (containers, env, ports, volumes) by key and keeps entries another "
-    "field manager added; the apply in reconciler._apply cannot remove them, so the drift "
-    "stays and every later event re-applies and posts another 'Restored' event. Fix: after "
-    "the apply, remove foreign entries (JSON patch with a resourceVersion test, or a strategic "
-    "merge patch with $patch: delete), and never re-apply an object the last apply left as is"
+    "gap: server-side apply merges associative lists (containers, env, ports, volumes) by key "
+    "and keeps entries another field manager added; diff.contains now tolerates them (no "
+    "endless re-apply), but nothing removes them. Fix: remove foreign entries with a JSON "
+    "patch guarded by resourceVersion, or leave them by design (webhook-injected sidecars)"
 )
 SERVICE_PORT_BUG = (
     "operator bug: a Service's ports are merged by server-side apply on (port, protocol); the "
@@ -242,7 +233,6 @@ SERVICE_PORT_BUG = (
 )
 XFAIL = {
     "service-port": SERVICE_PORT_BUG,
-    "managed-by-changed": LABEL_FILTER_BUG,
     "env-injected": MERGE_LIST_BUG,
     "sidecar-injected": MERGE_LIST_BUG,
 }
@@ -346,7 +336,6 @@ def test_drift_log(drift_operator: OperatorProcess) -> None:
     assert not failed
 
 
-@pytest.mark.xfail(strict=True, reason=LABEL_FILTER_BUG)
 def test_relabelled_child_is_not_leaked(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
@@ -382,14 +371,12 @@ def test_relabelled_child_is_not_leaked(
 
 
 ORDER_BUG = (
-    "operator bug: server-side apply keeps the position of env entries that already exist "
-    "and appends new ones, so after a spec change (here llamacpp -> ollama) the Deployment's "
-    "env is [USER, OLLAMA_HOST, ...] instead of the rendered [OLLAMA_HOST, ..., USER] (a "
-    "user's $(OLLAMA_HOST) reference no longer expands); diff.contains compares lists by "
-    "position, so needs_apply stays true: every later event and every operator restart "
-    "re-applies the Deployment and posts another 'Restored' event. Fix: compare named lists "
-    "by name in diff.contains where order is meaningless, and where it matters (env) replace "
-    "the list in order (JSON patch guarded by resourceVersion) when only the order differs"
+    "gap: server-side apply keeps the position of env entries that already exist and appends "
+    "new ones, so after a spec change (here llamacpp -> ollama) the Deployment's env is "
+    "[USER, OLLAMA_HOST, ...] instead of the rendered [OLLAMA_HOST, ..., USER] (a user's "
+    "$(OLLAMA_HOST) reference no longer expands). diff.contains now matches env by name, so "
+    "there is no endless re-apply; the order itself is not restored. Fix: replace the list "
+    "in order (JSON patch guarded by resourceVersion) when only the order differs"
 )
 
 
