@@ -27,6 +27,7 @@ QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 MAX_NAME = 63
+MAX_ANNOTATIONS = 256 * 1024  # apimachinery's total size of an object's annotations
 
 GPU_ENGINES = {Engine.VLLM, Engine.TGI}
 SOURCES_BY_ENGINE = {
@@ -324,6 +325,17 @@ def check_kubernetes_syntax(backend: LLMBackend) -> Iterator[Problem]:
             yield Problem(
                 f"spec.tolerations[{i}].tolerationSeconds", "only applies to effect NoExecute"
             )
+    if annotations and sum(len(k) + len(v) for k, v in annotations.items()) > MAX_ANNOTATIONS:
+        yield Problem("spec.service.annotations", "more than 256 KiB in total")
+    pull = [s.name for s in spec.image_pull_secrets or []]
+    if len(set(pull)) != len(pull):
+        yield Problem("spec.imagePullSecrets", "names a Secret more than once")
+    for i, arg in enumerate(spec.extra_args or []):
+        if "\x00" in arg:
+            yield Problem(f"spec.extraArgs[{i}]", "contains a NUL character")
+    for i, env in enumerate(spec.env or []):
+        if env.value and "\x00" in env.value:
+            yield Problem(f"spec.env[{i}].value", "contains a NUL character")
     names = [("spec.priorityClassName", spec.priority_class_name)]
     names += [
         (f"spec.imagePullSecrets[{i}].name", s.name)

@@ -252,7 +252,6 @@ DUPLICATE_KEYS_GAP = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=DUPLICATE_KEYS_GAP)
 def test_duplicate_list_keys_never_reach_apply(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:

@@ -167,7 +167,6 @@ EXEC_GAP = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=EXEC_GAP)
 @pytest.mark.parametrize(
     ("spec", "field"),
     [
@@ -215,7 +214,6 @@ PARTIAL_CHILDREN_BUG = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=PARTIAL_CHILDREN_BUG)
 def test_service_annotations_too_large_leave_no_half_made_backend(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:

@@ -357,7 +357,7 @@ class EnvVar(Model):
     """An environment variable for the engine container, as in core/v1."""
 
     name: str = Field(description="Variable name.", min_length=1, pattern=ENV_NAME_PATTERN)
-    value: str | None = Field(default=None, description="Literal value.")
+    value: str | None = Field(default=None, max_length=32768, description="Literal value.")
     value_from: dict[str, Any] | None = Field(
         default=None,
         description="Source of the value (secretKeyRef, configMapKeyRef, fieldRef...), as in "
@@ -473,8 +473,9 @@ class LLMBackendSpec(Model):
     engine_options: EngineOptions | None = Field(
         default=None, description="Typed engine settings (context length, parallelism...)."
     )
-    extra_args: list[str] | None = Field(
+    extra_args: list[Annotated[str, Field(max_length=32768)]] | None = Field(
         default=None,
+        max_length=256,
         description="Extra command-line arguments appended to the engine's own.",
     )
     env: list[EnvVar] | None = Field(
