@@ -238,12 +238,11 @@ NON_BMP_BUG = (
     "operator bug: kube.Kube.apply passes the manifest as a dict with content type "
     "application/apply-patch+yaml; the kubernetes client (rest.py) serializes it with "
     "json.dumps, whose ensure_ascii escapes characters beyond U+FFFF as UTF-16 surrogate "
-    "pairs ('\\ud83e\\udd99'), which the API server's YAML decoder refuses ('yaml: found "
-    "invalid Unicode character escape code'): any emoji or other non-BMP character in a spec "
-    "field that reaches a child (servedModelName, env, extraArgs, annotations...) makes the "
-    "backend ApplyFailed forever. Fix: in Kube.apply send "
-    "json.dumps(manifest, ensure_ascii=False).encode() as the body (the client passes bytes "
-    "through unchanged)"
+    "pairs, which the API server's YAML decoder refuses ('yaml: found invalid Unicode "
+    "character escape code'): an emoji in a spec field that reaches a child makes the "
+    "backend ApplyFailed forever. Fix: send the body serialized with ensure_ascii=False; "
+    "client 37 refuses bytes bodies (pydantic validate_call), so the request must be made "
+    "below the generated API (api_client.call_api or the REST client)"
 )
 
 
