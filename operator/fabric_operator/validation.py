@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kubernetes.utils.quantity import parse_quantity
 from pydantic import ValidationError
 
 from fabric_operator.api.backend import LLMBackend
@@ -336,6 +337,7 @@ def check_kubernetes_syntax(backend: LLMBackend) -> Iterator[Problem]:
     for i, env in enumerate(spec.env or []):
         if env.value and "\x00" in env.value:
             yield Problem(f"spec.env[{i}].value", "contains a NUL character")
+    yield from _resource_problems(backend)
     names = [("spec.priorityClassName", spec.priority_class_name)]
     names += [
         (f"spec.imagePullSecrets[{i}].name", s.name)
@@ -377,6 +379,26 @@ def _selector_problems(field: str, selector: LabelSelector | None) -> Iterator[P
             yield Problem(f"{where}.values", f"operator {req.operator} needs values")
         if req.operator in ("Exists", "DoesNotExist") and req.values:
             yield Problem(f"{where}.values", f"must be empty for operator {req.operator}")
+
+
+def _resource_problems(backend: LLMBackend) -> Iterator[Problem]:
+    resources = backend.spec.resources
+    if resources is None or resources.requests is None or resources.limits is None:
+        return
+    for name in ("cpu", "memory"):
+        request, limit = getattr(resources.requests, name), getattr(resources.limits, name)
+        if request is None or limit is None:
+            continue
+        try:
+            above = parse_quantity(request) > parse_quantity(limit)  # type: ignore[no-untyped-call]
+        except (ValueError, ArithmeticError):
+            yield Problem(f"spec.resources.{name}", "is not a valid quantity")
+            continue
+        if above:
+            yield Problem(
+                "spec.resources",
+                f"requests.{name} {request} is above limits.{name} {limit}",
+            )
 
 
 def check_network_policy(backend: LLMBackend) -> Iterator[Problem]:
@@ -437,6 +459,19 @@ def check_placement(backend: LLMBackend, config: OperatorConfig) -> Iterator[Pro
         yield Problem(
             "spec.strategy", "maxSurge and maxUnavailable apply to RollingUpdate, not Recreate"
         )
+    if strategy is not None:
+        yield from _rollout_problems(strategy.max_surge, strategy.max_unavailable)
+
+
+def _rollout_problems(surge: int | str | None, unavailable: int | str | None) -> Iterator[Problem]:
+    """apps/v1's own rules for a RollingUpdate, checked before anything is applied."""
+    for name, value in (("maxSurge", surge), ("maxUnavailable", unavailable)):
+        if isinstance(value, int) and value < 0:
+            yield Problem(f"spec.strategy.{name}", "must not be negative")
+    if isinstance(unavailable, str) and unavailable.endswith("%") and int(unavailable[:-1]) > 100:
+        yield Problem("spec.strategy.maxUnavailable", "must not be more than 100%")
+    if surge in (0, "0%") and unavailable in (0, "0%"):
+        yield Problem("spec.strategy", "maxSurge and maxUnavailable cannot both be 0")
 
 
 def validate(

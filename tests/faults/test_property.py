@@ -437,17 +437,9 @@ KNOWN_BUGS: dict[str, tuple[Callable[[str], bool], str]] = {
         lambda m: bool(re.search(r"resources\.(requests|limits)", m)),
         "test_schema_refusals.py::test_resources_the_api_server_refuses_never_reach_apply",
     ),
-    "duplicate imagePullSecrets": (
-        lambda m: "imagePullSecrets: duplicate entries" in m,
-        "test_schema_refusals.py::test_duplicate_list_keys_never_reach_apply",
-    ),
     "rollout strategy refused only at apply": (
         lambda m: "spec.strategy.rollingUpdate" in m,
         "test_schema_refusals.py::test_rollout_strategies_the_api_server_refuses_never_reach_apply",
-    ),
-    "annotations too large, half-made backend": (
-        lambda m: "metadata.annotations: Too long" in m,
-        "test_strange_values.py::test_service_annotations_too_large_leave_no_half_made_backend",
     ),
 }
 

@@ -191,18 +191,6 @@ def test_unknown_fields_refused_by_kubectl_and_never_stored(
     assert "x" not in (stored["spec"].get("resources") or {}).get("gpu", {})
 
 
-RESOURCES_GAP = (
-    "validation gap: resource quantities the API server refuses in a Deployment pass the CRD "
-    "schema (QUANTITY_PATTERN in api/v1alpha1.py allows a sign) and validation.py (no "
-    "check of sign or requests <= limits), so the operator applies the Deployment, the API "
-    "server refuses it, and the LLMBackend ends as ApplyFailed, retried every 300 s, instead "
-    "of being refused by the schema or marked InvalidSpec. Fix: drop '(\\+|-)?' from "
-    "QUANTITY_PATTERN (or a validation rule: quantities >= 0) and check requests <= limits "
-    "per resource in validation.check_kubernetes_syntax"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=RESOURCES_GAP)
 @pytest.mark.parametrize(
     ("resources", "field"),
     [
@@ -276,17 +264,6 @@ def test_duplicate_list_keys_never_reach_apply(
     assert "spec.imagePullSecrets" in degraded.get("message", "")
 
 
-STRATEGY_GAP = (
-    "validation gap: spec.strategy.maxSurge/maxUnavailable are int-or-string with a pattern "
-    "that only constrains strings (api/v1alpha1.py IntOrPercent): a negative integer, both "
-    "set to 0, or a percentage over 100% for maxUnavailable pass the schema and "
-    "validation.check_placement, and the API server refuses the Deployment: ApplyFailed "
-    "instead of InvalidSpec. Fix: minimum 0 for the integer form, and in validation.py "
-    "the Deployment rules (not both 0; maxUnavailable <= 100%)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=STRATEGY_GAP)
 @pytest.mark.parametrize(
     "strategy",
     [

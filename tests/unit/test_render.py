@@ -458,10 +458,10 @@ def test_user_env_comes_after_the_engine_env(engine: str) -> None:
         ("llamacpp", {"gpu": {"count": 0}, "requests": {}}, {}),
         (
             "llamacpp",
-            {"requests": {"cpu": 4, "memory": "8Gi"}, "limits": {"cpu": "500m", "memory": 1024}},
+            {"requests": {"cpu": "500m", "memory": 1024}, "limits": {"cpu": 4, "memory": "8Gi"}},
             {
-                "requests": {"cpu": "4", "memory": "8Gi"},
-                "limits": {"cpu": "500m", "memory": "1024"},
+                "requests": {"cpu": "500m", "memory": "1024"},
+                "limits": {"cpu": "4", "memory": "8Gi"},
             },
         ),
         (

@@ -462,3 +462,30 @@ def test_network_policy_peers_the_api_server_would_refuse(
 def test_env_listed_twice_is_refused() -> None:
     env = [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]
     assert problems("llamacpp", env=env) == [("spec.env[1].name", "A is listed twice")]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (
+            {"resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}},
+            [("spec.resources", "requests.memory 2Gi is above limits.memory 1Gi")],
+        ),
+        (
+            {"strategy": {"type": "RollingUpdate", "maxSurge": 0, "maxUnavailable": "0%"}},
+            [("spec.strategy", "maxSurge and maxUnavailable cannot both be 0")],
+        ),
+        (
+            {"strategy": {"type": "RollingUpdate", "maxUnavailable": "150%"}},
+            [("spec.strategy.maxUnavailable", "must not be more than 100%")],
+        ),
+        (
+            {"strategy": {"type": "RollingUpdate", "maxSurge": -1}},
+            [("spec.strategy.maxSurge", "must not be negative")],
+        ),
+    ],
+)
+def test_resources_and_rollouts_the_api_server_would_refuse(
+    fields: dict[str, Any], expected: list[tuple[str, str]]
+) -> None:
+    assert problems("llamacpp", **fields) == expected

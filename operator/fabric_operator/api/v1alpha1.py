@@ -21,8 +21,9 @@ SHORT_NAMES = ["llmb"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
 # Kubernetes' own pattern for resource quantities (apimachinery resource.Quantity).
+# Without the sign apimachinery allows: a negative request or limit is refused anyway.
 QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
+    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
     r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -30,7 +31,13 @@ ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 
 Quantity = Annotated[
     int | str,
-    Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}),
+    Field(
+        json_schema_extra={
+            "x-kubernetes-int-or-string": True,
+            "pattern": QUANTITY_PATTERN,
+            "minimum": 0,
+        }
+    ),
 ]
 
 
@@ -372,7 +379,13 @@ class StrategyType(StrEnum):
 
 IntOrPercent = Annotated[
     int | str,
-    Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": r"^[0-9]+%?$"}),
+    Field(
+        json_schema_extra={
+            "x-kubernetes-int-or-string": True,
+            "pattern": r"^[0-9]+%?$",
+            "minimum": 0,
+        }
+    ),
 ]
 
 
