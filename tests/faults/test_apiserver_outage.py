@@ -158,27 +158,11 @@ def test_operator_survives_outage_and_converges(outage: Outage) -> None:
     assert not outage.tracebacks, outage.tracebacks[:3]
 
 
-APISERVER_HEALTH = (
-    "operator gap: /healthz is kopf's probe endpoint, which only runs the registered "
-    "@kopf.on.probe handlers (cached 10 s); handlers.probe returns Controller.health(), which "
-    "only counts failed reconciles (errors, lastError): they show a connection error only if a "
-    "reconcile happened to run during the outage, are never cleared after recovery, and look "
-    "the same as any other failure; kopf itself only logs 'Request attempt #n failed' for its "
-    "watches. Needed: the controller "
-    "tracks API reachability (watch-stream errors from kopf's log or a periodic cheap GET "
-    "such as /version; reconcile errors of connection type) and health() reports it as "
-    "controller.apiServer = {reachable: bool, since: time, lastError: str}, keeping HTTP 200 "
-    "(liveness must not fail, or the kubelet restarts it in a loop); /metrics could expose a "
-    "fabric_operator_apiserver_reachable gauge"
-)
-
-
 def _reachable(p: Probe) -> Any:
     api = ((p.body or {}).get("controller") or {}).get("apiServer")
     return api.get("reachable") if isinstance(api, dict) else None
 
 
-@pytest.mark.xfail(strict=True, reason=APISERVER_HEALTH)
 def test_healthz_reports_the_outage(outage: Outage) -> None:
     during = [_reachable(p) for p in outage.during if p.at > 12]  # after kopf's 10 s cache
     after = [_reachable(p) for p in outage.after]

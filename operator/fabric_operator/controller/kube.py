@@ -25,6 +25,7 @@ FIELD_MANAGER = "fabric-operator"
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
 TIMEOUT = (5, 30)
+PING_TIMEOUT = 3.0
 
 
 def api_message(err: ApiException) -> str:
@@ -43,6 +44,7 @@ class Kube:
         self.apps = client.AppsV1Api(api_client)
         self.core = client.CoreV1Api(api_client)
         self.networking = client.NetworkingV1Api(api_client)
+        self.version = client.VersionApi(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.requests: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -50,6 +52,23 @@ class Kube:
     def _count(self, verb: str, resource: str) -> None:
         with self._lock:
             self.requests[f"{verb} {resource}"] += 1
+
+    def backend_exists(self, namespace: str, name: str) -> bool:
+        self._count("get", "llmbackends")
+        try:
+            self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=TIMEOUT
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    def ping(self) -> None:
+        """GET /version: is the API server there? Not counted with the reconcile requests
+        (it is the health report's, on a fixed period, whatever the backends do)."""
+        self.version.get_code(_request_timeout=PING_TIMEOUT)
 
     def request_counts(self) -> dict[str, int]:
         """A copy taken under the lock: worker threads add keys while /metrics reads."""

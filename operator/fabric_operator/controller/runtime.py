@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # namespace, name of an LLMBackend
 TRIM_SECONDS = 10.0
+PING_SECONDS = 5.0
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -53,9 +55,11 @@ class Controller:
         self.leading = leading
         self.queue: WorkQueue[Key] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._checks: set[asyncio.Task[None]] = set()
         self.reconciles = 0
         self.errors = 0
         self.last_error: str | None = None
+        self.api_server: dict[str, Any] = {"reachable": None, "since": None, "lastError": None}
 
     async def start(self) -> None:
         self.queue = WorkQueue()
@@ -63,6 +67,28 @@ class Controller:
         if self.leading is not None:
             self._tasks.append(asyncio.create_task(self._resync_on_leading()))
         self._tasks.append(asyncio.create_task(self._give_back_memory()))
+        self._tasks.append(asyncio.create_task(self._watch_api_server()))
+
+    async def _watch_api_server(self) -> None:
+        """Whether the API server answers, for /healthz (which stays 200: a liveness
+        failure would only restart the operator into the same outage)."""
+        while True:
+            try:
+                await asyncio.to_thread(self.reconciler.kube.ping)
+                reachable, error = True, None
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # any failure to get an answer is "unreachable"
+                reachable, error = False, f"{type(err).__name__}: {err}"[:300]
+            if reachable != self.api_server.get("reachable"):
+                self.api_server["since"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                if not reachable:
+                    log.warning("API server unreachable: %s", error)
+                elif self.api_server.get("reachable") is False:
+                    log.info("API server reachable again")
+            self.api_server["reachable"] = reachable
+            self.api_server["lastError"] = error or self.api_server.get("lastError")
+            await asyncio.sleep(PING_SECONDS)
 
     async def _give_back_memory(self) -> None:
         """After a burst (the initial listing, a mass update) glibc keeps the freed heap;
@@ -126,7 +152,27 @@ class Controller:
             if self.store.get(BACKEND, namespace, owner) is None:
                 return
             key = (namespace, owner)
+            if event.get("type") == "DELETED" and kind != "Pod":
+                # Deleted by hand (drift), or by the garbage collector because the backend
+                # is gone and a watch restart hid its deletion: only the API can tell.
+                check = asyncio.create_task(self._requeue_if_alive(key))
+                self._checks.add(check)  # held until done: the loop keeps only weak refs
+                check.add_done_callback(self._checks.discard)
+                return
         if self.queue is not None:
+            self.queue.add(key)
+
+    async def _requeue_if_alive(self, key: Key) -> None:
+        try:
+            alive = await asyncio.to_thread(self.reconciler.kube.backend_exists, *key)
+        except Exception:  # unsure: reconcile as usual, the children are recreated
+            alive = True
+        if not alive:
+            log.info("%s/%s is gone (its deletion was missed): forgetting it", *key)
+            self.store.delete(BACKEND, *key)
+            if self.queue is not None:
+                self.queue.drop(key)
+        elif self.queue is not None:
             self.queue.add(key)
 
     async def _work(self, worker: int) -> None:
@@ -164,6 +210,7 @@ class Controller:
         return {
             "backends": self.store.count(BACKEND),
             "leading": self.leading is None or self.leading.is_set(),
+            "apiServer": dict(self.api_server),
             "queued": len(self.queue) if self.queue is not None else 0,
             "reconciles": self.reconciles,
             "errors": self.errors,
