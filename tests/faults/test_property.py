@@ -433,14 +433,6 @@ KNOWN_BUGS: dict[str, tuple[Callable[[str], bool], str]] = {
         lambda m: "invalid Unicode character escape" in m,
         "test_strange_values.py::test_characters_beyond_the_bmp_reach_the_children",
     ),
-    "resources refused only at apply": (
-        lambda m: bool(re.search(r"resources\.(requests|limits)", m)),
-        "test_schema_refusals.py::test_resources_the_api_server_refuses_never_reach_apply",
-    ),
-    "rollout strategy refused only at apply": (
-        lambda m: "spec.strategy.rollingUpdate" in m,
-        "test_schema_refusals.py::test_rollout_strategies_the_api_server_refuses_never_reach_apply",
-    ),
 }
 
 
