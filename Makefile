@@ -11,8 +11,8 @@ run: setup
 
 # Set everything up and run every check: lint, types, unit, chart, integration, e2e tests.
 test: setup
-	$(BIN)/ruff check operator tests
-	$(BIN)/ruff format --check operator tests
+	$(BIN)/ruff check operator tests bench
+	$(BIN)/ruff format --check operator tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest
 
