@@ -15,7 +15,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from fabric_operator.localcluster import free_port
 from tests.support.tiny_model import write_tiny_gguf
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,13 +75,6 @@ def tiny_engine_python() -> str:
     if (why := _build_impossible()) is not None:
         pytest.skip(f"tiny engine build failed: {why}")
     pytest.fail(str(got), pytrace=False)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-from tests.support.upstream import REPO, Process, free_port, wait_http
+from fabric_operator.localcluster import free_port
+from tests.support.upstream import REPO, Process, wait_http
 
 
 @contextlib.contextmanager

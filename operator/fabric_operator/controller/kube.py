@@ -26,6 +26,13 @@ APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
 TIMEOUT = (5, 30)
 PING_TIMEOUT = 3.0
+# Child kind -> (attribute holding its API, the client's method suffix, resource for counts)
+CHILD_APIS = {
+    "Deployment": ("apps", "deployment", "deployments"),
+    "Service": ("core", "service", "services"),
+    "NetworkPolicy": ("networking", "network_policy", "networkpolicies"),
+}
+COUNTED_AS = {"patch": "apply", "read": "get", "delete": "delete"}  # client method -> verb
 
 
 def api_message(err: ApiException) -> str:
@@ -52,6 +59,14 @@ class Kube:
     def _count(self, verb: str, resource: str) -> None:
         with self._lock:
             self.requests[f"{verb} {resource}"] += 1
+
+    def _child(self, method: str, kind: str, *args: Any, **kwargs: Any) -> Any:
+        """patch/read/delete_namespaced_<kind> on the API group of a child kind, counted."""
+        if kind not in CHILD_APIS:
+            raise ValueError(f"unexpected child kind {kind}")
+        group, suffix, resource = CHILD_APIS[kind]
+        self._count(COUNTED_AS[method], resource)
+        return getattr(getattr(self, group), f"{method}_namespaced_{suffix}")(*args, **kwargs)
 
     def backend_exists(self, namespace: str, name: str) -> bool:
         self._count("get", "llmbackends")
@@ -92,42 +107,14 @@ class Kube:
             "_preload_content": False,
             "_request_timeout": TIMEOUT,
         }
-        resp: Any
-        if kind == "Deployment":
-            self._count("apply", "deployments")
-            resp = self.apps.patch_namespaced_deployment(
-                meta["name"], meta["namespace"], manifest, **kwargs
-            )
-        elif kind == "Service":
-            self._count("apply", "services")
-            resp = self.core.patch_namespaced_service(
-                meta["name"], meta["namespace"], manifest, **kwargs
-            )
-        elif kind == "NetworkPolicy":
-            self._count("apply", "networkpolicies")
-            resp = self.networking.patch_namespaced_network_policy(
-                meta["name"], meta["namespace"], manifest, **kwargs
-            )
-        else:
-            raise ValueError(f"unexpected child kind {kind}")
+        resp = self._child("patch", kind, meta["name"], meta["namespace"], manifest, **kwargs)
         return self._json(resp)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """One child as the API server has it now, or None (only to settle a conflict)."""
         kwargs: dict[str, Any] = {"_preload_content": False, "_request_timeout": TIMEOUT}
-        resp: Any
         try:
-            if kind == "Deployment":
-                self._count("get", "deployments")
-                resp = self.apps.read_namespaced_deployment(name, namespace, **kwargs)
-            elif kind == "Service":
-                self._count("get", "services")
-                resp = self.core.read_namespaced_service(name, namespace, **kwargs)
-            elif kind == "NetworkPolicy":
-                self._count("get", "networkpolicies")
-                resp = self.networking.read_namespaced_network_policy(name, namespace, **kwargs)
-            else:
-                raise ValueError(f"unexpected child kind {kind}")
+            resp = self._child("read", kind, name, namespace, **kwargs)
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -139,17 +126,7 @@ class Kube:
         body = {"preconditions": {"uid": uid}, "propagationPolicy": "Background"}
         kwargs: dict[str, Any] = {"body": body, "_request_timeout": TIMEOUT}
         try:
-            if kind == "Deployment":
-                self._count("delete", "deployments")
-                self.apps.delete_namespaced_deployment(name, namespace, **kwargs)
-            elif kind == "Service":
-                self._count("delete", "services")
-                self.core.delete_namespaced_service(name, namespace, **kwargs)
-            elif kind == "NetworkPolicy":
-                self._count("delete", "networkpolicies")
-                self.networking.delete_namespaced_network_policy(name, namespace, **kwargs)
-            else:
-                raise ValueError(f"unexpected child kind {kind}")
+            self._child("delete", kind, name, namespace, **kwargs)
         except ApiException as err:
             if err.status not in (404, 409):  # gone already, or replaced by another object
                 raise

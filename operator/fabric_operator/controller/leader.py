@@ -22,8 +22,9 @@ from kubernetes.client.exceptions import ApiException
 log = logging.getLogger(__name__)
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def _micro_time(at: datetime | None = None) -> str:
+    """metav1.MicroTime, as Lease times are written."""
+    return (at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class LeaderElector:
@@ -75,8 +76,8 @@ class LeaderElector:
             "spec": {
                 "holderIdentity": self.identity,
                 "leaseDurationSeconds": int(self.lease_seconds),
-                "acquireTime": acquired or _now(),
-                "renewTime": _now(),
+                "acquireTime": acquired or _micro_time(),
+                "renewTime": _micro_time(),
                 "leaseTransitions": transitions,
             },
         }
@@ -106,9 +107,7 @@ class LeaderElector:
             return False
         body = self._lease(
             (spec.lease_transitions or 0) + (0 if mine else 1),
-            spec.acquire_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            if mine and spec.acquire_time
-            else None,
+            _micro_time(spec.acquire_time) if mine and spec.acquire_time else None,
         )
         body["metadata"]["resourceVersion"] = version  # lose the race rather than share
         try:
