@@ -290,15 +290,15 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("engine", "live", "ready", "startup_failures"),
     [
-        ("vllm", "/health", "/health", 180),
-        ("tgi", "/health", "/health", 180),
-        ("llamacpp", "/health", "/health", 180),
-        ("ollama", "/", "/api/tags", 60),
+        ("vllm", "/health", "/health", 900),
+        ("tgi", "/health", "/health", 900),
+        ("llamacpp", "/health", "/health", 900),
+        ("ollama", "/", "/api/tags", 300),
     ],
 )
 def test_probes(engine: str, live: str, ready: str, startup_failures: int) -> None:
     c = container(engine)
-    assert c["startupProbe"] == _probe(live, 10, startup_failures)
+    assert c["startupProbe"] == _probe(live, 2, startup_failures)
     assert c["livenessProbe"] == _probe(live, 10, 3)
     assert c["readinessProbe"] == _probe(ready, 5, 3)
 

@@ -107,7 +107,9 @@ def _container(backend: LLMBackend, engine: EngineContainer) -> Manifest:
     user = [e.model_dump(by_alias=True, exclude_none=True) for e in spec.env or []]
     names = {e["name"] for e in user}
     env = [e for e in engine.env if e["name"] not in names] + user
-    startup_period = 10
+    # A short startup period: every start (not only the first) waits for its first
+    # success, and /health is cheap; the failure budget stays startup_seconds.
+    startup_period = 2
     container: Manifest = {
         "name": CONTAINER_NAME,
         "image": spec.image or engine.image,
