@@ -5,14 +5,15 @@ BIN    := $(VENV)/bin
 
 .PHONY: run test setup lint crd clean
 
-# Set everything up and run the operator (on a local control plane unless KUBECONFIG is set).
+# Set everything up and run the operator; without KUBECONFIG, on a local control plane,
+# ending with the example CPU backend answering through the gateway (hack/dev.py).
 run: setup
-	$(BIN)/fabric-operator dev
+	$(BIN)/python hack/dev.py
 
 # Set everything up and run every check: lint, types, unit, chart, integration, e2e tests.
 test: setup
-	$(BIN)/ruff check operator tests bench
-	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/ruff check operator tests bench hack
+	$(BIN)/ruff format --check operator tests bench hack
 	$(BIN)/mypy
 	$(BIN)/pytest
 

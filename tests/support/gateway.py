@@ -23,10 +23,11 @@ def gateway(
     env: dict[str, str] | None = None,
     workdir: Path,
     ready_path: str = "/healthz",
+    port: int = 0,
 ) -> Iterator[Process]:
-    """The gateway on a free port; `config` is written as its static file if given.
-    Its JSON log is at workdir/gateway.log."""
-    port, metrics = free_port(), free_port()
+    """The gateway on `port` (default: a free one); `config` is written as its static file
+    if given. Its JSON log is at workdir/gateway.log."""
+    port, metrics = port or free_port(), free_port()
     flags = [f"--address=127.0.0.1:{port}", f"--metrics-address=127.0.0.1:{metrics}", *args]
     if config is not None:
         path = workdir / "gateway.yaml"

@@ -1086,7 +1086,9 @@ class ProcessNodeSimulator(NodeSimulator):
 
     `namespaces` limits it to pods there (other tests' pods are left alone); `model` is
     the tiny GGUF every model source maps onto; `workdir` holds logs, the shim and the
-    PVC folders. `start()` may skip the test (no `ip`, or the engine cannot be built)."""
+    PVC folders. With `simulate_others=False` other pods are left Pending, as on a node
+    whose kubelet cannot run them (deletions are still confirmed). `start()` may skip the
+    test (no `ip`, or the engine cannot be built)."""
 
     def __init__(
         self,
@@ -1097,9 +1099,11 @@ class ProcessNodeSimulator(NodeSimulator):
         namespaces: list[str] | None = None,
         addresses: range = ADDRESSES,
         interval: float = 0.25,
+        simulate_others: bool = True,
     ) -> None:
         super().__init__(cluster, interval)
         self.workdir, self.model, self.namespaces = workdir, model, namespaces
+        self.simulate_others = simulate_others
         self.shim_dir = workdir / "shim"
         # Its own client: pod workers call the API from their threads.
         api = config.new_client_from_config(str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
@@ -1279,6 +1283,8 @@ class ProcessNodeSimulator(NodeSimulator):
         if meta.deletion_timestamp:
             with contextlib.suppress(ApiException):
                 self.core.delete_namespaced_pod(meta.name, meta.namespace, grace_period_seconds=0)
+            return
+        if not self.simulate_others:
             return
         mode = self.fail.get(meta.labels.get(BACKEND_LABEL, ""), "run")
         if self._applied.get(meta.uid) == mode:
