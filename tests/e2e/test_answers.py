@@ -51,7 +51,7 @@ from tests.support.procsim import (
 from tests.support.upstream import Process
 
 # Generous: the first use may build the engine (~3 min on 2 busy cores), and the probes
-# run at their rendered periods (startup every 10 s, readiness every 5 s).
+# run at their rendered periods (startup every 2 s, readiness every 5 s).
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 CHART = REPO / "charts" / "fabric-operator"
