@@ -24,6 +24,7 @@ def pod(
     message: str = "",
     last: dict[str, Any] | None = None,
     unschedulable: bool = False,
+    scheduled: bool = False,
     init: bool = False,
     deleting: bool = False,
 ) -> dict[str, Any]:
@@ -37,6 +38,8 @@ def pod(
                 "message": SCHEDULER,
             }
         )
+    if scheduled:
+        conditions.append({"type": "PodScheduled", "status": "True"})
     cs: dict[str, Any] = {
         "name": "engine",
         "restartCount": 4,
@@ -113,6 +116,27 @@ def pod(
             "pod b",
         ),
         ([pod("a", phase="Running"), pod("b", unschedulable=True)], "Unschedulable", "pod b"),
+        # Scheduled, not running yet: what it waits for (an engine image pull, say).
+        (
+            [pod(scheduled=True, waiting="ContainerCreating")],
+            "Starting",
+            "pod p is scheduled and starting: container engine ContainerCreating",
+        ),
+        (
+            [pod(scheduled=True, init=True, waiting="PodInitializing")],
+            "Starting",
+            "init container engine PodInitializing",
+        ),
+        (
+            [pod("a", scheduled=True, waiting="ContainerCreating"), pod("b", phase="Running")],
+            "Loading",
+            "pod b",
+        ),
+        (
+            [pod("a", scheduled=True, waiting="ContainerCreating"), pod("b", unschedulable=True)],
+            "Unschedulable",
+            "pod b",
+        ),
     ],
 )
 def test_diagnosis(pods: list[dict[str, Any]], reason: str, words: str) -> None:
@@ -126,6 +150,22 @@ def test_healthy_or_terminating_pods_need_no_diagnosis() -> None:
     assert diagnose([]) is None
     assert diagnose([pod(phase="Running", ready=True)]) is None
     assert diagnose([pod(unschedulable=True, deleting=True)]) is None
+
+
+def test_a_scheduled_pod_without_container_statuses_is_starting() -> None:
+    bare = {
+        "metadata": {"name": "p"},
+        "status": {
+            "phase": "Pending",
+            "hostIP": "10.0.0.7",
+            "conditions": [{"type": "PodScheduled", "status": "True"}],
+        },
+    }
+    found = diagnose([bare])
+    assert found is not None and not found.failing
+    assert found.message.startswith("pod p is scheduled on 10.0.0.7 and starting: waiting")
+    # Not scheduled yet (no condition at all): nothing to say beyond the counts.
+    assert diagnose([{"metadata": {"name": "p"}, "status": {"phase": "Pending"}}]) is None
 
 
 def backend(replicas: int = 1) -> LLMBackend:
@@ -188,3 +228,13 @@ def test_one_event_per_transition_even_when_the_scheduler_message_moves() -> Non
     second = compute(backend(), None, None, first, diagnosis=diagnose([moved]))
     assert second["conditions"][2]["message"] != first["conditions"][2]["message"]
     assert transitions(first, second) == []
+
+
+def test_starting_is_a_phase_not_a_failure() -> None:
+    starting = diagnose([pod(scheduled=True, waiting="ContainerCreating")])
+    status = compute(backend(), None, None, None, diagnosis=starting)
+    assert status["phase"] == "Starting"
+    ready, _, degraded = status["conditions"]
+    assert (ready["status"], ready["reason"]) == ("False", "Starting")
+    assert "ContainerCreating" in ready["message"]
+    assert degraded["status"] == "False"

@@ -586,6 +586,7 @@ class Condition(Model):
 
 class Phase(StrEnum):
     PENDING = "Pending"
+    STARTING = "Starting"
     LOADING = "Loading"
     PROGRESSING = "Progressing"
     READY = "Ready"
@@ -610,8 +611,8 @@ class LLMBackendStatus(Model):
     )
     phase: Phase | None = Field(
         default=None,
-        description="Summary: Pending, Loading, Progressing, Ready, Stopped, Remote, Invalid, "
-        "Degraded, or what keeps pods from serving: Unschedulable, ImagePullBackOff, "
+        description="Summary: Pending, Starting, Loading, Progressing, Ready, Stopped, Remote, "
+        "Invalid, Degraded, or what keeps pods from serving: Unschedulable, ImagePullBackOff, "
         "CrashLoopBackOff, OOMKilled, CreateContainerConfigError.",
     )
     endpoint: str | None = Field(

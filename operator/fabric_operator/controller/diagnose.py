@@ -17,7 +17,8 @@ CRASH_LOOP = "CrashLoopBackOff"
 OOM_KILLED = "OOMKilled"
 CONFIG_ERROR = "CreateContainerConfigError"
 LOADING = "Loading"
-# Failures, most actionable first; Loading is not a failure (the model takes time).
+STARTING = "Starting"
+# Failures, most actionable first; Loading and Starting are not failures (they take time).
 FAILURES = (CONFIG_ERROR, IMAGE_PULL, OOM_KILLED, CRASH_LOOP, UNSCHEDULABLE)
 _PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
 _CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError"}
@@ -97,8 +98,25 @@ def _loading(pod: dict[str, Any]) -> bool:
     return ready.get("Ready") != "True"
 
 
+def _starting(pod: dict[str, Any]) -> str | None:
+    """What a scheduled pod that is not running yet waits for (an image pull of an engine
+    takes minutes: users should see it is under way, not a bare 0/1), else None."""
+    status = pod.get("status") or {}
+    scheduled = any(
+        c.get("type") == "PodScheduled" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    if status.get("phase", "Pending") != "Pending" or not scheduled:
+        return None
+    for what, cs in _containers(pod):
+        reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
+        if reason:
+            return f"{what} {reason}"
+    return "waiting for the node to start its containers"
+
+
 def diagnose(pods: Iterable[dict[str, Any]]) -> Diagnosis | None:
-    """The most actionable problem of the pods, else Loading, else None."""
+    """The most actionable problem of the pods, else Loading, else Starting, else None."""
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     problems = [d for d in map(_pod_problem, live) if d is not None]
     if problems:
@@ -110,4 +128,14 @@ def diagnose(pods: Iterable[dict[str, Any]]) -> Diagnosis | None:
             LOADING,
             f"pod {name} is running and loading the model (the startup probe allows long loads)",
         )
+    for p in live:
+        if (waits := _starting(p)) is not None:
+            name = p["metadata"]["name"]
+            host = (p.get("status") or {}).get("hostIP")
+            on = f" on {host}" if host else ""
+            return Diagnosis(
+                STARTING,
+                f"pod {name} is scheduled{on} and starting: {waits} "
+                "(the first pull of an engine image can take minutes)",
+            )
     return None
