@@ -234,19 +234,6 @@ def test_service_annotations_too_large_leave_no_half_made_backend(
     assert "spec.service.annotations" in degraded["message"]
 
 
-NON_BMP_BUG = (
-    "operator bug: kube.Kube.apply passes the manifest as a dict with content type "
-    "application/apply-patch+yaml; the kubernetes client (rest.py) serializes it with "
-    "json.dumps, whose ensure_ascii escapes characters beyond U+FFFF as UTF-16 surrogate "
-    "pairs, which the API server's YAML decoder refuses ('yaml: found invalid Unicode "
-    "character escape code'): an emoji in a spec field that reaches a child makes the "
-    "backend ApplyFailed forever. Fix: send the body serialized with ensure_ascii=False; "
-    "client 37 refuses bytes bodies (pydantic validate_call), so the request must be made "
-    "below the generated API (api_client.call_api or the REST client)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=NON_BMP_BUG)
 def test_characters_beyond_the_bmp_reach_the_children(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:

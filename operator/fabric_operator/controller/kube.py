@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import threading
 from collections import Counter
@@ -24,15 +25,38 @@ log = logging.getLogger(__name__)
 FIELD_MANAGER = "fabric-operator"
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 TIMEOUT = (5, 30)
 PING_TIMEOUT = 3.0
-# Child kind -> (attribute holding its API, the client's method suffix, resource for counts)
+# Child kind -> (attribute holding its API, the client's method suffix, resource for counts,
+# its API group's path)
 CHILD_APIS = {
-    "Deployment": ("apps", "deployment", "deployments"),
-    "Service": ("core", "service", "services"),
-    "NetworkPolicy": ("networking", "network_policy", "networkpolicies"),
+    "Deployment": ("apps", "deployment", "deployments", "/apis/apps/v1"),
+    "Service": ("core", "service", "services", "/api/v1"),
+    "NetworkPolicy": (
+        "networking",
+        "network_policy",
+        "networkpolicies",
+        "/apis/networking.k8s.io/v1",
+    ),
 }
-COUNTED_AS = {"patch": "apply", "read": "get", "delete": "delete"}  # client method -> verb
+COUNTED_AS = {"read": "get", "delete": "delete"}  # client method -> verb
+# What an apply body escapes: what YAML refuses raw (DEL, C1 controls, U+FFFE/U+FFFF, lone
+# surrogates), what YAML 1.1 reads as a line break, folded into a space inside a quoted
+# scalar (NEL: measured; U+2028, U+2029), and the BOM. json.dumps escapes C0 controls.
+_YAML_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff]")
+
+
+def apply_body(manifest: dict[str, Any]) -> bytes:
+    """A manifest as an apply-patch+yaml body: JSON (which is YAML) in UTF-8 text.
+
+    json.dumps' default, ASCII with escapes, escapes characters beyond U+FFFF as UTF-16
+    surrogate pairs, which the API server's YAML decoder refuses ('invalid Unicode
+    character escape code'); raw, it refuses control characters. So: raw text, but for
+    those, escaped (BMP characters, whose escapes YAML reads; a lone surrogate, which a
+    string from the API server never holds, stays refused)."""
+    text = json.dumps(manifest, ensure_ascii=False, separators=(",", ":"))
+    return _YAML_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode()
 
 
 def api_message(err: ApiException) -> str:
@@ -44,10 +68,20 @@ def api_message(err: ApiException) -> str:
     return str(body.get("message") or err.reason or err.status)
 
 
+def _details(err: ApiException) -> dict[str, Any]:
+    try:
+        body = json.loads(err.body or "{}")
+    except (TypeError, ValueError):
+        return {}
+    details = body.get("details") if isinstance(body, dict) else None
+    return details if isinstance(details, dict) else {}
+
+
 class Kube:
     """Typed calls the reconciler makes, counted per (verb, resource) for benchmarks."""
 
     def __init__(self, api_client: client.ApiClient) -> None:
+        self.api_client = api_client
         self.apps = client.AppsV1Api(api_client)
         self.core = client.CoreV1Api(api_client)
         self.networking = client.NetworkingV1Api(api_client)
@@ -60,13 +94,55 @@ class Kube:
         with self._lock:
             self.requests[f"{verb} {resource}"] += 1
 
-    def _child(self, method: str, kind: str, *args: Any, **kwargs: Any) -> Any:
-        """patch/read/delete_namespaced_<kind> on the API group of a child kind, counted."""
+    @staticmethod
+    def _api(kind: str) -> tuple[str, str, str, str]:
         if kind not in CHILD_APIS:
             raise ValueError(f"unexpected child kind {kind}")
-        group, suffix, resource = CHILD_APIS[kind]
+        return CHILD_APIS[kind]
+
+    def _child(self, method: str, kind: str, *args: Any, **kwargs: Any) -> Any:
+        """read/delete_namespaced_<kind> on the API group of a child kind, counted."""
+        group, suffix, resource, _ = self._api(kind)
         self._count(COUNTED_AS[method], resource)
         return getattr(getattr(self, group), f"{method}_namespaced_{suffix}")(*args, **kwargs)
+
+    def _patch(
+        self,
+        verb: str,
+        kind: str,
+        meta: dict[str, Any],
+        body: bytes | list[dict[str, Any]],
+        *,
+        content_type: str,
+        query: list[tuple[str, str]],
+    ) -> dict[str, Any]:
+        """PATCH a child, made below the generated API: its methods refuse a body given
+        as bytes (client 37 validates the arguments), and serialize a dict as ASCII JSON,
+        which YAML decoders misread (see apply_body). Raises ApiException on non-2xx, as
+        the generated methods do."""
+        _, _, resource, group_path = self._api(kind)
+        self._count(verb, resource)
+        method, url, headers, serialized, post_params = self.api_client.param_serialize(
+            method="PATCH",
+            resource_path=group_path + "/namespaces/{namespace}/" + resource + "/{name}",
+            path_params={"namespace": meta["namespace"], "name": meta["name"]},
+            query_params=query,
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        resp = self.api_client.call_api(
+            method,
+            url,
+            header_params=headers,
+            body=serialized,
+            post_params=post_params,
+            _request_timeout=TIMEOUT,
+        )
+        resp.read()  # type: ignore[no-untyped-call]
+        if not 200 <= resp.status <= 299:
+            raise ApiException.from_response(http_resp=resp, body=None, data=None)
+        return self._json(resp)
 
     def backend_exists(self, namespace: str, name: str) -> bool:
         self._count("get", "llmbackends")
@@ -98,17 +174,34 @@ class Kube:
     def apply(self, manifest: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
         """Server-side apply. With force, our fields are taken back from whoever edited
         them (drift); without, a field another manager owns is a 409 (not our object)."""
-        meta = manifest["metadata"]
-        kind = manifest["kind"]
-        kwargs: dict[str, Any] = {
-            "field_manager": FIELD_MANAGER,
-            "force": force,
-            "_content_type": APPLY,
-            "_preload_content": False,
-            "_request_timeout": TIMEOUT,
-        }
-        resp = self._child("patch", kind, meta["name"], meta["namespace"], manifest, **kwargs)
-        return self._json(resp)
+        body = apply_body(manifest)
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true" if force else "false")]
+        return self._patch(
+            "apply", manifest["kind"], manifest["metadata"], body, content_type=APPLY, query=query
+        )
+
+    def patch_guarded(
+        self, kind: str, namespace: str, name: str, resource_version: str, ops: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """A JSON patch behind a test of resourceVersion, so that it only changes the very
+        object its ops were computed from; an object written since (by anyone) is left
+        alone and reported as a 409 Conflict, for the caller to look again."""
+        guard = {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version}
+        meta = {"namespace": namespace, "name": name}
+        query = [("fieldManager", FIELD_MANAGER)]
+        try:
+            return self._patch(
+                "patch", kind, meta, [guard, *ops], content_type=JSON_PATCH, query=query
+            )
+        except ApiException as err:
+            if err.status == 422 and not _details(err):
+                # A test that failed (or a path gone) is a bare 422 without details, unlike
+                # a refusal of the patched object, which names the fields.
+                message = f"{kind} {name} changed since resourceVersion {resource_version}"
+                raise ApiException(
+                    status=409, reason="Conflict", body=json.dumps({"message": message})
+                ) from err
+            raise
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """One child as the API server has it now, or None (only to settle a conflict)."""

@@ -1,0 +1,159 @@
+"""Kube's requests as they leave the client: the bytes of an apply, the guard of a list
+patch, how errors come back. The HTTP layer is replaced (no server); the real API server
+sees these requests in tests/integration and tests/faults."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from fabric_operator.controller.kube import Kube, apply_body
+
+
+@dataclass
+class Response:
+    status: int
+    data: bytes
+    reason: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def read(self) -> bytes:
+        return self.data
+
+    def getheaders(self) -> dict[str, str]:
+        return self.headers
+
+
+@dataclass
+class Rest:
+    """Stands in for the client's REST layer: records requests, answers in turn."""
+
+    answers: list[Response]
+    sent: list[dict[str, Any]] = field(default_factory=list)
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Response:
+        self.sent.append({"method": method, "url": url, **kwargs})
+        return self.answers.pop(0)
+
+
+def kube(*answers: Response) -> tuple[Kube, Rest]:
+    config = client.Configuration(host="https://api.invalid")
+    config.api_key = {"BearerToken": "t0ken"}
+    config.api_key_prefix = {"BearerToken": "Bearer"}
+    api = client.ApiClient(config)
+    rest = Rest(list(answers))
+    api.rest_client = rest  # type: ignore[assignment]
+    return Kube(api), rest
+
+
+OK = Response(200, b'{"metadata": {"name": "m", "resourceVersion": "8"}}')
+SERVICE = {
+    "apiVersion": "v1",
+    "kind": "Service",
+    "metadata": {"name": "m", "namespace": "n", "annotations": {"model": "llama-🦙 ü"}},
+}
+
+
+def test_an_apply_is_utf8_text_not_surrogate_escapes() -> None:
+    """The API server's YAML decoder refuses the \\ud83e\\udd99 escapes json.dumps makes
+    by default for characters beyond U+FFFF; JSON text in UTF-8 is YAML it reads."""
+    k, rest = kube(OK)
+    assert k.apply(SERVICE) == json.loads(OK.data)
+    [req] = rest.sent
+    assert req["method"] == "PATCH"
+    assert req["url"] == (
+        "https://api.invalid/api/v1/namespaces/n/services/m?fieldManager=fabric-operator&force=true"
+    )
+    assert req["headers"]["Content-Type"] == "application/apply-patch+yaml"
+    assert req["headers"]["authorization"] == "Bearer t0ken"
+    assert isinstance(req["body"], bytes) and "🦙".encode() in req["body"]
+    assert b"\\u" not in req["body"]
+    assert json.loads(req["body"]) == SERVICE
+    assert k.request_counts() == {"apply services": 1}
+
+
+# Each sent through the real API server (v1.20) and read back equal, in development.
+TRICKY = (
+    "a\x00\x01\x08\t\n\r\x1f\x7f\x80\x85\x9f\xa0\xb4\u00ad\u2028\u2029\ufeff\ufffd"
+    "\ufffe\uffff\ue000🦙\U0010fffd\"\\'#: - {}[]&*!|>%@`"
+)
+
+
+@pytest.mark.parametrize("value", [*TRICKY, TRICKY, "llama-🦙", "模型-ü-Ω"])
+def test_an_apply_body_is_yaml_that_reads_back_the_same(value: str) -> None:
+    manifest = {"kind": "Service", "metadata": {"annotations": {value: [value, {"k": value}]}}}
+    body = apply_body(manifest)
+    assert json.loads(body) == manifest
+    assert yaml.safe_load(body.decode()) == manifest  # an independent YAML 1.1 reader
+    text = body.decode()
+    assert not any(c in text for c in "\x7f\x85\u2028\u2029\ufeff\ufffe\uffff")
+    assert not re.search(r"\\u[dD][89a-fA-F]", text)  # no surrogate escapes
+
+
+def test_an_apply_without_force_and_other_kinds_paths() -> None:
+    k, rest = kube(OK, OK)
+    k.apply({**SERVICE, "kind": "Deployment"}, force=False)
+    k.apply({**SERVICE, "kind": "NetworkPolicy"})
+    assert [r["url"].split("?")[0].removeprefix("https://api.invalid") for r in rest.sent] == [
+        "/apis/apps/v1/namespaces/n/deployments/m",
+        "/apis/networking.k8s.io/v1/namespaces/n/networkpolicies/m",
+    ]
+    assert rest.sent[0]["url"].endswith("force=false")
+    assert k.request_counts() == {"apply deployments": 1, "apply networkpolicies": 1}
+    with pytest.raises(ValueError, match="unexpected child kind"):
+        k.apply({**SERVICE, "kind": "Pod"})
+
+
+def test_apply_errors_come_back_as_from_the_generated_methods() -> None:
+    body = {"message": 'Service "m" is invalid: spec.ports[1].name: Duplicate value: "http"'}
+    k, _ = kube(Response(422, json.dumps(body).encode(), "Unprocessable Entity"))
+    with pytest.raises(ApiException) as err:
+        k.apply(SERVICE)
+    assert (
+        err.value.status == 422 and json.loads(err.value.body or "")["message"] == body["message"]
+    )
+
+
+def test_a_list_patch_is_a_json_patch_behind_a_resource_version_test() -> None:
+    k, rest = kube(OK)
+    ops = [{"op": "replace", "path": "/spec/ports", "value": [{"port": 8080}]}]
+    assert k.patch_guarded("Service", "n", "m", "7", ops) == json.loads(OK.data)
+    [req] = rest.sent
+    assert req["url"].endswith("/api/v1/namespaces/n/services/m?fieldManager=fabric-operator")
+    assert req["headers"]["Content-Type"] == "application/json-patch+json"
+    assert req["body"] == [{"op": "test", "path": "/metadata/resourceVersion", "value": "7"}, *ops]
+    assert k.request_counts() == {"patch services": 1}
+
+
+def test_a_failed_test_is_a_conflict_a_refused_object_is_not() -> None:
+    failed_test = {
+        "message": "the server rejected our request due to an error in our request",
+        "reason": "Invalid",
+        "details": {},
+        "code": 422,
+    }
+    refused = {
+        "message": 'Service "m" is invalid: spec.ports: Required value',
+        "details": {"name": "m", "kind": "Service", "causes": [{"field": "spec.ports"}]},
+        "code": 422,
+    }
+    k, _ = kube(
+        Response(422, json.dumps(failed_test).encode()),
+        Response(422, json.dumps(refused).encode()),
+        Response(404, b'{"message": "services \\"m\\" not found"}'),
+    )
+    with pytest.raises(ApiException) as err:
+        k.patch_guarded("Service", "n", "m", "7", [])
+    assert err.value.status == 409
+    assert "changed since resourceVersion 7" in json.loads(err.value.body or "")["message"]
+    for status in (422, 404):
+        with pytest.raises(ApiException) as err:
+            k.patch_guarded("Service", "n", "m", "7", [])
+        assert err.value.status == status
