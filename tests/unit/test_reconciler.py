@@ -5,12 +5,15 @@ server will not produce on demand (a 5xx in the middle of applying children)."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
+import jsonpatch
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from fabric_operator.controller.reconciler import Reconciler
+from fabric_operator.controller.reconciler import STALE_RECHECK_SECONDS, Reconciler
 from fabric_operator.controller.store import Store
 
 
@@ -25,6 +28,12 @@ class FakeKube:
         self.secrets: set[str] = {"api-key"}
         self.foreign: dict[str, dict[str, Any]] = {}  # kind -> an object someone else owns
         self.forced: list[bool] = []
+        self.objects: dict[str, dict[str, Any]] = {}  # kind -> the child as last written
+        self.patched: list[tuple[str, str, list[str]]] = []  # kind, resourceVersion, paths
+        self.patch_fails_with: int | None = None
+        # What the server makes of an apply (server-side apply keeps list positions...)
+        self.merge: Callable[[dict[str, Any]], dict[str, Any]] = lambda m: m
+        self.version = 1
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return self.foreign.get(kind)
@@ -36,7 +45,24 @@ class FakeKube:
             raise ApiException(status=409, reason="Conflict")
         self.forced.append(force)
         self.applied.append(manifest["kind"])
-        return {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": "2"}}
+        return self._written(self.merge(copy.deepcopy(manifest)))
+
+    def _written(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.version += 1
+        obj["metadata"]["resourceVersion"] = str(self.version)
+        self.objects[obj["kind"]] = obj
+        return copy.deepcopy(obj)
+
+    def patch_guarded(
+        self, kind: str, namespace: str, name: str, resource_version: str, ops: list[Any]
+    ) -> dict[str, Any]:
+        self.patched.append((kind, resource_version, [op["path"] for op in ops]))
+        if self.patch_fails_with:
+            raise ApiException(status=self.patch_fails_with, reason="Conflict")
+        current = self.objects[kind]
+        if current["metadata"]["resourceVersion"] != resource_version:
+            raise ApiException(status=409, reason="Conflict")
+        return self._written(jsonpatch.apply_patch(current, ops))
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         self.statuses.append(status)
@@ -193,3 +219,164 @@ def test_status_counts_container_restarts_of_live_pods() -> None:
         )
     rec.reconcile("n", "m")
     assert kube.statuses[-1]["restarts"] == 3
+
+
+# --- lists another manager added to, or an apply left in another order ------------------
+
+POD = "/spec/template/spec"
+
+
+def settled(kube: FakeKube) -> tuple[Reconciler, Store]:
+    """A backend whose children were created, and delivered back by the watches."""
+    rec, store = reconciler(kube)
+    rec.reconcile("n", "m")
+    for kind, obj in kube.objects.items():
+        store.put(kind, copy.deepcopy(obj))
+    return rec, store
+
+
+def drift(kube: FakeKube, store: Store, kind: str, edit: Callable[[dict[str, Any]], None]) -> None:
+    """An edit by another client, seen by the watch."""
+    obj = copy.deepcopy(kube.objects[kind])
+    edit(obj)
+    kube._written(obj)
+    store.put(kind, copy.deepcopy(obj))
+
+
+def test_a_sidecar_added_by_hand_is_removed_by_one_guarded_patch_without_an_apply() -> None:
+    kube = FakeKube()
+    rec, store = settled(kube)
+    drift(
+        kube,
+        store,
+        "Deployment",
+        lambda d: d["spec"]["template"]["spec"]["containers"].append({"name": "sidecar"}),
+    )
+    seen = store.get("Deployment", "n", "m")
+    assert seen is not None
+    assert rec.reconcile("n", "m") is None
+    rv = seen["metadata"]["resourceVersion"]
+    assert kube.patched == [("Deployment", rv, [f"{POD}/containers"])]
+    assert kube.applied == ["Deployment", "Service"]  # no apply since creation
+    assert kube.events[-1] == ("Normal", "Restored")
+    restored = store.get("Deployment", "n", "m")
+    assert restored is not None
+    assert [c["name"] for c in restored["spec"]["template"]["spec"]["containers"]] == ["engine"]
+    rec.reconcile("n", "m")  # the patch's echo: nothing more
+    assert len(kube.patched) == 1 and kube.applied == ["Deployment", "Service"]
+
+
+def test_a_hand_edited_service_port_is_replaced_by_the_patch_alone() -> None:
+    """An apply would be refused (a second port named "http"); the patch restores it."""
+    kube = FakeKube()
+    rec, store = settled(kube)
+    drift(kube, store, "Service", lambda s: s["spec"]["ports"][0].update(port=9999))
+    rec.reconcile("n", "m")
+    assert [(k, paths) for k, _, paths in kube.patched] == [("Service", ["/spec/ports"])]
+    assert kube.applied == ["Deployment", "Service"]
+    svc = store.get("Service", "n", "m")
+    assert svc is not None and [p["port"] for p in svc["spec"]["ports"]] == [8080]
+
+
+def change_env(store: Store, env: list[dict[str, Any]]) -> None:
+    """A spec change to these user env vars, seen by the watch."""
+    backend = store.get("LLMBackend", "n", "m")
+    assert backend is not None
+    meta = {**backend["metadata"], "generation": 2, "resourceVersion": "99"}
+    store.put("LLMBackend", {**backend, "metadata": meta, "spec": {**BACKEND["spec"], "env": env}})
+
+
+def env_names(store: Store) -> list[str]:
+    dep = store.get("Deployment", "n", "m")
+    assert dep is not None
+    return [e["name"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]]
+
+
+ENV = f"{POD}/containers/0/env"
+
+
+def test_foreign_entries_go_before_an_apply_which_would_merge_with_them() -> None:
+    kube = FakeKube()
+    rec, store = settled(kube)
+    drift(
+        kube,
+        store,
+        "Deployment",
+        lambda d: d["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "INJ"}),
+    )
+    seen = store.get("Deployment", "n", "m")
+    assert seen is not None
+    change_env(store, [{"name": "FIRST", "value": "1"}])
+    rec.reconcile("n", "m")
+    assert kube.patched == [("Deployment", seen["metadata"]["resourceVersion"], [ENV])]
+    assert kube.applied[-1] == "Deployment"
+    assert env_names(store) == ["LLAMA_CACHE", "FIRST"]
+    assert kube.events[-1] == ("Normal", "Updated")
+
+
+def test_the_order_an_apply_leaves_is_put_right_after_it() -> None:
+    """Server-side apply keeps an entry that exists where it is and appends new ones: the
+    user's LLAMA_CACHE (which replaces the engine's, the user's order winning) stays first,
+    FIRST comes after it. A patch guarded by the apply's resourceVersion puts it right."""
+    kube = FakeKube()
+    rec, store = settled(kube)
+    change_env(store, [{"name": "FIRST", "value": "1"}, {"name": "LLAMA_CACHE", "value": "/c"}])
+
+    def keep_positions(manifest: dict[str, Any]) -> dict[str, Any]:
+        live = kube.objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
+        old = [e["name"] for e in live]
+        manifest["spec"]["template"]["spec"]["containers"][0]["env"].sort(
+            key=lambda e: old.index(e["name"]) if e["name"] in old else len(old)
+        )
+        return manifest
+
+    kube.merge = keep_positions
+    rec.reconcile("n", "m")
+    assert kube.applied[-1] == "Deployment"
+    applied_version = str(kube.version - 1)
+    assert kube.patched == [("Deployment", applied_version, [ENV])]
+    assert env_names(store) == ["FIRST", "LLAMA_CACHE"]
+    assert kube.events[-1] == ("Normal", "Updated")
+    assert kube.events.count(("Normal", "Updated")) == 1  # one change, one event
+
+
+def test_a_patch_that_meets_a_newer_object_is_not_a_failure_and_is_looked_at_again() -> None:
+    kube = FakeKube()
+    rec, store = settled(kube)
+    drift(
+        kube,
+        store,
+        "Deployment",
+        lambda d: d["spec"]["template"]["spec"]["containers"].append({"name": "sidecar"}),
+    )
+    seen = store.get("Deployment", "n", "m")
+    statuses = len(kube.statuses)
+    kube.objects["Deployment"]["metadata"]["resourceVersion"] = "99"  # written meanwhile
+    assert rec.reconcile("n", "m") == STALE_RECHECK_SECONDS
+    assert len(kube.patched) == 1 and store.get("Deployment", "n", "m") is seen
+    assert len(kube.statuses) == statuses  # nothing to tell the user: no ApplyFailed
+    assert ("Normal", "Restored") not in kube.events
+    store.put("Deployment", copy.deepcopy(kube.objects["Deployment"]))  # the watch's echo
+    assert rec.reconcile("n", "m") is None
+    assert [rv for _, rv, _ in kube.patched] == [seen["metadata"]["resourceVersion"], "99"]
+
+
+@pytest.mark.parametrize(("status", "retried"), [(422, False), (500, True)])
+def test_a_refused_or_failed_patch_is_shown_like_a_failed_apply(status: int, retried: bool) -> None:
+    kube = FakeKube()
+    rec, store = settled(kube)
+    drift(
+        kube,
+        store,
+        "Deployment",
+        lambda d: d["spec"]["template"]["spec"]["containers"].append({"name": "sidecar"}),
+    )
+    kube.patch_fails_with = status
+    if retried:
+        with pytest.raises(ApiException):
+            rec.reconcile("n", "m")
+    else:
+        assert rec.reconcile("n", "m") == 300.0
+    degraded = kube.statuses[-1]["conditions"][2]
+    assert degraded["reason"] == "ApplyFailed"
+    assert ("(retrying)" in degraded["message"]) is retried

@@ -1,10 +1,12 @@
-"""Decide, without asking the API, whether a child must be (re)applied.
+"""Decide, without asking the API, whether a child must be (re)applied or patched.
 
 A child needs an apply when the watched copy is missing, lacks a field the rendering sets
 (drift, or a server that dropped it), or carries another config hash (the spec changed,
 including fields the new rendering no longer sets, which only an apply removes).
-Fields the server or other controllers add are ignored: the desired manifest only needs
-to be *contained* in the observed object.
+Fields the server or other controllers add to maps are ignored: the desired manifest only
+needs to be *contained* in the observed object. Entries added to the keyed lists the
+operator renders, and an order other than the rendered one, are what an apply cannot
+undo: `lists` computes the JSON patch for them, and `needs_write` reports both.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from kubernetes.utils import parse_quantity
 
 from fabric_operator.api.backend import LLMBackend
+from fabric_operator.controller.lists import list_ops
 
 HASH_ANNOTATION = "llm.fabric.dev/config-hash"
 # Keys whose values are resource quantities: the server rewrites them canonically.
@@ -62,8 +65,9 @@ def contains(observed: Any, desired: Any, key: str = "", parent: str = "") -> bo
         return all(contains(observed.get(k), v, k, key) for k, v in desired.items())
     if isinstance(desired, list) and _named(desired) and _named(observed or []):
         # containers, env, ports, volumes, volumeMounts: server-side apply merges these by
-        # name, keeping its position for an entry that exists and any entry another manager
-        # added (a sidecar); ours must each be there, the order and the others do not count.
+        # key, keeping its position for an entry that exists and any entry another manager
+        # added (a sidecar); ours must each be there for the apply to be done. The order and
+        # the others are not the apply's to fix (an apply would change nothing): see lists.
         by_name = {o["name"]: o for o in observed or []}
         return all(contains(by_name.get(d["name"]), d, key, parent) for d in desired)
     if isinstance(desired, list):
@@ -86,3 +90,10 @@ def needs_apply(desired: dict[str, Any], observed: dict[str, Any] | None) -> boo
     if observed is None:
         return True
     return not contains(observed, desired)
+
+
+def needs_write(desired: dict[str, Any], observed: dict[str, Any] | None) -> bool:
+    """An apply is due, or a patch of the rendered lists (entries another manager added,
+    an order the apply left): what the reconciler must write, nothing more, so that a
+    child restored once is not written again."""
+    return observed is None or needs_apply(desired, observed) or bool(list_ops(desired, observed))

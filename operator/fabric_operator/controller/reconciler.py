@@ -14,8 +14,14 @@ from fabric_operator.api.backend import LLMBackend
 from fabric_operator.config import OperatorConfig
 from fabric_operator.controller import status as st
 from fabric_operator.controller.diagnose import diagnose
-from fabric_operator.controller.diff import HASH_ANNOTATION, needs_apply, with_bookkeeping
+from fabric_operator.controller.diff import (
+    HASH_ANNOTATION,
+    needs_apply,
+    needs_write,
+    with_bookkeeping,
+)
 from fabric_operator.controller.kube import Kube, api_message
+from fabric_operator.controller.lists import has_foreign, list_ops
 from fabric_operator.controller.store import Store
 from fabric_operator.render import render
 from fabric_operator.validation import Problem, referenced_secrets, validate
@@ -28,6 +34,9 @@ RETRYABLE = {409, 429, 500, 502, 503, 504}
 # A missing Secret may be created any moment: look again this often.
 SECRET_RECHECK_SECONDS = 30.0
 FAILED_APPLY_RECHECK_SECONDS = 300.0
+# A guarded patch met a newer object: its watch event normally queues the backend again
+# first; this is the net under a missed one (or a 409 a proxy made up).
+STALE_RECHECK_SECONDS = 2.0
 REASON_NAME_CONFLICT = "NameConflict"
 CHILD_KINDS = frozenset({"Deployment", "Service", "NetworkPolicy"})
 
@@ -71,7 +80,7 @@ class Reconciler:
             if not problems
             else []
         )
-        stale = [m for m in desired if needs_apply(m, self.store.get(m["kind"], namespace, name))]
+        stale = [m for m in desired if needs_write(m, self.store.get(m["kind"], namespace, name))]
         recheck: float | None = None
         if not problems and (stale or backend.generation != previous.get("observedGeneration")):
             problems = self._secret_problems(backend)
@@ -83,11 +92,13 @@ class Reconciler:
         applied: list[tuple[str, dict[str, Any]]] = []
         transient: ApiException | None = None
         if failure is None:
-            failure, transient = self._apply(backend, stale, applied)
+            failure, transient, settled = self._apply(backend, stale, applied)
             if failure is not None:
                 recheck = FAILED_APPLY_RECHECK_SECONDS
             else:
                 self._prune(backend, keep={m["kind"] for m in desired})
+                if not settled:
+                    recheck = STALE_RECHECK_SECONDS
         deployment = self.store.get("Deployment", namespace, name)
         pods = self.store.owned("Pod", namespace, name)
         diagnosis = diagnose(pods)
@@ -159,29 +170,73 @@ class Reconciler:
         backend: LLMBackend,
         stale: list[dict[str, Any]],
         applied: list[tuple[str, dict[str, Any]]],
-    ) -> tuple[st.Failure | None, ApiException | None]:
-        """Apply each stale child, Deployment first (the likelier one to be refused).
+    ) -> tuple[st.Failure | None, ApiException | None, bool]:
+        """Write each stale child, Deployment first (the likelier one to be refused).
 
         A refusal is a Failure; a transient error (busy, conflict, 5xx) is a Failure too,
-        so the user sees it, plus the error for the caller to retry."""
+        so the user sees it, plus the error for the caller to retry. The flag is False
+        when a guarded list patch met an object newer than ours: not a failure, the
+        newer copy is reconciled next."""
+        settled = True
         for manifest in stale:
             meta = manifest["metadata"]
             before = self.store.get(manifest["kind"], meta["namespace"], meta["name"])
             try:
-                result = self._apply_one(backend, manifest, before)
+                result, done = self._write(backend, manifest, before)
             except NameConflictError as err:
-                return st.Failure(REASON_NAME_CONFLICT, str(err)), None
+                return st.Failure(REASON_NAME_CONFLICT, str(err)), None, settled
             except ApiException as err:
                 message = f"{manifest['kind']} {meta['name']}: {api_message(err)}"
                 if err.status in RETRYABLE:
                     failure = st.Failure(
                         st.REASON_APPLY_FAILED, f"{message} (retrying)", retrying=True
                     )
-                    return failure, err
-                return st.Failure(st.REASON_APPLY_FAILED, message), None
-            self.store.put(manifest["kind"], result)
-            applied.append((_change(before, manifest), manifest))
-        return None, None
+                    return failure, err, settled
+                return st.Failure(st.REASON_APPLY_FAILED, message), None, settled
+            settled = settled and done
+            if result is not None:
+                self.store.put(manifest["kind"], result)
+                applied.append((_change(before, manifest), manifest))
+        return None, None, settled
+
+    def _write(
+        self, backend: LLMBackend, manifest: dict[str, Any], before: dict[str, Any] | None
+    ) -> tuple[dict[str, Any] | None, bool]:
+        """Apply and/or patch one child: (the object as last written, None if nothing
+        was; False if a guarded patch met a newer object).
+
+        Entries another manager added to a rendered list go first: the apply would merge
+        with them (and the API server refuses a Service port edited by hand plus ours,
+        both named "http"). When they, or the order, were all that differed, that patch
+        is the only write. After an apply, the order it left is put right."""
+        live = before
+        if live is not None and (has_foreign(manifest, live) or not needs_apply(manifest, live)):
+            patched = self._patch_lists(manifest, live)
+            if patched is None:
+                return None, False
+            if not needs_apply(manifest, patched):
+                return patched, True
+        result = self._apply_one(backend, manifest, before)
+        patched = self._patch_lists(manifest, result)
+        return (result, False) if patched is None else (patched, True)
+
+    def _patch_lists(self, manifest: dict[str, Any], live: dict[str, Any]) -> dict[str, Any] | None:
+        """`live` with its rendered lists in rendered shape (see `lists`), by a JSON patch
+        valid only for this very resourceVersion, so that nobody's later write is undone
+        unseen. None when the object changed since, or is gone."""
+        ops = list_ops(manifest, live)
+        if not ops:
+            return live
+        meta = live["metadata"]
+        try:
+            return self.kube.patch_guarded(
+                manifest["kind"], meta["namespace"], meta["name"], meta["resourceVersion"], ops
+            )
+        except ApiException as err:
+            if err.status not in (404, 409):
+                raise
+            log.debug("%s %s/%s: %s", manifest["kind"], meta["namespace"], meta["name"], err)
+            return None
 
     def _apply_one(
         self, backend: LLMBackend, manifest: dict[str, Any], before: dict[str, Any] | None
