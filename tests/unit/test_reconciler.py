@@ -33,6 +33,8 @@ class FakeKube:
         self.patch_fails_with: int | None = None
         # What the server makes of an apply (server-side apply keeps list positions...)
         self.merge: Callable[[dict[str, Any]], dict[str, Any]] = lambda m: m
+        # What a mutating admission webhook makes of every write
+        self.admit: Callable[[dict[str, Any]], dict[str, Any]] = lambda o: o
         self.version = 1
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -48,6 +50,7 @@ class FakeKube:
         return self._written(self.merge(copy.deepcopy(manifest)))
 
     def _written(self, obj: dict[str, Any]) -> dict[str, Any]:
+        obj = self.admit(obj)
         self.version += 1
         obj["metadata"]["resourceVersion"] = str(self.version)
         self.objects[obj["kind"]] = obj
@@ -380,3 +383,44 @@ def test_a_refused_or_failed_patch_is_shown_like_a_failed_apply(status: int, ret
     degraded = kube.statuses[-1]["conditions"][2]
     assert degraded["reason"] == "ApplyFailed"
     assert ("(retrying)" in degraded["message"]) is retried
+
+
+def test_entries_a_webhook_puts_back_are_left_after_one_try_not_fought_forever() -> None:
+    kube = FakeKube()
+    rec, store = settled(kube)
+
+    def inject(obj: dict[str, Any]) -> dict[str, Any]:
+        containers = obj["spec"]["template"]["spec"]["containers"]
+        if obj["kind"] == "Deployment" and "mesh" not in [c["name"] for c in containers]:
+            containers.append({"name": "mesh"})
+        return obj
+
+    kube.admit = inject
+    drift(kube, store, "Deployment", lambda d: None)  # any write: the webhook injects
+    rec.reconcile("n", "m")
+    assert len(kube.patched) == 1  # tried once...
+    store.put("Deployment", copy.deepcopy(kube.objects["Deployment"]))  # its echo
+    events = len(kube.events)
+    for _ in range(3):
+        rec.reconcile("n", "m")
+    assert len(kube.patched) == 1 and len(kube.events) == events  # ...then left alone
+    # A spec change: the ops differ (they carry the containers), so one more try, then
+    # the apply; and left alone again.
+    change_env(store, [{"name": "FIRST", "value": "1"}])
+    rec.reconcile("n", "m")
+    assert kube.applied[-1] == "Deployment" and len(kube.patched) == 2
+    assert env_names(store) == ["LLAMA_CACHE", "FIRST"]
+    store.put("Deployment", copy.deepcopy(kube.objects["Deployment"]))
+    rec.reconcile("n", "m")
+    assert len(kube.patched) == 2
+    kube.admit = lambda o: o  # the webhook is gone; the next drift is restored
+    drift(
+        kube,
+        store,
+        "Deployment",
+        lambda d: d["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "I"}),
+    )
+    rec.reconcile("n", "m")
+    dep = store.get("Deployment", "n", "m")
+    assert dep is not None and len(kube.patched) == 3
+    assert [c["name"] for c in dep["spec"]["template"]["spec"]["containers"]] == ["engine"]

@@ -19,7 +19,7 @@ from typing import Any
 from kubernetes.utils import parse_quantity
 
 from fabric_operator.api.backend import LLMBackend
-from fabric_operator.controller.lists import list_ops
+from fabric_operator.controller.lists import list_ops, snapshot
 
 HASH_ANNOTATION = "llm.fabric.dev/config-hash"
 # Keys whose values are resource quantities: the server rewrites them canonically.
@@ -92,8 +92,17 @@ def needs_apply(desired: dict[str, Any], observed: dict[str, Any] | None) -> boo
     return not contains(observed, desired)
 
 
-def needs_write(desired: dict[str, Any], observed: dict[str, Any] | None) -> bool:
+def needs_write(
+    desired: dict[str, Any],
+    observed: dict[str, Any] | None,
+    *,
+    undone: list[Any] | None = None,
+) -> bool:
     """An apply is due, or a patch of the rendered lists (entries another manager added,
     an order the apply left): what the reconciler must write, nothing more, so that a
-    child restored once is not written again."""
-    return observed is None or needs_apply(desired, observed) or bool(list_ops(desired, observed))
+    child restored once is not written again. `undone`: the `lists.snapshot` of ops the
+    API server undid as it took them (a mutating webhook): no reason to write again."""
+    if observed is None or needs_apply(desired, observed):
+        return True
+    ops = list_ops(desired, observed)
+    return bool(ops) and (undone is None or snapshot(ops, observed) != undone)

@@ -98,6 +98,25 @@ def has_foreign(desired: dict[str, Any], observed: dict[str, Any]) -> bool:
     return _realign(desired, observed).foreign
 
 
+def snapshot(ops: list[Op], observed: dict[str, Any]) -> list[Any]:
+    """The ops with the live values they would replace: what the reconciler remembers of
+    ops the API server undid (a mutating webhook), to send them again only once the
+    rendering or the live lists changed, whatever else changed."""
+    return [(op["path"], op.get("value"), _resolve(observed, op["path"])) for op in ops]
+
+
+def _resolve(obj: Any, pointer: str) -> Any:
+    for escaped in pointer.split("/")[1:]:
+        token = escaped.replace("~1", "/").replace("~0", "~")
+        if isinstance(obj, dict):
+            obj = obj.get(token)
+        elif isinstance(obj, list) and token.isdigit() and int(token) < len(obj):
+            obj = obj[int(token)]
+        else:
+            return None
+    return obj
+
+
 def _realign(desired: dict[str, Any], observed: dict[str, Any]) -> _Result:
     result = _Result()
     where = _LISTS.get(str(desired.get("kind")))

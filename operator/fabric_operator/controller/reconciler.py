@@ -5,6 +5,7 @@ write status. Reads come from the watch store; the API is only called to change 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from fabric_operator.controller.diff import (
     with_bookkeeping,
 )
 from fabric_operator.controller.kube import Kube, api_message
-from fabric_operator.controller.lists import has_foreign, list_ops
+from fabric_operator.controller.lists import has_foreign, list_ops, snapshot
 from fabric_operator.controller.store import Store
 from fabric_operator.render import render
 from fabric_operator.validation import Problem, referenced_secrets, validate
@@ -55,6 +56,11 @@ class Reconciler:
     def __init__(self, store: Store, kube: Kube, settings: Settings | None = None) -> None:
         self.store, self.kube = store, kube
         self.settings = settings or Settings()
+        # (kind, namespace, name) -> snapshot of list ops the API server undid as it took
+        # them (a mutating webhook re-adding a sidecar): not sent again, or each patch's
+        # watch event would bring the next one; sent again once the lists change.
+        self._undone: dict[tuple[str, str, str], list[Any]] = {}
+        self._undone_lock = threading.Lock()
 
     def reconcile(self, namespace: str, name: str) -> float | None:
         """Bring one LLMBackend's children and status to its spec.
@@ -80,7 +86,15 @@ class Reconciler:
             if not problems
             else []
         )
-        stale = [m for m in desired if needs_write(m, self.store.get(m["kind"], namespace, name))]
+        stale = [
+            m
+            for m in desired
+            if needs_write(
+                m,
+                self.store.get(m["kind"], namespace, name),
+                undone=self._undone_ops(m["kind"], namespace, name),
+            )
+        ]
         recheck: float | None = None
         if not problems and (stale or backend.generation != previous.get("observedGeneration")):
             problems = self._secret_problems(backend)
@@ -209,34 +223,56 @@ class Reconciler:
         with them (and the API server refuses a Service port edited by hand plus ours,
         both named "http"). When they, or the order, were all that differed, that patch
         is the only write. After an apply, the order it left is put right."""
-        live = before
-        if live is not None and (has_foreign(manifest, live) or not needs_apply(manifest, live)):
-            patched = self._patch_lists(manifest, live)
+        if before is not None and (
+            has_foreign(manifest, before) or not needs_apply(manifest, before)
+        ):
+            patched = self._patch_lists(manifest, before)
             if patched is None:
                 return None, False
-            if not needs_apply(manifest, patched):
-                return patched, True
+            live, wrote = patched
+            if not needs_apply(manifest, live):
+                return (live if wrote else None), True
         result = self._apply_one(backend, manifest, before)
         patched = self._patch_lists(manifest, result)
-        return (result, False) if patched is None else (patched, True)
+        return (result, False) if patched is None else (patched[0], True)
 
-    def _patch_lists(self, manifest: dict[str, Any], live: dict[str, Any]) -> dict[str, Any] | None:
-        """`live` with its rendered lists in rendered shape (see `lists`), by a JSON patch
-        valid only for this very resourceVersion, so that nobody's later write is undone
-        unseen. None when the object changed since, or is gone."""
-        ops = list_ops(manifest, live)
-        if not ops:
-            return live
+    def _patch_lists(
+        self, manifest: dict[str, Any], live: dict[str, Any]
+    ) -> tuple[dict[str, Any], bool] | None:
+        """(`live` with its rendered lists in rendered shape (see `lists`), whether a patch
+        was sent). The JSON patch is valid only for this very resourceVersion, so that
+        nobody's later write is undone unseen: None when the object changed since, or is
+        gone."""
         meta = live["metadata"]
+        key = (manifest["kind"], meta["namespace"], meta["name"])
+        ops = list_ops(manifest, live)
+        if not ops or snapshot(ops, live) == self._undone_ops(*key):
+            return live, False
         try:
-            return self.kube.patch_guarded(
-                manifest["kind"], meta["namespace"], meta["name"], meta["resourceVersion"], ops
-            )
+            result = self.kube.patch_guarded(*key, meta["resourceVersion"], ops)
         except ApiException as err:
             if err.status not in (404, 409):
                 raise
-            log.debug("%s %s/%s: %s", manifest["kind"], meta["namespace"], meta["name"], err)
+            log.debug("%s %s/%s: %s", *key, err)
             return None
+        left = list_ops(manifest, result)
+        with self._undone_lock:
+            if left:
+                self._undone[key] = snapshot(left, result)
+            else:
+                self._undone.pop(key, None)
+        if left:
+            log.warning(
+                "%s %s/%s: the API server put entries back as it took them out (a mutating "
+                "webhook?); left as they are: %s",
+                *key,
+                [op["path"] for op in left],
+            )
+        return result, True
+
+    def _undone_ops(self, kind: str, namespace: str, name: str) -> list[Any] | None:
+        with self._undone_lock:
+            return self._undone.get((kind, namespace, name))
 
     def _apply_one(
         self, backend: LLMBackend, manifest: dict[str, Any], before: dict[str, Any] | None
