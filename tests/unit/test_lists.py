@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.controller.diff import needs_apply, needs_write
-from fabric_operator.controller.lists import has_foreign, list_ops
+from fabric_operator.controller.lists import has_foreign, list_ops, snapshot
 from fabric_operator.render import render
 
 POD = "/spec/template/spec"
@@ -322,6 +322,40 @@ def test_needs_write_reports_foreign_entries_and_order_but_not_a_child_as_render
     live = served(dep)
     live["spec"]["template"]["spec"]["containers"].append({"name": "sidecar"})
     assert not needs_apply(dep, live) and needs_write(dep, live)
+
+
+def test_ops_the_server_undid_are_no_reason_to_write_until_the_lists_change() -> None:
+    """A webhook that re-adds a sidecar as the patch removes it: the reconciler keeps a
+    snapshot of what is left, and writes again only once that is not what it sees."""
+    dep, _ = rendered()
+    live = served(dep)
+    pod = live["spec"]["template"]["spec"]
+    pod["containers"].append({"name": "mesh"})
+    undone = snapshot(list_ops(dep, live), live)
+    assert undone == [
+        (f"{POD}/containers", pod["containers"][:1], pod["containers"]),
+    ]
+    assert needs_write(dep, live) and not needs_write(dep, live, undone=undone)
+    status_only = {**copy.deepcopy(live), "status": {"replicas": 1}}
+    assert not needs_write(dep, status_only, undone=undone)
+    pod["containers"][0]["env"].append({"name": "INJ"})  # another drift in the same list
+    assert needs_write(dep, live, undone=undone)
+    other = copy.deepcopy(dep)  # the rendering of the list changed
+    other["spec"]["template"]["spec"]["containers"][0]["env"] = []
+    live = served(dep)
+    live["spec"]["template"]["spec"]["containers"].append({"name": "mesh"})
+    assert needs_write(other, live, undone=undone)
+
+
+def test_snapshot_resolves_pointers_into_lists_and_missing_paths() -> None:
+    live = {"spec": {"a/b": [{"x": 1}], "l": [0]}}
+    ops = [
+        {"op": "replace", "path": "/spec/a~1b/0/x", "value": 2},
+        {"op": "add", "path": "/spec/missing", "value": []},
+        {"op": "replace", "path": "/spec/l/5", "value": 1},
+        {"op": "replace", "path": "/spec/l/x", "value": 1},
+    ]
+    assert [s[2] for s in snapshot(ops, live)] == [1, None, None, None]
 
 
 # --- any mix of drifts ----------------------------------------------------------------------

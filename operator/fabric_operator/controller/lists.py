@@ -26,6 +26,7 @@ Pure: the reconciler sends the ops behind a resourceVersion test (`Kube.patch_gu
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,7 +103,8 @@ def snapshot(ops: list[Op], observed: dict[str, Any]) -> list[Any]:
     """The ops with the live values they would replace: what the reconciler remembers of
     ops the API server undid (a mutating webhook), to send them again only once the
     rendering or the live lists changed, whatever else changed."""
-    return [(op["path"], op.get("value"), _resolve(observed, op["path"])) for op in ops]
+    taken = [(op["path"], op.get("value"), _resolve(observed, op["path"])) for op in ops]
+    return copy.deepcopy(taken)  # kept while the watched copies it points into change
 
 
 def _resolve(obj: Any, pointer: str) -> Any:
