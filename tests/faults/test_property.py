@@ -550,7 +550,7 @@ def _submit(
 
 
 def test_any_llmbackend_is_refused_invalid_or_reconciled(
-    cluster: Cluster, namespace: str, tmp_path: Path
+    cluster: Cluster, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     ns = namespace
     # No pods: thousands of Deployments must cost the 2-core machine nothing but objects.
@@ -562,6 +562,7 @@ def test_any_llmbackend_is_refused_invalid_or_reconciled(
         ns, {"metadata": {"name": "creds"}, "stringData": {"api-key": "k", "hf-token": "t"}}
     )
     op = start_operator(cluster, ns, tmp_path)
+    request.addfinalizer(op.stop)  # a failed assertion must not leave it running
     started = time.monotonic()
     generated = generate(EXAMPLES, SEED)
     kinds = Counter(c.kind for c in generated)
