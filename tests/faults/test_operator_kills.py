@@ -32,7 +32,9 @@ SEED = int(os.environ.get("FABRIC_FAULTS_SEED", "20261125"))
 MIN_KILLS = 5
 
 
-def test_sigkill_during_churn_converges(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+def test_sigkill_during_churn_converges(
+    cluster: Cluster, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     if not cluster.garbage_collector:
         pytest.skip(
             "needs kube-controller-manager's garbage collector to remove the children of "
@@ -40,6 +42,7 @@ def test_sigkill_during_churn_converges(cluster: Cluster, namespace: str, tmp_pa
         )
     rng = random.Random(SEED)
     op = start_operator(cluster, namespace, tmp_path)
+    request.addfinalizer(op.stop)  # a failed assertion must not leave it running
     names = [f"churn-{i:03d}" for i in range(BACKENDS)]
     churn = Churn(cluster, namespace, random.Random(SEED + 1), names, invalid_share=0.05)
     killer = Killer(op, rng, 1.0, 3.0)
