@@ -92,7 +92,7 @@ class Reconciler:
             if needs_write(
                 m,
                 self.store.get(m["kind"], namespace, name),
-                undone=self._undone_ops(m["kind"], namespace, name),
+                undone=self._undone_snapshot(m["kind"], namespace, name),
             )
         ]
         recheck: float | None = None
@@ -246,14 +246,14 @@ class Reconciler:
         meta = live["metadata"]
         key = (manifest["kind"], meta["namespace"], meta["name"])
         ops = list_ops(manifest, live)
-        if not ops or snapshot(ops, live) == self._undone_ops(*key):
+        if not ops or snapshot(ops, live) == self._undone_snapshot(*key):
             return live, False
         try:
             result = self.kube.patch_guarded(*key, meta["resourceVersion"], ops)
         except ApiException as err:
             if err.status not in (404, 409):
                 raise
-            log.debug("%s %s/%s: %s", *key, err)
+            log.debug("%s %s/%s: %s", *key, api_message(err))
             return None
         left = list_ops(manifest, result)
         with self._undone_lock:
@@ -270,7 +270,7 @@ class Reconciler:
             )
         return result, True
 
-    def _undone_ops(self, kind: str, namespace: str, name: str) -> list[Any] | None:
+    def _undone_snapshot(self, kind: str, namespace: str, name: str) -> list[Any] | None:
         with self._undone_lock:
             return self._undone.get((kind, namespace, name))
 
