@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.controller.diff import needs_apply, needs_write
-from fabric_operator.controller.lists import has_foreign, list_ops, snapshot
+from fabric_operator.controller.lists import list_ops, port_ops, snapshot
 from fabric_operator.render import render
 
 POD = "/spec/template/spec"
@@ -63,7 +63,6 @@ def fixed(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
     ops = list_ops(desired, live)
     out: dict[str, Any] = jsonpatch.apply_patch(live, ops)
     assert list_ops(desired, out) == [], "a second look still patches: a loop"
-    assert not has_foreign(desired, out)
     return out
 
 
@@ -78,8 +77,7 @@ def names(items: list[dict[str, Any]], key: str = "name") -> list[Any]:
 def test_a_child_as_rendered_needs_no_ops(spec: str) -> None:
     for desired in rendered(spec):
         for live in (desired, served(desired)):
-            assert list_ops(desired, live) == []
-            assert not has_foreign(desired, live)
+            assert list_ops(desired, live) == [] and port_ops(desired, live) == []
 
 
 def test_kinds_without_rendered_keyed_lists_need_no_ops() -> None:
@@ -117,7 +115,6 @@ def test_an_entry_another_manager_added_is_removed(case: str, where: str) -> Non
     items = at(live, pointer)
     before = copy.deepcopy(items)
     items.insert(len(items) if where == "end" else 0, extra)
-    assert has_foreign(desired, live)
     [op] = list_ops(desired, live)
     assert (op["op"], op["path"]) == ("replace", pointer)
     assert op["value"] == before  # the live entries, server defaults included
@@ -138,27 +135,54 @@ def test_a_sidecar_goes_with_its_volume_and_the_engine_keeps_its_defaults() -> N
     assert names(out["volumes"]) == names(dep["spec"]["template"]["spec"]["volumes"])
 
 
-def test_a_hand_edited_service_port_is_a_new_key_and_the_rendered_port_comes_back() -> None:
+def test_a_hand_edited_service_port_is_replaced_before_the_apply() -> None:
     """The drift the apply cannot restore: the server keys ports by (port, protocol), so
     8080 -> 9999 is a foreign port 9999 named "http"; the apply would add 8080, a second
-    "http", and be refused. The ops put the rendered port in its place."""
+    "http", and be refused. port_ops puts the rendered port in its place; list_ops leaves
+    a list without any rendered entry alone (emptied, a Service is refused)."""
     _, svc = rendered()
     live = served(svc)
     live["spec"]["ports"][0]["port"] = 9999
-    assert has_foreign(svc, live) and needs_apply(svc, live)
-    [op] = list_ops(svc, live)
+    assert needs_apply(svc, live) and list_ops(svc, live) == []
+    [op] = port_ops(svc, live)
     assert op == {"op": "replace", "path": "/spec/ports", "value": svc["spec"]["ports"]}
-    out = fixed(svc, live)
-    assert not needs_apply(svc, out)  # that patch was the only write needed
+    out = jsonpatch.apply_patch(live, [op])
+    assert not needs_apply(svc, out) and list_ops(svc, out) == []  # the only write needed
+
+
+def test_a_hand_edited_container_port_is_replaced_before_the_apply_in_our_container() -> None:
+    dep, _ = rendered()
+    live = served(dep)
+    pod = live["spec"]["template"]["spec"]
+    pod["containers"].insert(0, {"name": "sidecar", "ports": [{"name": "x", "containerPort": 1}]})
+    pod["containers"][1]["ports"][0]["containerPort"] = 9999
+    [op] = port_ops(dep, live)
+    assert op["path"] == f"{POD}/containers/1/ports"
+    assert op["value"] == dep["spec"]["template"]["spec"]["containers"][0]["ports"]
+
+
+def test_port_ops_keep_the_live_copy_and_leave_lists_that_only_lack_a_port() -> None:
+    _, svc = rendered()
+    svc = copy.deepcopy(svc)
+    svc["spec"]["ports"].append({"name": "metrics", "port": 9100, "protocol": "TCP"})
+    live = served(svc)
+    del live["spec"]["ports"][1]  # missing: the apply adds it
+    assert port_ops(svc, live) == []
+    live["spec"]["ports"].append({"name": "metrics", "port": 9101})
+    [op] = port_ops(svc, live)
+    assert op["value"][0] is live["spec"]["ports"][0] or op["value"][0] == live["spec"]["ports"][0]
+    assert op["value"][0]["targetPort"] == 8080 or "targetPort" in op["value"][0]
+    assert [p["port"] for p in op["value"]] == [8080, 9100]
+    assert port_ops({"kind": "NetworkPolicy"}, live) == []
 
 
 def test_ports_are_keyed_by_port_and_protocol_tcp_by_default() -> None:
     _, svc = rendered()
     live = served(svc)
     live["spec"]["ports"][0].pop("protocol")
-    assert list_ops(svc, live) == []
+    assert list_ops(svc, live) == [] and port_ops(svc, live) == []
     live["spec"]["ports"][0]["protocol"] = "UDP"
-    assert has_foreign(svc, live)
+    assert port_ops(svc, live) != []
 
 
 def test_duplicate_keys_count_as_foreign_and_the_first_stays() -> None:
@@ -166,7 +190,6 @@ def test_duplicate_keys_count_as_foreign_and_the_first_stays() -> None:
     live = served(dep)
     env = live["spec"]["template"]["spec"]["containers"][0]["env"]
     env.append({"name": env[0]["name"], "value": "second"})
-    assert has_foreign(dep, live)
     out = fixed(dep, live)
     assert out["spec"]["template"]["spec"]["containers"][0]["env"] == env[:1]
 
@@ -175,7 +198,6 @@ def test_entries_that_are_not_objects_count_as_foreign() -> None:
     dep, _ = rendered()
     live = served(dep)
     live["spec"]["template"]["spec"]["volumes"].append("junk")
-    assert has_foreign(dep, live)
     assert names(fixed(dep, live)["spec"]["template"]["spec"]["volumes"]) == ["cache"]
 
 
@@ -190,7 +212,6 @@ def test_env_in_another_order_is_put_back_in_rendered_order_without_being_foreig
     dep["spec"]["template"]["spec"]["containers"][0]["env"].insert(
         0, {"name": "USER_SETTING", "value": "1"}
     )
-    assert not has_foreign(dep, live)
     [op] = list_ops(dep, live)
     assert op["path"] == f"{ENGINE}/env"
     assert names(op["value"]) == names(dep["spec"]["template"]["spec"]["containers"][0]["env"])
@@ -206,29 +227,30 @@ def test_the_live_values_are_kept_the_apply_fixes_those() -> None:
     assert {e["name"]: e["value"] for e in op["value"]}[env[-1]["name"]] == "hand-edited"
 
 
-def test_a_missing_rendered_entry_is_taken_as_rendered_in_its_place() -> None:
+def test_a_missing_rendered_entry_is_left_for_the_apply_never_added() -> None:
+    """What a JSON patch adds is owned by its Update field manager and outlives the
+    applies that drop it: adding is the apply's job."""
     dep, _ = rendered("pvc")
     live = served(dep)
     container = live["spec"]["template"]["spec"]["containers"][0]
-    removed = container["env"].pop(0)
+    container["env"].pop(0)
     container["env"].append({"name": "INJECTED", "value": "x"})
     [op] = list_ops(dep, live)
-    assert op["value"][0] == removed and names(op["value"]) == names(
-        dep["spec"]["template"]["spec"]["containers"][0]["env"]
-    )
+    assert op["value"] == container["env"][:1]
 
 
-def test_a_missing_list_is_added_an_empty_one_is_left_alone() -> None:
+def test_a_list_without_any_rendered_entry_is_left_alone_an_empty_one_too() -> None:
     dep, _ = rendered()
     live = served(dep)
-    del live["spec"]["template"]["spec"]["containers"][0]["env"]
-    [op] = list_ops(dep, live)
-    assert (op["op"], op["path"]) == ("add", f"{ENGINE}/env")
-    fixed(dep, live)
+    pod = live["spec"]["template"]["spec"]
+    del pod["containers"][0]["env"]
+    assert list_ops(dep, live) == []
+    pod["containers"][0]["name"] = "renamed"  # emptied, the template would be refused
+    assert list_ops(dep, live) == []
+    live = served(dep)
     desired = copy.deepcopy(dep)
     desired["spec"]["template"]["spec"]["containers"][0]["env"] = []
-    assert list_ops(desired, live) == []  # absent (omitempty) and [] are the same
-    live["spec"]["template"]["spec"]["containers"][0]["env"] = [{"name": "X"}]
+    assert list_ops(desired, served(desired)) == []  # absent (omitempty) and [] are the same
     assert list_ops(desired, live) == [{"op": "replace", "path": f"{ENGINE}/env", "value": []}]
 
 
@@ -294,7 +316,6 @@ def test_a_volume_a_container_left_in_place_still_mounts_is_kept(owner: str) -> 
     pod = live["spec"]["template"]["spec"]
     pod[owner] = [{"name": "hand", "volumeMounts": [{"name": "kept", "mountPath": "/k"}]}]
     pod["volumes"][:0] = [{"name": "kept", "emptyDir": {}}, {"name": "gone", "emptyDir": {}}]
-    assert has_foreign(dep, live)
     out = fixed(dep, live)["spec"]["template"]["spec"]
     assert names(out["volumes"]) == ["cache", "kept"]  # rendered first, then the kept
     assert out[owner] == pod[owner]
@@ -395,13 +416,27 @@ def test_any_mix_of_drifts_is_fixed_by_one_patch_and_then_left_alone(
         {"name": f"side{i}", "image": "x"} for i in range(sidecars)
     ]
     pod["volumes"] += [{"name": v, "emptyDir": {}} for v in extra_volumes]
+    before = copy.deepcopy(pod)
     out = fixed(dep, live)["spec"]["template"]["spec"]
     want = dep["spec"]["template"]["spec"]
+
+    def expect(rendered: list[Any], live: list[Any], key: str = "name") -> list[Any]:
+        """The rendered keys the live list has, in rendered order; none: left as it is."""
+        present = [k for k in names(rendered, key) if k in names(live, key)]
+        return present if present else names(live, key)
+
     assert names(out["containers"]) == ["engine"]
-    assert names(out["containers"][0]["env"]) == names(want["containers"][0]["env"])
+    engine_before = next(c for c in before["containers"] if c["name"] == "engine")
+    assert names(out["containers"][0]["env"]) == expect(
+        want["containers"][0]["env"], engine_before["env"]
+    )
     mounts = out["containers"][0]["volumeMounts"]
-    assert names(mounts, "mountPath") == names(want["containers"][0]["volumeMounts"], "mountPath")
+    assert names(mounts, "mountPath") == expect(
+        want["containers"][0]["volumeMounts"], engine_before["volumeMounts"], "mountPath"
+    )
     assert names(out["volumes"]) == names(want["volumes"])
     live_svc = served(svc)
     live_svc["spec"]["ports"] = [{"name": "x", "port": p} for p in service_ports]
-    assert names(fixed(svc, live_svc)["spec"]["ports"], "port") == [8080]
+    out_svc = jsonpatch.apply_patch(live_svc, port_ops(svc, live_svc))
+    # A foreign port is replaced by ours; none at all is left for the apply to add.
+    assert names(fixed(svc, out_svc)["spec"]["ports"], "port") == ([8080] if service_ports else [])

@@ -298,7 +298,10 @@ def env_names(store: Store) -> list[str]:
 ENV = f"{POD}/containers/0/env"
 
 
-def test_foreign_entries_go_before_an_apply_which_would_merge_with_them() -> None:
+def test_entries_an_apply_keeps_are_removed_after_it() -> None:
+    """A spec change with an env var injected by hand: server-side apply keeps the
+    injected entry; a patch guarded by the apply's resourceVersion removes it. Nothing is
+    patched before the apply: a patch that removed it first would be a second write."""
     kube = FakeKube()
     rec, store = settled(kube)
     drift(
@@ -307,12 +310,18 @@ def test_foreign_entries_go_before_an_apply_which_would_merge_with_them() -> Non
         "Deployment",
         lambda d: d["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "INJ"}),
     )
-    seen = store.get("Deployment", "n", "m")
-    assert seen is not None
     change_env(store, [{"name": "FIRST", "value": "1"}])
+
+    def keep_foreign(manifest: dict[str, Any]) -> dict[str, Any]:
+        live = kube.objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
+        env = manifest["spec"]["template"]["spec"]["containers"][0]["env"]
+        env += [e for e in live if e["name"] == "INJ"]
+        return manifest
+
+    kube.merge = keep_foreign
     rec.reconcile("n", "m")
-    assert kube.patched == [("Deployment", seen["metadata"]["resourceVersion"], [ENV])]
     assert kube.applied[-1] == "Deployment"
+    assert kube.patched == [("Deployment", str(kube.version - 1), [ENV])]
     assert env_names(store) == ["LLAMA_CACHE", "FIRST"]
     assert kube.events[-1] == ("Normal", "Updated")
 

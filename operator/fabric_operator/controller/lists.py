@@ -4,12 +4,19 @@ Server-side apply merges associative lists (containers, env, ports, volumes) by 
 keeps entries another field manager added, and the position of entries that already
 existed, appending new ones. So an apply alone never takes back a container or env var
 added by hand, and after a spec change the env order can differ from the rendered one
-(`$(VAR)` only expands variables defined earlier). The ops computed here replace such a
-list by the rendered entries in rendered order. An entry that is there is kept as the
-server has it (with its defaults and values; the apply is what corrects those), one that
-is missing is taken as rendered: a Service port edited by hand is a new key to the
-server, and only its replacement lets the apply through (it would refuse a second port
-named "http").
+(`$(VAR)` only expands variables defined earlier). `list_ops` removes the entries the
+rendering does not have and puts the others in rendered order, as the server has them
+(their values are the apply's to correct).
+
+It never adds an entry: what a JSON patch adds is owned by the patch's Update field
+manager, and stays when a later apply drops it (measured: an env var added so outlived
+the apply that no longer had it). Adding is the apply's job, so a list none of whose
+entries is rendered is left for it (emptied, it could be refused: a pod needs a
+container). One exception, `port_ops`, before an apply: port names are unique, so a port
+edited by hand (Service port 8080 -> 9999, a new key to the server, still named "http")
+makes the apply of ours refused ('Duplicate value'); such a list is replaced by the
+rendered ports. Safe: the rendering sets every field of a port, and the list is realigned
+after every apply.
 
 Only lists the operator renders are touched: the pod template's containers (and init
 containers when it renders some), each rendered container's env, ports and volumeMounts,
@@ -66,10 +73,11 @@ _CONTAINER = {
     "ports": _List(_by_container_port),
     "volumeMounts": _List(_by_mount_path),
 }
+POD = ("spec", "template", "spec")
 # Kind -> (path of the object holding the lists, the lists)
 _LISTS: dict[str, tuple[tuple[str, ...], dict[str, _List]]] = {
     "Deployment": (
-        ("spec", "template", "spec"),
+        POD,
         {
             "containers": _List(_by_name, _CONTAINER),
             "initContainers": _List(_by_name, _CONTAINER),
@@ -81,22 +89,72 @@ _VOLUMES = _List(_by_name)
 _MOUNTING = ("containers", "initContainers", "ephemeralContainers")
 
 
-@dataclass
-class _Result:
-    ops: list[Op] = field(default_factory=list)
-    foreign: bool = False  # some live entry is not rendered (and will be removed)
-
-
 def list_ops(desired: dict[str, Any], observed: dict[str, Any]) -> list[Op]:
-    """JSON-patch ops (without the resourceVersion test) that make every rendered list of
-    `observed` hold exactly the rendered entries in rendered order; [] when they do."""
-    return _realign(desired, observed).ops
+    """JSON-patch ops (without the resourceVersion test) that leave in each rendered list
+    of `observed` only rendered entries, in rendered order; [] when that is so."""
+    ops: list[Op] = []
+    where = _LISTS.get(str(desired.get("kind")))
+    if where is None:
+        return ops
+    path, lists = where
+    rendered, live = _get(desired, path), _get(observed, path)
+    if not isinstance(rendered, dict) or not isinstance(live, dict):
+        return ops
+    pointer = _pointer(path)
+    fixed = _fix_lists(live, rendered, lists, pointer, ops)
+    if desired["kind"] == "Deployment" and isinstance(rendered.get("volumes"), list):
+        # After the containers: a volume still mounted by what stays is kept.
+        mounted = {
+            m.get("name")
+            for c in _containers(fixed)
+            for m in (c.get("volumeMounts") or []) + (c.get("volumeDevices") or [])
+            if isinstance(m, dict)
+        }
+        _fix_list(
+            live.get("volumes"),
+            rendered["volumes"],
+            _VOLUMES,
+            f"{pointer}/volumes",
+            ops,
+            keep=lambda v: v.get("name") in mounted,
+        )
+    return ops
 
 
-def has_foreign(desired: dict[str, Any], observed: dict[str, Any]) -> bool:
-    """Whether a rendered list of `observed` holds entries the rendering does not: these
-    are removed before an apply, which would otherwise merge with them."""
-    return _realign(desired, observed).foreign
+def port_ops(desired: dict[str, Any], observed: dict[str, Any]) -> list[Op]:
+    """Before an apply: ops that replace each rendered port list holding a port the
+    rendering does not have by the rendered ports (live copies kept), which the apply
+    would otherwise be refused beside (port names are unique)."""
+    ops: list[Op] = []
+    kind = desired.get("kind")
+    if kind == "Service":
+        rendered, live = _get(desired, ("spec", "ports")), _get(observed, ("spec", "ports"))
+        if isinstance(rendered, list):
+            _replace_ports(live, rendered, _by_service_port, "/spec/ports", ops)
+    elif kind == "Deployment":
+        ours = {c.get("name"): c for c in _get(desired, (*POD, "containers")) or [] if "ports" in c}
+        live_containers = _get(observed, (*POD, "containers"))
+        for i, c in enumerate(live_containers if isinstance(live_containers, list) else []):
+            if isinstance(c, dict) and c.get("name") in ours:
+                pointer = f"{_pointer(POD)}/containers/{i}/ports"
+                rendered_ports = ours[c.get("name")]["ports"]
+                _replace_ports(c.get("ports"), rendered_ports, _by_container_port, pointer, ops)
+    return ops
+
+
+def _replace_ports(
+    live: Any, rendered: list[Entry], key: Callable[[Entry], Key], pointer: str, ops: list[Op]
+) -> None:
+    items: list[Any] = live if isinstance(live, list) else []
+    keys = {key(r) for r in rendered}
+    if all(isinstance(e, dict) and key(e) in keys for e in items):
+        return
+    first: dict[Key, Entry] = {}
+    for entry in items:
+        if isinstance(entry, dict):
+            first.setdefault(key(entry), entry)
+    value = [first.get(key(r), r) for r in rendered]
+    ops.append({"op": "replace", "path": pointer, "value": value})
 
 
 def snapshot(ops: list[Op], observed: dict[str, Any]) -> list[Any]:
@@ -119,45 +177,15 @@ def _resolve(obj: Any, pointer: str) -> Any:
     return obj
 
 
-def _realign(desired: dict[str, Any], observed: dict[str, Any]) -> _Result:
-    result = _Result()
-    where = _LISTS.get(str(desired.get("kind")))
-    if where is None:
-        return result
-    path, lists = where
-    rendered, live = _get(desired, path), _get(observed, path)
-    if not isinstance(rendered, dict) or not isinstance(live, dict):
-        return result
-    pointer = "".join(f"/{_escape(p)}" for p in path)
-    fixed = _fix_lists(live, rendered, lists, pointer, result)
-    if desired["kind"] == "Deployment" and "volumes" in rendered:
-        # After the containers: a volume still mounted by what stays is kept.
-        mounted = {
-            m.get("name")
-            for c in _containers(fixed)
-            for m in (c.get("volumeMounts") or []) + (c.get("volumeDevices") or [])
-            if isinstance(m, dict)
-        }
-        _fix_list(
-            live.get("volumes"),
-            rendered["volumes"],
-            _VOLUMES,
-            f"{pointer}/volumes",
-            result,
-            keep=lambda v: v.get("name") in mounted,
-        )
-    return result
-
-
 def _fix_lists(
-    live: Entry, rendered: Entry, lists: dict[str, _List], pointer: str, result: _Result
+    live: Entry, rendered: Entry, lists: dict[str, _List], pointer: str, ops: list[Op]
 ) -> Entry:
-    """`live` with each of `lists` that `rendered` sets realigned; ops added to `result`."""
+    """`live` with each of `lists` that `rendered` sets realigned; ops added to `ops`."""
     out = dict(live)
     for name, spec in lists.items():
         if name in rendered and isinstance(rendered[name], list):
             out[name] = _fix_list(
-                live.get(name), rendered[name], spec, f"{pointer}/{_escape(name)}", result
+                live.get(name), rendered[name], spec, f"{pointer}/{_escape(name)}", ops
             )
     return out
 
@@ -167,38 +195,33 @@ def _fix_list(
     rendered: list[Any],
     spec: _List,
     pointer: str,
-    result: _Result,
+    ops: list[Op],
     *,
     keep: Callable[[Entry], bool] = lambda _: False,
 ) -> list[Any]:
-    """The list as it should be. One op replaces it when its keys or their order differ
-    (its entries' inner lists fixed within), else its entries' inner lists get theirs."""
+    """The list as it should be: the live entries of rendered keys, in rendered order
+    (then those `keep` keeps). One op replaces it when its keys or their order differ
+    (its entries' inner lists fixed within), else its entries' inner lists get theirs.
+    A list holding no rendered entry is left for the apply to add them first."""
     items: list[Any] = live if isinstance(live, list) else []
     entries = [e for e in items if isinstance(e, dict)]
     first: dict[Key, Entry] = {}
     for entry in entries:
         first.setdefault(spec.key(entry), entry)
-    wanted = [(spec.key(r), r) for r in rendered]
-    keys = {k for k, _ in wanted}
-    kept = [e for e in entries if spec.key(e) not in keys and keep(e)]
-    target = [first.get(k, r) for k, r in wanted] + kept
-    if len(items) > sum(k in first for k in keys) + len(kept):
-        result.foreign = True  # entries not rendered, duplicates: they go
-    inner = _Result()
+    ours = [(first[k], r) for k, r in ((spec.key(r), r) for r in rendered) if k in first]
+    if rendered and not ours:
+        return items
+    rendered_keys = {spec.key(r) for r in rendered}
+    kept = [e for e in entries if spec.key(e) not in rendered_keys and keep(e)]
+    inner: list[Op] = []
     fixed = [
-        _fix_lists(t, r, spec.inner, f"{pointer}/{i}", inner)
-        for i, (t, (_, r)) in enumerate(zip(target, wanted, strict=False))
+        _fix_lists(t, r, spec.inner, f"{pointer}/{i}", inner) for i, (t, r) in enumerate(ours)
     ] + kept
-    result.foreign = result.foreign or inner.foreign
-    same = len(entries) == len(items) and [spec.key(e) for e in entries] == [
-        spec.key(t) for t in target
-    ]
-    if same:
-        result.ops.extend(inner.ops)  # the live indices: the list itself stays as it is
-    elif isinstance(live, list):
-        result.ops.append({"op": "replace", "path": pointer, "value": fixed})
+    target = [t for t, _ in ours] + kept
+    if len(entries) == len(items) and [id(e) for e in entries] == [id(t) for t in target]:
+        ops.extend(inner)  # the live indices: the list itself stays as it is
     else:
-        result.ops.append({"op": "add", "path": pointer, "value": fixed})
+        ops.append({"op": "replace", "path": pointer, "value": fixed})
     return fixed
 
 
@@ -215,6 +238,10 @@ def _get(obj: Any, path: tuple[str, ...]) -> Any:
             return None
         obj = obj.get(part)
     return obj
+
+
+def _pointer(path: tuple[str, ...]) -> str:
+    return "".join(f"/{_escape(p)}" for p in path)
 
 
 def _escape(token: str) -> str:

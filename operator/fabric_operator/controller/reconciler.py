@@ -22,7 +22,7 @@ from fabric_operator.controller.diff import (
     with_bookkeeping,
 )
 from fabric_operator.controller.kube import Kube, api_message
-from fabric_operator.controller.lists import has_foreign, list_ops, snapshot
+from fabric_operator.controller.lists import list_ops, port_ops, snapshot
 from fabric_operator.controller.store import Store
 from fabric_operator.render import render
 from fabric_operator.validation import Problem, referenced_secrets, validate
@@ -219,41 +219,37 @@ class Reconciler:
         """Apply and/or patch one child: (the object as last written, None if nothing
         was; False if a guarded patch met a newer object).
 
-        Entries another manager added to a rendered list go first: the apply would merge
-        with them (and the API server refuses a Service port edited by hand plus ours,
-        both named "http"). When they, or the order, were all that differed, that patch
-        is the only write. After an apply, the order it left is put right."""
-        if before is not None and (
-            has_foreign(manifest, before) or not needs_apply(manifest, before)
-        ):
-            patched = self._patch_lists(manifest, before)
-            if patched is None:
-                return None, False
-            live, wrote = patched
-            if not needs_apply(manifest, live):
-                return (live if wrote else None), True
-        result = self._apply_one(backend, manifest, before)
-        patched = self._patch_lists(manifest, result)
-        return (result, False) if patched is None else (patched[0], True)
+        A port edited by hand goes first, or the apply would be refused beside it (two
+        ports named "http"). Then the apply if fields differ, then a patch for the lists
+        (entries another manager added, the order an apply left): when only lists
+        differed, that patch is the only write."""
+        live, wrote = before, None
+        if before is not None and needs_apply(manifest, before):
+            ops = port_ops(manifest, before)
+            if ops:
+                live = wrote = self._patch_guarded(manifest, before, ops)
+                if live is None:
+                    return None, False
+        if live is None or needs_apply(manifest, live):
+            live = wrote = self._apply_one(backend, manifest, before)
+        realigned = self._patch_lists(manifest, live)
+        if realigned is None:
+            return wrote, False
+        return (realigned if realigned is not live else wrote), True
 
-    def _patch_lists(
-        self, manifest: dict[str, Any], live: dict[str, Any]
-    ) -> tuple[dict[str, Any], bool] | None:
-        """(`live` with its rendered lists in rendered shape (see `lists`), whether a patch
-        was sent). The JSON patch is valid only for this very resourceVersion, so that
-        nobody's later write is undone unseen: None when the object changed since, or is
-        gone."""
+    def _patch_lists(self, manifest: dict[str, Any], live: dict[str, Any]) -> dict[str, Any] | None:
+        """`live` with its rendered lists in rendered shape (see `lists`): `live` itself
+        when nothing was to be sent, None when the object changed since it was read.
+
+        Ops the API server undid as it took them (a mutating webhook putting a sidecar
+        back) are remembered, and not sent again until something changes."""
         meta = live["metadata"]
         key = (manifest["kind"], meta["namespace"], meta["name"])
         ops = list_ops(manifest, live)
         if not ops or snapshot(ops, live) == self._undone_snapshot(*key):
-            return live, False
-        try:
-            result = self.kube.patch_guarded(*key, meta["resourceVersion"], ops)
-        except ApiException as err:
-            if err.status not in (404, 409):
-                raise
-            log.debug("%s %s/%s: %s", *key, api_message(err))
+            return live
+        result = self._patch_guarded(manifest, live, ops)
+        if result is None:
             return None
         left = list_ops(manifest, result)
         with self._undone_lock:
@@ -268,7 +264,23 @@ class Reconciler:
                 *key,
                 [op["path"] for op in left],
             )
-        return result, True
+        return result
+
+    def _patch_guarded(
+        self, manifest: dict[str, Any], live: dict[str, Any], ops: list[dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """A JSON patch valid only for this very resourceVersion, so that nobody's later
+        write is undone unseen: None when the object changed since, or is gone (the
+        watch brings the newer copy)."""
+        meta = live["metadata"]
+        key = (manifest["kind"], meta["namespace"], meta["name"])
+        try:
+            return self.kube.patch_guarded(*key, meta["resourceVersion"], ops)
+        except ApiException as err:
+            if err.status not in (404, 409):
+                raise
+            log.debug("%s %s/%s: %s", *key, api_message(err))
+            return None
 
     def _undone_snapshot(self, kind: str, namespace: str, name: str) -> list[Any] | None:
         with self._undone_lock:
