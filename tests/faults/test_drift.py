@@ -33,7 +33,7 @@ from tests.support.kube import Cluster, wait_for
 pytestmark = pytest.mark.integration
 
 RESTORE_SECONDS = 6.0
-MAX_PATCHES = 4
+MAX_PATCHES = 6
 SPEC = {"replicas": 1, "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}}
 HASH = "llm.fabric.dev/config-hash"
 APPLIES = (
