@@ -326,7 +326,9 @@ def check_kubernetes_syntax(backend: LLMBackend) -> Iterator[Problem]:
             yield Problem(
                 f"spec.tolerations[{i}].tolerationSeconds", "only applies to effect NoExecute"
             )
-    if annotations and sum(len(k) + len(v) for k, v in annotations.items()) > MAX_ANNOTATIONS:
+    # The API server's limit is in bytes of UTF-8, not in characters.
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in (annotations or {}).items())
+    if size > MAX_ANNOTATIONS:
         yield Problem("spec.service.annotations", "more than 256 KiB in total")
     pull = [s.name for s in spec.image_pull_secrets or []]
     if len(set(pull)) != len(pull):

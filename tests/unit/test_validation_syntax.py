@@ -119,3 +119,13 @@ def test_tgi_value_lists(options: dict[str, Any], expected: str) -> None:
 def test_tgi_accepts_its_values(options: dict[str, Any]) -> None:
     _, found = validate({"metadata": {"name": "m"}, "spec": {**TGI, "engineOptions": options}})
     assert found == []
+
+
+def test_service_annotations_are_measured_in_bytes_as_the_api_server_does() -> None:
+    """256 KiB of UTF-8, not of characters: 150,000 'é' are 300,000 bytes."""
+    wide = {f"a{i}.example.com/note": "é" * 30_000 for i in range(5)}
+    assert problems(service={"annotations": wide}) == [
+        "spec.service.annotations: more than 256 KiB in total"
+    ]
+    narrow = {f"a{i}.example.com/note": "e" * 30_000 for i in range(5)}
+    assert problems(service={"annotations": narrow}) == []
