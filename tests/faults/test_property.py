@@ -428,14 +428,11 @@ def generate(n: int, draw_seed: int) -> list[Case]:
 # --- outcomes ----------------------------------------------------------------------------
 
 FREE_FORM = re.compile(r"\.affinity|\.valueFrom")
-# Fixed since, and no longer excused: characters beyond U+FFFF broke every apply
-# (test_strange_values.py::test_characters_beyond_the_bmp_reach_the_children).
-KNOWN_BUGS: dict[str, tuple[Callable[[str], bool], str]] = {
-    "Service annotations counted in characters, not bytes": (
-        lambda m: "metadata.annotations: Too long" in m,
-        "test_strange_values.py::test_service_annotations_are_measured_in_bytes",
-    ),
-}
+# None today. Fixed since, and no longer excused: characters beyond U+FFFF broke every
+# apply (test_strange_values.py::test_characters_beyond_the_bmp_reach_the_children);
+# Service annotations were measured in characters, not bytes
+# (test_strange_values.py::test_service_annotations_are_measured_in_bytes).
+KNOWN_BUGS: dict[str, tuple[Callable[[str], bool], str]] = {}
 
 
 def _clean(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
