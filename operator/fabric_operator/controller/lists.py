@@ -10,13 +10,13 @@ rendering does not have and puts the others in rendered order, as the server has
 
 It never adds an entry: what a JSON patch adds is owned by the patch's Update field
 manager, and stays when a later apply drops it (measured: an env var added so outlived
-the apply that no longer had it; removing and reordering gave that manager nothing). Adding is the apply's job, so a list none of whose
-entries is rendered is left for it (emptied, it could be refused: a pod needs a
-container). One exception, `port_ops`, before an apply: port names are unique, so a port
-edited by hand (Service port 8080 -> 9999, a new key to the server, still named "http")
-makes the apply of ours refused ('Duplicate value'); such a list is replaced by the
-rendered ports. Safe: the rendering sets every field of a port, and the list is realigned
-after every apply.
+the apply that no longer had it; removing and reordering gave that manager nothing).
+Adding is the apply's job, so a list none of whose entries is rendered is left for it
+(emptied, it could be refused: a pod needs a container). One exception, `port_ops`,
+before an apply: port names are unique, so a port edited by hand (Service port 8080 ->
+9999, a new key to the server, still named "http") makes the apply of ours refused
+('Duplicate value'); such a list is replaced by the rendered ports. Safe: the rendering
+sets every field of a port, and the list is realigned after every apply.
 
 Only lists the operator renders are touched: the pod template's containers (and init
 containers when it renders some), each rendered container's env, ports and volumeMounts,
