@@ -202,6 +202,7 @@ def test_new_children_are_applied_without_force_seen_ones_with() -> None:
     dep = store.get("Deployment", "n", "m")
     assert dep is not None
     dep["spec"]["replicas"] = 5  # drift
+    store.put("Deployment", dep)  # as the watch delivers it (the store hands out copies)
     rec.reconcile("n", "m")
     assert kube.forced == [False, False, True]
 
@@ -365,7 +366,7 @@ def test_a_patch_that_meets_a_newer_object_is_not_a_failure_and_is_looked_at_aga
     statuses = len(kube.statuses)
     kube.objects["Deployment"]["metadata"]["resourceVersion"] = "99"  # written meanwhile
     assert rec.reconcile("n", "m") == STALE_RECHECK_SECONDS
-    assert len(kube.patched) == 1 and store.get("Deployment", "n", "m") is seen
+    assert len(kube.patched) == 1 and store.get("Deployment", "n", "m") == seen
     assert len(kube.statuses) == statuses  # nothing to tell the user: no ApplyFailed
     assert ("Normal", "Restored") not in kube.events
     store.put("Deployment", copy.deepcopy(kube.objects["Deployment"]))  # the watch's echo

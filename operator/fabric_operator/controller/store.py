@@ -3,12 +3,20 @@
 Reconciles read from here instead of the API. Writes the operator makes are put back
 here at once (write-through), so a reconcile that runs before the watch echoes a write
 does not see the old copy and write again.
+
+Objects are held as compact JSON, not as the parsed dicts the watches deliver: a third of
+their memory, and none of it shared with kopf's parsed listing. Sharing is what kept a
+restart's memory: whatever outlives a parsed listing pins the allocator arenas it was
+parsed into, so after listing 1,000 Deployments (33 MB parsed, managedFields included)
+most of it stayed resident. `get` parses a fresh dict each time (tens of µs), which the
+caller may change without changing the store.
 """
 
 from __future__ import annotations
 
+import json
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 from fabric_operator.render.workload import BACKEND_LABEL
 
@@ -26,6 +34,11 @@ def _owner(obj: dict[str, Any]) -> str | None:
     # Children and pods carry their LLMBackend's name in this label.
     owner = ((obj.get("metadata") or {}).get("labels") or {}).get(BACKEND_LABEL)
     return str(owner) if owner else None
+
+
+def _own(text: str) -> str:
+    """An equal string that is not the parsed listing's object (see the module's doc)."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
 
 
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
@@ -46,9 +59,19 @@ def slim(obj: dict[str, Any]) -> dict[str, Any]:
     return {**obj, "metadata": meta}
 
 
+class _Held(NamedTuple):
+    version: int | None
+    owner: str | None
+    data: bytes  # the slimmed object as compact JSON
+
+
+def _encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode("ascii")  # ASCII: \u escapes
+
+
 class Store:
     def __init__(self) -> None:
-        self._objects: dict[Key, dict[str, Any]] = {}
+        self._objects: dict[Key, _Held] = {}
         # (kind, namespace, backend) -> names: a backend's pods without scanning them all.
         self._owned: dict[Key, set[str]] = {}
         self._lock = threading.Lock()
@@ -63,39 +86,52 @@ class Store:
         obj = slim(obj)
         if kind == "Pod":  # only diagnose reads pods, and only their metadata and status
             obj = {k: v for k, v in obj.items() if k != "spec"}
-        key = self.key(kind, obj)
+        _, namespace, name = self.key(kind, obj)
+        key = (kind, _own(namespace), _own(name))  # a held key keeps its own strings
+        owner = _owner(obj)
+        new = _Held(_version(obj), _own(owner) if owner else None, _encode(obj))
         with self._lock:
             held = self._objects.get(key)
-            new, old = _version(obj), _version(held) if held else None
-            if held is None or new is None or old is None or new >= old:
-                self._objects[key] = obj
-                owner = _owner(obj)
-                if owner:
-                    self._owned.setdefault((kind, key[1], owner), set()).add(key[2])
+            old = held.version if held else None
+            if old is not None and new.version is not None and new.version < old:
+                return
+            self._objects[key] = new
+            if held and held.owner and held.owner != new.owner:
+                self._disown(kind, key[1], held.owner, key[2])
+            if new.owner:
+                self._owned.setdefault((kind, key[1], new.owner), set()).add(key[2])
+
+    def _disown(self, kind: str, namespace: str, owner: str, name: str) -> None:
+        names = self._owned.get((kind, namespace, owner), set())
+        names.discard(name)
+        if not names:
+            self._owned.pop((kind, namespace, owner), None)
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
-            obj = self._objects.pop((kind, namespace, name), None)
-            owner = _owner(obj) if obj else None
-            if owner:
-                names = self._owned.get((kind, namespace, owner), set())
-                names.discard(name)
-                if not names:
-                    self._owned.pop((kind, namespace, owner), None)
+            held = self._objects.pop((kind, namespace, name), None)
+            if held and held.owner:
+                self._disown(kind, namespace, held.owner, name)
 
     def owned(self, kind: str, namespace: str, backend: str) -> list[dict[str, Any]]:
         """Objects of `kind` labelled as belonging to the LLMBackend `backend`."""
         with self._lock:
             names = self._owned.get((kind, namespace, backend), set())
-            return [
-                self._objects[(kind, namespace, n)]
-                for n in sorted(names)
-                if (kind, namespace, n) in self._objects
-            ]
+            held = [self._objects.get((kind, namespace, n)) for n in sorted(names)]
+        return [json.loads(h.data) for h in held if h is not None]
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A fresh copy of the object, or None."""
         with self._lock:
-            return self._objects.get((kind, namespace, name))
+            held = self._objects.get((kind, namespace, name))
+        if held is None:
+            return None
+        obj: dict[str, Any] = json.loads(held.data)
+        return obj
+
+    def has(self, kind: str, namespace: str, name: str) -> bool:
+        with self._lock:
+            return (kind, namespace, name) in self._objects
 
     def names(self, kind: str) -> list[tuple[str, str]]:
         """(namespace, name) of every object of `kind`."""
