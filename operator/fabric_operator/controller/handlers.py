@@ -15,9 +15,59 @@ from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from fabric_operator.controller import metrics
 from fabric_operator.controller.reconciler import BACKEND
 from fabric_operator.controller.runtime import Controller
+from fabric_operator.controller.store import LAST_APPLIED
 from fabric_operator.render.workload import MANAGED_BY
 
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+# Read by neither kopf (for `on.event` and index handlers) nor the event handlers, which
+# only look at the type, name, namespace, uid, labels (filters, owner) and deletion.
+UNREAD_METADATA = ("ownerReferences", "creationTimestamp", "generation")
+
+
+def shed(body: kopf.Body, *, content: bool) -> None:
+    """Drop, from the object as kopf holds it, what no handler will read again:
+    managedFields and kubectl's last-applied copy (most of a Deployment's weight), and
+    without `content` the spec, the status and unread metadata too (the object is in the
+    store by then, or not ours).
+
+    At a restart kopf lists every watched object and holds each one, as parsed, until all
+    indexes are filled; with 1,000 LLMBackends that was 48 MB of dicts at once, and what a
+    burst touches stays resident. kopf reads none of these fields (no finalizers, progress
+    annotations or field filters here), and `body` views the very dicts kopf holds."""
+    meta = body.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+        annotations = meta.get("annotations")
+        if isinstance(annotations, dict):
+            annotations.pop(LAST_APPLIED, None)
+    if not content:
+        for part in ("spec", "status"):
+            held = body.get(part)
+            if isinstance(held, dict):
+                held.clear()
+        if isinstance(meta, dict):
+            for key in UNREAD_METADATA:
+                meta.pop(key, None)
+
+
+def configure_settings(settings: kopf.OperatorSettings) -> None:
+    settings.posting.enabled = False  # our own Events say what users need to see
+    settings.posting.level = logging.WARNING
+    # Serve the given namespaces (or the cluster) as they are: no need to list/watch
+    # Namespaces and CRDs, so RBAC stays minimal.
+    settings.scanning.disabled = True
+    # A per-object kopf worker lives until idle this long; at a restart there is one
+    # per watched object at once, so let them go soon (the queue does our batching).
+    settings.batching.idle_timeout = 0.5
+    # List in pages: a restart then never holds a whole parsed listing at once.
+    settings.watching.chunk_size = 100
+    # Without these a silently dropped watch connection is never noticed.
+    settings.watching.connect_timeout = 30
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.networking.error_backoffs = [1, 2, 5, 10]
 
 
 def build_registry() -> kopf.OperatorRegistry:
@@ -44,19 +94,7 @@ def build_registry() -> kopf.OperatorRegistry:
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-        settings.posting.enabled = False  # our own Events say what users need to see
-        settings.posting.level = logging.WARNING
-        # Serve the given namespaces (or the cluster) as they are: no need to list/watch
-        # Namespaces and CRDs, so RBAC stays minimal.
-        settings.scanning.disabled = True
-        # A per-object kopf worker lives until idle this long; at a restart there is one
-        # per watched object at once, so let them go soon (the queue does our batching).
-        settings.batching.idle_timeout = 0.5
-        # Without these a silently dropped watch connection is never noticed.
-        settings.watching.connect_timeout = 30
-        settings.watching.server_timeout = 270
-        settings.watching.client_timeout = 300
-        settings.networking.error_backoffs = [1, 2, 5, 10]
+        configure_settings(settings)
         controller: Controller = memo["controller"]
         await controller.start()
         address = memo.get("metrics_address")
@@ -71,30 +109,41 @@ def build_registry() -> kopf.OperatorRegistry:
         if runner is not None:
             await runner.cleanup()
 
-    # Index handlers fill the store from the initial listing of the children, and kopf
-    # holds every other handler until all indexes are filled: no LLMBackend is reconciled
-    # before its children are known (else a restart would re-apply all of them).
-    # Children are not filtered by label: a child whose labels someone removed must still
-    # be seen (and restored); `Controller.ours` keeps only ours, labelled or remembered.
+    # Index handlers fill the store, and kopf holds every other handler until all indexes
+    # are filled: no LLMBackend is reconciled before its children are known (else a
+    # restart would re-apply all of them). An object's index handler runs before its event
+    # handler, for every event but deletions: it stores the object, the event handler
+    # queues its backend. Children are not filtered by label: a child whose labels someone removed
+    # must still be seen (and restored); `Controller.keep` keeps only ours, labelled or
+    # remembered.
     @kopf.index("apps", "v1", "deployments", registry=registry)
     async def deployment_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].keep("Deployment", dict(body))
+        shed(body, content=False)
 
     @kopf.index("", "v1", "services", registry=registry)
     async def service_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].keep("Service", dict(body))
+        shed(body, content=False)
 
     @kopf.index("networking.k8s.io", "v1", "networkpolicies", registry=registry)
     async def network_policy_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].keep("NetworkPolicy", dict(body))
+        shed(body, content=False)
 
     @kopf.index("", "v1", "pods", labels=MANAGED, registry=registry)
     async def pod_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].store.put("Pod", dict(body))
+        shed(body, content=False)
+
+    @kopf.index(GROUP, VERSION, PLURAL, registry=registry)
+    async def backend_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        memo["controller"].store.put(BACKEND, dict(body))
+        shed(body, content=False)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def backend_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        memo["controller"].observe(BACKEND, dict(event))
+        memo["controller"].observe(BACKEND, dict(event), stored=True)
 
     @kopf.on.event("apps", "v1", "deployments", registry=registry)
     async def deployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
@@ -110,7 +159,7 @@ def build_registry() -> kopf.OperatorRegistry:
 
     @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=registry)
     async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        memo["controller"].observe("Pod", dict(event))
+        memo["controller"].observe("Pod", dict(event), stored=True)
 
     @kopf.on.probe(id="controller", registry=registry)
     def probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:

@@ -54,6 +54,9 @@ class Controller:
         # With leader election, workers wait for the Lease; watches fill the store meanwhile.
         self.leading = leading
         self.queue: WorkQueue[Key] | None = None
+        # Set by the first event: kopf calls event handlers only once every index (the
+        # store's initial listings) is filled, so every backend's children are known.
+        self.listed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: set[asyncio.Task[None]] = set()
         self.reconciles = 0
@@ -109,6 +112,7 @@ class Controller:
         """A new leader looks at every backend once (unchanged ones cost no request)."""
         assert self.leading is not None and self.queue is not None
         await self.leading.wait()
+        await self.listed.wait()
         for key in self.store.names(BACKEND):
             self.queue.add(key)
 
@@ -122,25 +126,30 @@ class Controller:
         meta = obj.get("metadata") or {}
         if (meta.get("labels") or {}).get(MANAGED_LABEL) == MANAGED_BY:
             return True
-        return self.store.get(kind, meta.get("namespace") or "", meta.get("name") or "") is not None
+        return self.store.has(kind, meta.get("namespace") or "", meta.get("name") or "")
 
-    def keep(self, kind: str, obj: dict[str, Any]) -> None:
-        """The initial listing of a child kind: store only ours."""
-        if self.ours(kind, obj):
-            self.store.put(kind, obj)
+    def keep(self, kind: str, obj: dict[str, Any]) -> bool:
+        """The initial listing of a child kind: store only ours (and say if it is)."""
+        if not self.ours(kind, obj):
+            return False
+        self.store.put(kind, obj)
+        return True
 
     def observe_child(self, kind: str, event: dict[str, Any]) -> None:
+        """A child's event, after its index handler stored it (`keep`): queue its backend."""
         if self.ours(kind, event.get("object") or {}):
-            self.observe(kind, event)
+            self.observe(kind, event, stored=True)
 
-    def observe(self, kind: str, event: dict[str, Any]) -> None:
-        """A watch event: update the store and queue the LLMBackend it concerns."""
+    def observe(self, kind: str, event: dict[str, Any], *, stored: bool = False) -> None:
+        """A watch event: update the store (unless `stored` already, by an index handler;
+        deletions never are) and queue the LLMBackend it concerns."""
+        self.listed.set()
         obj = event.get("object") or {}
         meta = obj.get("metadata") or {}
         namespace, name = meta.get("namespace") or "", meta.get("name") or ""
         if event.get("type") == "DELETED":
             self.store.delete(kind, namespace, name)
-        else:
+        elif not stored:
             self.store.put(kind, obj)
         if kind == BACKEND:
             key = (namespace, name)
@@ -149,7 +158,7 @@ class Controller:
         else:
             # Children carry their backend's name (and label; the name survives relabelling).
             owner = (meta.get("labels") or {}).get(BACKEND_LABEL) or name
-            if self.store.get(BACKEND, namespace, owner) is None:
+            if not self.store.has(BACKEND, namespace, owner):
                 return
             key = (namespace, owner)
             if event.get("type") == "DELETED" and kind != "Pod":

@@ -1,0 +1,133 @@
+"""The watch store (held as compact JSON), what handlers shed from kopf's copies, and how
+index and event handlers share the work of filling the store and the queue."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import kopf
+
+from fabric_operator.controller.handlers import shed
+from fabric_operator.controller.reconciler import BACKEND, Reconciler
+from fabric_operator.controller.runtime import Controller
+from fabric_operator.controller.store import LAST_APPLIED, Store
+from fabric_operator.controller.workqueue import WorkQueue
+
+LABELS = {"app.kubernetes.io/managed-by": "fabric-operator", "llm.fabric.dev/backend": "m"}
+
+
+def child(name: str = "m", rv: str = "5", labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": "n",
+            "resourceVersion": rv,
+            "labels": dict(LABELS if labels is None else labels),
+            "annotations": {LAST_APPLIED: "{...}", "keep": "me"},
+            "managedFields": [{"manager": "fabric-operator", "fieldsV1": {"f:spec": {}}}],
+        },
+        "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "engine"}]}}},
+        "status": {"readyReplicas": 1},
+    }
+
+
+def test_store_hands_out_copies_without_what_is_never_read() -> None:
+    store = Store()
+    original = child()
+    store.put("Deployment", original)
+    held = store.get("Deployment", "n", "m")
+    assert held is not None
+    assert "managedFields" not in held["metadata"]
+    assert held["metadata"]["annotations"] == {"keep": "me"}
+    assert held["spec"] == original["spec"] and held["status"] == original["status"]
+    assert "managedFields" in original["metadata"]  # the caller's object is untouched
+    held["spec"]["replicas"] = 5
+    original["spec"]["replicas"] = 7
+    again = store.get("Deployment", "n", "m")
+    assert again is not None and again["spec"]["replicas"] == 1
+    assert store.has("Deployment", "n", "m") and not store.has("Service", "n", "m")
+
+
+def test_store_round_trips_any_text() -> None:
+    store = Store()
+    obj = child()
+    obj["spec"]["args"] = ["ünïcödé ✓", "\ud83d", "😀", 'quote " and \\ backslash', "\x00"]
+    store.put("Deployment", obj)
+    held = store.get("Deployment", "n", "m")
+    assert held is not None and held["spec"]["args"] == obj["spec"]["args"]
+
+
+def test_store_follows_a_child_that_changes_owner() -> None:
+    store = Store()
+    store.put("Pod", child(rv="1"))
+    store.put("Pod", child(rv="2", labels={"llm.fabric.dev/backend": "other"}))
+    assert store.owned("Pod", "n", "m") == []
+    [pod] = store.owned("Pod", "n", "other")
+    assert pod["metadata"]["resourceVersion"] == "2"
+    store.delete("Pod", "n", "m")
+    assert store.owned("Pod", "n", "other") == []
+
+
+def test_shed_empties_kopfs_copy_in_place_but_for_its_metadata() -> None:
+    raw = child()
+    shed(kopf.Body(raw), content=False)
+    assert raw["spec"] == {} and raw["status"] == {}
+    assert "managedFields" not in raw["metadata"]
+    assert raw["metadata"]["annotations"] == {"keep": "me"}
+    assert raw["metadata"]["labels"] == LABELS
+    kept = child()
+    shed(kopf.Body(kept), content=True)
+    assert kept["spec"] == child()["spec"] and "managedFields" not in kept["metadata"]
+
+
+class _Kube:
+    def backend_exists(self, namespace: str, name: str) -> bool:
+        return True
+
+
+class _Reconciler:
+    kube = _Kube()
+
+
+def controller() -> tuple[Controller, Store]:
+    store = Store()
+    ctl = Controller(cast(Reconciler, _Reconciler()), store)
+    ctl.queue = WorkQueue()
+    return ctl, store
+
+
+def backend(rv: str = "1") -> dict[str, Any]:
+    return {"metadata": {"name": "m", "namespace": "n", "resourceVersion": rv}, "spec": {}}
+
+
+def test_index_stores_children_then_the_event_only_queues_their_backend() -> None:
+    async def run() -> None:
+        ctl, store = controller()
+        ctl.observe(BACKEND, {"type": None, "object": backend()})
+        assert ctl.queue is not None and len(ctl.queue) == 1
+        await ctl.queue.get()
+        ctl.queue.done(("n", "m"))
+        raw = child()
+        assert ctl.keep("Deployment", dict(kopf.Body(raw)))
+        shed(kopf.Body(raw), content=False)
+        ctl.observe_child("Deployment", {"type": "MODIFIED", "object": raw})
+        held = store.get("Deployment", "n", "m")
+        assert held is not None and held["spec"]["replicas"] == 1  # not the shed copy
+        assert len(ctl.queue) == 1
+        # A child someone relabelled is still ours: the store remembers it.
+        relabelled = child(rv="6", labels={})
+        assert ctl.keep("Deployment", relabelled)
+        held = store.get("Deployment", "n", "m")
+        assert held is not None and held["metadata"]["labels"] == {}
+        # Others' objects are not kept.
+        assert not ctl.keep("Deployment", child(name="theirs", labels={}))
+        assert not store.has("Deployment", "n", "theirs")
+        # Deletions come without an index call: the event handler forgets the child.
+        ctl.observe_child("Deployment", {"type": "DELETED", "object": child(rv="7", labels={})})
+        assert not store.has("Deployment", "n", "m")
+        await asyncio.gather(*ctl._checks)
+
+    asyncio.run(run())
