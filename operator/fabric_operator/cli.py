@@ -29,7 +29,6 @@ from fabric_operator.controller.leader import LeaderElector
 from fabric_operator.controller.reconciler import Reconciler, Settings
 from fabric_operator.controller.runtime import Controller
 from fabric_operator.controller.store import Store
-from fabric_operator.gateway import server as gateway_server
 from fabric_operator.localcluster import LocalControlPlane, find_binaries
 from fabric_operator.render import render
 from fabric_operator.validation import validate
@@ -215,6 +214,8 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
+    from fabric_operator.gateway import server as gateway_server  # noqa: PLC0415 - see main
+
     if args.config:
         args.config = Path(args.config)
     return gateway_server.run(args)
@@ -292,10 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     dev.set_defaults(func=_dev)
 
     gateway = sub.add_parser(
-        "gateway", help="serve one OpenAI-compatible endpoint in front of the LLMBackends"
+        "gateway",
+        help="serve one OpenAI-compatible endpoint in front of the LLMBackends",
+        add_help=False,
     )
-    gateway_server.add_flags(gateway)
     gateway.set_defaults(func=_gateway)
+    # The gateway's flags come with its imports (uvicorn, prometheus_client: 4.5 MB more
+    # resident in the operator), so they are added only when it is the command.
+    if parser.parse_known_args(argv)[0].command == "gateway":
+        from fabric_operator.gateway import server as gateway_server  # noqa: PLC0415
+
+        gateway.add_argument("-h", "--help", action="help", help="show this help and exit")
+        gateway_server.add_flags(gateway)
 
     args = parser.parse_args(argv)
     logging.basicConfig(
