@@ -131,3 +131,22 @@ def test_index_stores_children_then_the_event_only_queues_their_backend() -> Non
         await asyncio.gather(*ctl._checks)
 
     asyncio.run(run())
+
+
+def test_a_new_leader_queues_stored_backends_only_once_the_listings_are_in() -> None:
+    async def run() -> None:
+        store = Store()
+        leading = asyncio.Event()
+        ctl = Controller(cast(Reconciler, _Reconciler()), store, leading=leading)
+        ctl.queue = WorkQueue()
+        store.put(BACKEND, backend())  # by its index handler, while kopf still lists
+        leading.set()
+        resync = asyncio.create_task(ctl._resync_on_leading())
+        await asyncio.sleep(0.01)
+        assert len(ctl.queue) == 0  # children may not be known yet
+        other = child(name="x", labels={**LABELS, "llm.fabric.dev/backend": "x"})
+        ctl.observe_child("Deployment", {"type": None, "object": other})  # queues nothing
+        await asyncio.wait_for(resync, 1)
+        assert len(ctl.queue) == 1
+
+    asyncio.run(run())
