@@ -157,3 +157,112 @@ def test_a_failed_test_is_a_conflict_a_refused_object_is_not() -> None:
         with pytest.raises(ApiException) as err:
             k.patch_guarded("Service", "n", "m", "7", [])
         assert err.value.status == status
+
+
+NOT_FOUND = Response(404, b'{"message": "not found", "code": 404}', "Not Found")
+
+
+def test_reads_and_deletes_go_to_their_paths_and_404_is_an_answer() -> None:
+    secret = {"data": {"api-key": "c2VjcmV0"}, "stringData": {"extra": "x"}}
+    k, rest = kube(
+        Response(200, json.dumps(secret).encode()),
+        NOT_FOUND,
+        OK,
+        NOT_FOUND,
+        Response(200, b'{"kind": "LLMBackend"}'),
+        NOT_FOUND,
+        Response(200, b'{"kind": "Status", "status": "Success"}'),
+        Response(409, b'{"message": "uid precondition failed"}', "Conflict"),
+        Response(200, b'{"gitVersion": "v1.20.2"}'),
+    )
+    assert k.secret_keys("n", "key") == {"api-key", "extra"}  # names only, values dropped
+    assert k.secret_keys("n", "gone") is None
+    assert k.get("Deployment", "n", "m") == json.loads(OK.data)
+    assert k.get("Service", "n", "m") is None
+    assert k.backend_exists("n", "m") is True
+    assert k.backend_exists("n", "gone") is False
+    k.delete("Deployment", "n", "m", "uid-1")
+    k.delete("Service", "n", "m", "uid-2")  # replaced by another object: left alone
+    k.ping()
+    assert [(r["method"], r["url"].removeprefix("https://api.invalid")) for r in rest.sent] == [
+        ("GET", "/api/v1/namespaces/n/secrets/key"),
+        ("GET", "/api/v1/namespaces/n/secrets/gone"),
+        ("GET", "/apis/apps/v1/namespaces/n/deployments/m"),
+        ("GET", "/api/v1/namespaces/n/services/m"),
+        ("GET", "/apis/llm.fabric.dev/v1alpha1/namespaces/n/llmbackends/m"),
+        ("GET", "/apis/llm.fabric.dev/v1alpha1/namespaces/n/llmbackends/gone"),
+        ("DELETE", "/apis/apps/v1/namespaces/n/deployments/m"),
+        ("DELETE", "/api/v1/namespaces/n/services/m"),
+        ("GET", "/version"),
+    ]
+    assert rest.sent[6]["body"] == {
+        "preconditions": {"uid": "uid-1"},
+        "propagationPolicy": "Background",
+    }
+    assert k.request_counts() == {
+        "get secrets": 2,
+        "get deployments": 1,
+        "get services": 1,
+        "get llmbackends": 2,
+        "delete deployments": 1,
+        "delete services": 1,
+    }  # the health report's ping is not a reconcile request
+
+
+def test_other_errors_are_raised() -> None:
+    k, _ = kube(
+        Response(403, b'{"message": "secrets \\"k\\" is forbidden"}', "Forbidden"),
+        Response(500, b'{"message": "etcd timeout"}', "Internal Server Error"),
+    )
+    with pytest.raises(ApiException) as err:
+        k.secret_keys("n", "k")
+    assert err.value.status == 403
+    with pytest.raises(ApiException) as err:
+        k.delete("Deployment", "n", "m", "uid")
+    assert err.value.status == 500
+
+
+def test_status_is_a_merge_patch_of_the_status_subresource() -> None:
+    k, rest = kube(OK)
+    status = {"phase": "Ready", "conditions": [{"type": "Ready", "message": "1/1 🦙"}]}
+    assert k.patch_status("n", "m", status) == json.loads(OK.data)
+    [req] = rest.sent
+    assert req["method"] == "PATCH"
+    assert (
+        req["url"]
+        == "https://api.invalid/apis/llm.fabric.dev/v1alpha1/namespaces/n/llmbackends/m/status"
+    )
+    assert req["headers"]["Content-Type"] == "application/merge-patch+json"
+    assert req["body"] == {"status": status}
+    assert k.request_counts() == {"patch llmbackends/status": 1}
+
+
+def test_an_event_names_the_backend_and_a_refused_event_fails_nothing() -> None:
+    backend = {"metadata": {"name": "m", "namespace": "n", "uid": "u1", "resourceVersion": "5"}}
+    k, rest = kube(OK, Response(403, b'{"message": "events is forbidden"}', "Forbidden"))
+    k.post_event(backend, "Warning", "InvalidSpec", "x" * 2000, "2026-12-02T00:00:00Z")
+    k.post_event(backend, "Normal", "Ready", "ready", "2026-12-02T00:00:00Z")  # no raise
+    req = rest.sent[0]
+    assert (req["method"], req["url"]) == ("POST", "https://api.invalid/api/v1/namespaces/n/events")
+    event = req["body"]
+    assert event["involvedObject"] == {
+        "apiVersion": "llm.fabric.dev/v1alpha1",
+        "kind": "LLMBackend",
+        "name": "m",
+        "namespace": "n",
+        "uid": "u1",
+        "resourceVersion": "5",
+    }
+    assert event["metadata"]["name"].startswith("m.") and event["metadata"]["namespace"] == "n"
+    assert (event["type"], event["reason"], len(event["message"])) == (
+        "Warning",
+        "InvalidSpec",
+        1024,
+    )
+    assert k.request_counts() == {"create events": 2}
+
+
+def test_names_are_one_path_segment_each() -> None:
+    k, rest = kube(NOT_FOUND)
+    assert k.get("Service", "n", "a/b?c") is None
+    assert rest.sent[0]["url"] == "https://api.invalid/api/v1/namespaces/n/services/a%2Fb%3Fc"

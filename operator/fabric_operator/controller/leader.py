@@ -19,12 +19,14 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from fabric_operator.controller.kube import request, segment
+
 log = logging.getLogger(__name__)
 
 
-def _micro_time(at: datetime | None = None) -> str:
+def _micro_time() -> str:
     """metav1.MicroTime, as Lease times are written."""
-    return (at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class LeaderElector:
@@ -39,9 +41,9 @@ class LeaderElector:
         renew_seconds: float = 2.0,
         on_lost: Callable[[], None] | None = None,
     ) -> None:
-        # Untyped on purpose: the client accepts dict bodies, its stubs only model objects.
-        self.api: Any = client.CoordinationV1Api(api_client)
+        self.api_client = api_client
         self.namespace, self.name = namespace, name
+        self._leases = f"/apis/coordination.k8s.io/v1/namespaces/{segment(namespace)}/leases"
         self.identity = identity or f"{os.environ.get('HOSTNAME', 'local')}-{os.getpid()}"
         self.lease_seconds, self.renew_seconds = lease_seconds, renew_seconds
         self.leading = asyncio.Event()
@@ -84,38 +86,40 @@ class LeaderElector:
 
     def _try(self) -> bool:
         """One round: create, renew or take over the Lease. True while we hold it."""
+        path = f"{self._leases}/{segment(self.name)}"
         try:
-            lease: Any = self.api.read_namespaced_lease(self.name, self.namespace)
+            lease = request(self.api_client, "GET", path)
         except ApiException as err:
             if err.status != 404:
                 raise
             try:
-                self.api.create_namespaced_lease(self.namespace, self._lease(0, None))
+                request(self.api_client, "POST", self._leases, body=self._lease(0, None))
             except ApiException as create_err:
                 if create_err.status == 409:
                     return False  # another replica created it first
                 raise
             return True
-        spec = lease.spec
-        version = lease.metadata.resource_version
+        spec = lease.get("spec") or {}
+        version = lease["metadata"]["resourceVersion"]
         now = time.monotonic()
         if version != self._seen[0]:
             self._seen = (version, now)
-        mine = spec.holder_identity == self.identity
-        expired = now - self._seen[1] > (spec.lease_duration_seconds or self.lease_seconds)
-        if not (mine or expired or not spec.holder_identity):
+        holder = spec.get("holderIdentity")
+        mine = holder == self.identity
+        expired = now - self._seen[1] > (spec.get("leaseDurationSeconds") or self.lease_seconds)
+        if not (mine or expired or not holder):
             return False
         body = self._lease(
-            (spec.lease_transitions or 0) + (0 if mine else 1),
-            _micro_time(spec.acquire_time) if mine and spec.acquire_time else None,
+            (spec.get("leaseTransitions") or 0) + (0 if mine else 1),
+            spec.get("acquireTime") if mine else None,
         )
         body["metadata"]["resourceVersion"] = version  # lose the race rather than share
         try:
-            self.api.replace_namespaced_lease(self.name, self.namespace, body)
+            request(self.api_client, "PUT", path, body=body)
         except ApiException as err:
             if err.status == 409:
                 return False
             raise
         if not mine:
-            log.info("leader election: took over from %s", spec.holder_identity)
+            log.info("leader election: took over from %s", holder)
         return True
