@@ -12,7 +12,7 @@ from typing import Any
 import kopf
 
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
-from fabric_operator.controller import metrics
+from fabric_operator.controller import indexgate, metrics
 from fabric_operator.controller.reconciler import BACKEND
 from fabric_operator.controller.runtime import Controller
 from fabric_operator.controller.store import LAST_APPLIED
@@ -71,6 +71,7 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
 
 
 def build_registry() -> kopf.OperatorRegistry:
+    indexgate.install()  # a restart's wait for the indexes, linear in the objects
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
