@@ -393,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
         op.start()
         time.sleep(1)
         results["footprint"] = {"rss_mb_0": op.rss_mb()}
+        results["cpu"] = {"cpu_s_0": op.cpu_seconds()}
         obs = Observer(api)
         obs.start()
         time.sleep(0.5)
@@ -402,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
         for n in sizes:
             throughput[n] = bench_operator(custom, obs, op, n)
             results["footprint"][f"rss_mb_after_{n}"] = op.rss_mb()
+            results["cpu"][f"cpu_s_after_{n}"] = op.cpu_seconds()
             updates[n] = bench_update(custom, obs, op, throughput[n]["namespace"], n)
         op.stop()
         for n in sizes:
@@ -421,12 +423,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
         op.start()
         started = time.monotonic()
         wait(lambda: resynced(op, managed - sum(sizes)), 120 + managed / 10, "restart resync")
+        resync_seconds, resync_cpu = time.monotonic() - started, op.cpu_seconds()
         time.sleep(2)
         restart = {
             "requests": op.requests(),
             "writes_apiserver": apiserver_writes(kubeconfig) - writes_before,
             "managed": op.metrics()["fabric_operator_backends"],
-            "seconds": time.monotonic() - started,
+            "seconds": resync_seconds,
+            "cpu_seconds": resync_cpu,
         }
         results["restart"] = restart
         cpu0, writes0, req0 = op.cpu_seconds(), apiserver_writes(kubeconfig), op.requests()
@@ -490,6 +494,21 @@ def report(r: dict[str, Any], sizes: list[int]) -> None:
             "restart: operator requests; apiserver writes",
             f"{r['restart']['requests']}; {r['restart']['writes_apiserver']}",
             "0; 0",
+        )
+    )
+    rows.append(
+        (
+            f"restart with {r['restart']['managed']:.0f} managed: resync s; CPU s",
+            f"{r['restart']['seconds']:.1f}; {r['restart']['cpu_seconds']:.1f}",
+            "",
+        )
+    )
+    cpu = r["cpu"]
+    rows.append(
+        (
+            "CPU s (cumulative) at 0 / after each N",
+            " / ".join(f"{cpu[k]:.1f}" for k in cpu),
+            "",
         )
     )
     rows.append(

@@ -51,6 +51,7 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
         "restart",
         "idle",
         "footprint",
+        "cpu",
     }
     # Counts, not times: these are exact and must hold on any machine.
     assert 2 <= results["throughput"]["5"]["requests_per_backend"] <= 4
