@@ -247,15 +247,19 @@ def drift(kube: FakeKube, store: Store, kind: str, edit: Callable[[dict[str, Any
     store.put(kind, copy.deepcopy(obj))
 
 
-def test_a_sidecar_added_by_hand_is_removed_by_one_guarded_patch_without_an_apply() -> None:
-    kube = FakeKube()
-    rec, store = settled(kube)
+def add_sidecar(kube: FakeKube, store: Store) -> None:
     drift(
         kube,
         store,
         "Deployment",
         lambda d: d["spec"]["template"]["spec"]["containers"].append({"name": "sidecar"}),
     )
+
+
+def test_a_sidecar_added_by_hand_is_removed_by_one_guarded_patch_without_an_apply() -> None:
+    kube = FakeKube()
+    rec, store = settled(kube)
+    add_sidecar(kube, store)
     seen = store.get("Deployment", "n", "m")
     assert seen is not None
     assert rec.reconcile("n", "m") is None
@@ -356,12 +360,7 @@ def test_the_order_an_apply_leaves_is_put_right_after_it() -> None:
 def test_a_patch_that_meets_a_newer_object_is_not_a_failure_and_is_looked_at_again() -> None:
     kube = FakeKube()
     rec, store = settled(kube)
-    drift(
-        kube,
-        store,
-        "Deployment",
-        lambda d: d["spec"]["template"]["spec"]["containers"].append({"name": "sidecar"}),
-    )
+    add_sidecar(kube, store)
     seen = store.get("Deployment", "n", "m")
     statuses = len(kube.statuses)
     kube.objects["Deployment"]["metadata"]["resourceVersion"] = "99"  # written meanwhile
@@ -378,12 +377,7 @@ def test_a_patch_that_meets_a_newer_object_is_not_a_failure_and_is_looked_at_aga
 def test_a_refused_or_failed_patch_is_shown_like_a_failed_apply(status: int, retried: bool) -> None:
     kube = FakeKube()
     rec, store = settled(kube)
-    drift(
-        kube,
-        store,
-        "Deployment",
-        lambda d: d["spec"]["template"]["spec"]["containers"].append({"name": "sidecar"}),
-    )
+    add_sidecar(kube, store)
     kube.patch_fails_with = status
     if retried:
         with pytest.raises(ApiException):
