@@ -12,7 +12,7 @@ from typing import Any
 import kopf
 
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
-from fabric_operator.controller import indexgate, metrics
+from fabric_operator.controller import indexgate, metrics, relist
 from fabric_operator.controller.reconciler import BACKEND
 from fabric_operator.controller.runtime import Controller
 from fabric_operator.controller.store import LAST_APPLIED
@@ -72,6 +72,7 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
 
 def build_registry() -> kopf.OperatorRegistry:
     indexgate.install()  # a restart's wait for the indexes, linear in the objects
+    relist.install()  # complete listings are told to the controller (`configure`)
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
@@ -98,6 +99,7 @@ def build_registry() -> kopf.OperatorRegistry:
         configure_settings(settings)
         controller: Controller = memo["controller"]
         await controller.start()
+        relist.subscribe(controller.relisted)
         address = memo.get("metrics_address")
         if address:
             host, _sep, port = address.rpartition(":")
@@ -105,6 +107,7 @@ def build_registry() -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def stop(memo: kopf.Memo, **_: Any) -> None:
+        relist.unsubscribe(memo["controller"].relisted)
         await memo["controller"].stop()
         runner = memo.get("metrics_runner")
         if runner is not None:

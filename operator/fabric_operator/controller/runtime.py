@@ -14,13 +14,23 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
+from fabric_operator.api.v1alpha1 import GROUP, PLURAL
 from fabric_operator.controller.kube import api_message
 from fabric_operator.controller.reconciler import BACKEND, Reconciler
+from fabric_operator.controller.relist import Listing
 from fabric_operator.controller.store import Store
 from fabric_operator.controller.workqueue import WorkQueue
 from fabric_operator.render.workload import BACKEND_LABEL, MANAGED_BY
 
 MANAGED_LABEL = "app.kubernetes.io/managed-by"
+# (API group, plural) of each watched resource -> the kind the store holds it as
+KINDS = {
+    ("apps", "deployments"): "Deployment",
+    ("", "services"): "Service",
+    ("networking.k8s.io", "networkpolicies"): "NetworkPolicy",
+    ("", "pods"): "Pod",
+    (GROUP, PLURAL): BACKEND,
+}
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +144,23 @@ class Controller:
             return False
         self.store.put(kind, obj)
         return True
+
+    def relisted(self, listing: Listing) -> None:
+        """A complete listing (kopf lists again after a watch could not go on): what the
+        store holds that it lacks was deleted while no watch was looking. Each is handled
+        as the DELETED event that never came."""
+        kind = KINDS.get((listing.group, listing.plural))
+        if kind is None:
+            return
+        for obj in self.store.absent_from(kind, listing.namespace, listing.names, listing.version):
+            meta = obj.get("metadata") or {}
+            log.info(
+                "%s %s/%s was deleted while the watch was down: forgetting it",
+                kind,
+                meta.get("namespace"),
+                meta.get("name"),
+            )
+            self.observe(kind, {"type": "DELETED", "object": obj})
 
     def observe_child(self, kind: str, event: dict[str, Any]) -> None:
         """A child's event, after its index handler stored it (`keep`): queue its backend."""

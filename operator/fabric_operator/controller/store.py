@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import threading
 import zlib
+from collections.abc import Collection
 from typing import Any, NamedTuple
 
 from fabric_operator.render.workload import BACKEND_LABEL
@@ -24,11 +25,16 @@ from fabric_operator.render.workload import BACKEND_LABEL
 Key = tuple[str, str, str]  # kind, namespace, name
 
 
-def _version(obj: dict[str, Any]) -> int | None:
+def resource_version(value: Any) -> int | None:
+    """A resourceVersion as the number it is (etcd's revision), for ordering; None if not."""
     try:
-        return int(str((obj.get("metadata") or {}).get("resourceVersion")))
+        return int(str(value))
     except (TypeError, ValueError):
         return None
+
+
+def _version(obj: dict[str, Any]) -> int | None:
+    return resource_version((obj.get("metadata") or {}).get("resourceVersion"))
 
 
 def _owner(obj: dict[str, Any]) -> str | None:
@@ -142,6 +148,27 @@ class Store:
         """(namespace, name) of every object of `kind`."""
         with self._lock:
             return [(k[1], k[2]) for k in self._objects if k[0] == kind]
+
+    def absent_from(
+        self,
+        kind: str,
+        namespace: str | None,
+        listed: Collection[tuple[str, str]],
+        version: int | None,
+    ) -> list[dict[str, Any]]:
+        """What a complete listing of `kind` (in `namespace`, or everywhere) lacks though it
+        is held here: deleted unseen. Objects newer than the listing (written through since
+        it was taken) are not counted."""
+        with self._lock:
+            gone = [
+                held
+                for (k, ns, name), held in self._objects.items()
+                if k == kind
+                and (namespace is None or ns == namespace)
+                and (ns, name) not in listed
+                and (version is None or held.version is None or held.version <= version)
+            ]
+        return [_decode(h.data) for h in gone]
 
     def count(self, kind: str) -> int:
         with self._lock:
