@@ -16,6 +16,7 @@ import os
 import random
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -572,13 +573,29 @@ def assert_alive(op: OperatorProcess) -> None:
 # --- a fault-injecting proxy in front of the API server ----------------------------------
 
 
+EXPIRED = {
+    "type": "ERROR",
+    "object": {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": "too old resource version (injected by the fault proxy)",
+        "reason": "Expired",
+        "code": 410,
+    },
+}
+
+
 class FaultProxy:
     """An HTTPS proxy on loopback between a client (the operator) and the kube-apiserver.
 
     It forwards everything, watches streamed as they come, except that a share of the
     requests `inject` selects is answered by the proxy itself with an error status
-    (409 Conflict, 500, 503, 429...), as a busy or racing API server would. Needs the local
-    control plane's CA key to issue itself a certificate the client trusts.
+    (409 Conflict, 500, 503, 429...), as a busy or racing API server would; and that the
+    watches of a resource can be cut and held (`hold_watches`), then answered `410 Gone`
+    (`release_watches`), so the client lists again after a gap it saw nothing of. Needs
+    the local control plane's CA key to issue itself a certificate the client trusts.
     """
 
     def __init__(
@@ -586,19 +603,52 @@ class FaultProxy:
         plane: LocalControlPlane,
         workdir: Path,
         *,
-        share: float,
-        statuses: list[int],
-        inject: Callable[[str, str], bool],
+        share: float = 0.0,
+        statuses: list[int] | None = None,
+        inject: Callable[[str, str], bool] = lambda method, path: False,
         seed: int = 0,
     ) -> None:
         self.plane, self.workdir = plane, workdir
-        self.share, self.statuses, self.inject = share, statuses, inject
+        self.share, self.statuses, self.inject = share, statuses or [503], inject
         self.rng = random.Random(seed)
         self.injected: Counter[str] = Counter()
         self.forwarded: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self.port = 0
+        self._held: str | None = None  # a path part: watches whose path has it are held
+        self._released = threading.Event()
+        self._streams: dict[int, tuple[str, http.client.HTTPSConnection]] = {}
+        self.expired: Counter[str] = Counter()  # watches answered 410, by held path part
+
+    def hold_watches(self, part: str) -> int:
+        """Cut the open watches whose path contains `part`, and hold new ones until
+        `release_watches`; returns how many were cut."""
+        with self._lock:
+            self._held = part
+            self._released.clear()
+            cut = [conn for path, conn in self._streams.values() if part in path]
+        for conn in cut:
+            with contextlib.suppress(OSError, AttributeError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        return len(cut)
+
+    def release_watches(self) -> None:
+        """Answer the held watches (and those to come meanwhile) with 410 Gone: their
+        resourceVersion is "too old", so the client must list again."""
+        self._released.set()
+
+    def _watch_held(self, path: str) -> bool:
+        with self._lock:
+            held = self._held
+        if held is None or held not in path or "watch=" not in path:
+            return False
+        self._released.wait(120)
+        with self._lock:
+            if self._held == held:
+                self._held = None
+            self.expired[held] += 1
+        return True
 
     def _certificate(self) -> tuple[Path, Path]:
         pki = self.plane.workdir / "pki"
@@ -694,9 +744,21 @@ class FaultProxy:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _expire(self) -> None:
+                line = json.dumps(EXPIRED).encode() + b"\n"
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(line), line))
+                self.wfile.flush()
+
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if proxy._watch_held(self.path):
+                    self._expire()
+                    return
                 status = proxy.decide(self.command, self.path)
                 if status is not None:
                     self._answer(status)
@@ -720,11 +782,15 @@ class FaultProxy:
                     if chunked:
                         self.send_header("Transfer-Encoding", "chunked")
                         self.end_headers()
+                        with proxy._lock:
+                            proxy._streams[id(conn)] = (self.path, conn)
                         with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
                             # A watch ends when either side goes away.
                             while chunk := resp.read1(65536):
                                 self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                                 self.wfile.flush()
+                        with proxy._lock:
+                            proxy._streams.pop(id(conn), None)
                         self.wfile.write(b"0\r\n\r\n")
                     else:
                         data = resp.read()
