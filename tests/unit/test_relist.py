@@ -143,6 +143,7 @@ def test_a_relisting_forgets_children_and_backends_deleted_unseen() -> None:
         # The Deployments' watch could not go on; kopf listed them again, without "m".
         ctl.relisted(Listing("apps", "deployments", None, frozenset(), 20))
         assert not store.has("Deployment", "n", "m")
+        assert not ctl.listed.is_set()  # a listing says nothing of the other indexes
         await asyncio.gather(*ctl._checks)  # its backend is asked for: still there
         assert len(ctl.queue) == 1 and await ctl.queue.get() == ("n", "m")
         ctl.queue.done(("n", "m"))

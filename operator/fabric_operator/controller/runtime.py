@@ -160,7 +160,8 @@ class Controller:
                 meta.get("namespace"),
                 meta.get("name"),
             )
-            self.observe(kind, {"type": "DELETED", "object": obj})
+            # Not `observe`: a listing is no sign that every index is filled.
+            self._handle(kind, {"type": "DELETED", "object": obj}, stored=False)
 
     def observe_child(self, kind: str, event: dict[str, Any]) -> None:
         """A child's event, after its index handler stored it (`keep`): queue its backend."""
@@ -171,6 +172,9 @@ class Controller:
         """A watch event: update the store (unless `stored` already, by an index handler;
         deletions never are) and queue the LLMBackend it concerns."""
         self.listed.set()
+        self._handle(kind, event, stored=stored)
+
+    def _handle(self, kind: str, event: dict[str, Any], *, stored: bool) -> None:
         obj = event.get("object") or {}
         meta = obj.get("metadata") or {}
         namespace, name = meta.get("namespace") or "", meta.get("name") or ""
