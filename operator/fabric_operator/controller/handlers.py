@@ -60,9 +60,14 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     settings.scanning.disabled = True
     # A per-object kopf worker lives until idle this long; at a restart there is one
     # per watched object at once, so let them go soon (the queue does our batching).
-    settings.batching.idle_timeout = 0.5
+    settings.queueing.idle_timeout = 0.5
     # List in pages: a restart then never holds a whole parsed listing at once.
     settings.watching.chunk_size = 100
+    # Only our pods, selected by the API server: without it every pod of the cluster is
+    # sent, and kopf holds a worker for each (children are not filtered: see below).
+    settings.watching.label_selectors["", "v1", "pods"] = ",".join(
+        f"{k}={v}" for k, v in MANAGED.items()
+    )
     # Without these a silently dropped watch connection is never noticed.
     settings.watching.connect_timeout = 30
     settings.watching.server_timeout = 270
