@@ -206,6 +206,10 @@ def test_values_overrides_reach_the_pod(helm: Path) -> None:
         (["--set", "watch.namespaces={Team_A}"], "watch.namespaces.0: Does not match pattern"),
         (["--set", "operator.logLevel=LOUD"], "operator.logLevel: operator.logLevel must be"),
         (["--set", "image.pullPolicy=Sometimes"], "image.pullPolicy: image.pullPolicy must be"),
+        (
+            ["--set", "metrics.serviceMonitor.interval=soon"],
+            "metrics.serviceMonitor.interval: Does not match pattern",
+        ),
     ],
 )
 def test_values_schema_refuses_mistakes(helm: Path, args: list[str], words: str) -> None:
@@ -302,3 +306,44 @@ def test_gateway_is_off_by_default_and_complete_when_on(helm: Path) -> None:
         ("", "endpoints"): {"list", "watch"},
         ("", "secrets"): {"get", "list", "watch"},
     }
+
+
+def test_service_monitors_scrape_the_metrics_ports_when_asked(helm: Path) -> None:
+    assert not by_kind(template(helm, *GATEWAY), "ServiceMonitor")  # needs the CRDs: off
+    docs = template(
+        helm,
+        *GATEWAY,
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.labels.release=kps",
+    )
+    monitors = by_kind(docs, "ServiceMonitor")
+    assert [m["metadata"]["name"] for m in monitors] == [
+        "rel-fabric-operator",
+        "rel-fabric-operator-gateway",
+    ]
+    services = by_kind(docs, "Service")
+    deployments = {d["metadata"]["name"]: d for d in by_kind(docs, "Deployment")}
+    for monitor in monitors:
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["metadata"]["labels"]["release"] == "kps"
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ops"]}
+        wanted = monitor["spec"]["selector"]["matchLabels"].items()
+        # Each selects exactly its own Service, whose metrics port leads to the container's.
+        [service] = [s for s in services if wanted <= s["metadata"]["labels"].items()]
+        assert service["metadata"]["name"] == monitor["metadata"]["name"]
+        [endpoint] = monitor["spec"]["endpoints"]
+        assert endpoint == {
+            "port": "metrics",
+            "path": "/metrics",
+            "interval": "30s",
+            "scrapeTimeout": "10s",
+        }
+        [port] = [p for p in service["spec"]["ports"] if p["name"] == "metrics"]
+        pod = deployments[service["metadata"]["name"]]["spec"]["template"]
+        assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        assert port["targetPort"] in ports
+    without_gateway = template(helm, "--set", "metrics.serviceMonitor.enabled=true")
+    assert len(by_kind(without_gateway, "ServiceMonitor")) == 1

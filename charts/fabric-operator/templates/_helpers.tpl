@@ -22,6 +22,11 @@ app.kubernetes.io/name: {{ include "fabric-operator.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{- define "fabric-operator.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: fabric-gateway
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
 {{- define "fabric-operator.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ include "fabric-operator.selectorLabels" . }}
