@@ -63,6 +63,7 @@ async def _operate(
         elector = LeaderElector(client.ApiClient(configuration), namespace)
     leading = elector.leading if elector else None
     controller = Controller(reconciler, store, workers=args.workers, leading=leading)
+    controller.orphan_grace = args.orphan_grace
     electing = asyncio.create_task(elector.run()) if elector else None
     try:
         await kopf.operator(
@@ -258,6 +259,13 @@ def _add_operator_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--leader-election-namespace",
         help="namespace of the Lease (default: the pod's own namespace)",
+    )
+    p.add_argument(
+        "--orphan-grace",
+        type=float,
+        default=30.0,
+        help="seconds the garbage collector gets to delete a deleted LLMBackend's children "
+        "before the operator deletes those still running (default 30)",
     )
 
 

@@ -4,6 +4,8 @@ the garbage collector removes their children."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+from fabric_operator.localcluster import LocalControlPlane
 from tests.support.faults import (
     cpu_spec,
     create,
@@ -20,6 +23,7 @@ from tests.support.faults import (
     list_children,
     say,
     sigkill,
+    tracebacks,
 )
 from tests.support.fixtures import OperatorProcess
 from tests.support.kube import Cluster, wait_for
@@ -127,7 +131,7 @@ def _delete_all(cluster: Cluster, ns: str, doomed: str) -> None:
     for name in ("background", "foreground", "kubectl"):
         wait_for(
             f"{name}'s children to be garbage-collected",
-            lambda n=name: cluster.deployment(ns, n) is None and cluster.service(ns, n) is None,
+            lambda n=name: cluster.children_gone(ns, n),
             60,
         )
     took["children"] = round(time.monotonic() - started, 1)
@@ -142,3 +146,66 @@ def _delete_all(cluster: Cluster, ns: str, doomed: str) -> None:
     kept = cluster.deployment(ns, "orphan")
     assert kept is not None and not kept["metadata"].get("ownerReferences")
     say("SAW everything deleted without the operator; seconds after the first delete: %s", took)
+
+
+def test_children_the_garbage_collector_misses_are_deleted_by_the_operator(
+    cluster: Cluster, plane: LocalControlPlane, namespace: str, tmp_path: Path
+) -> None:
+    """The garbage collector frozen (kube-controller-manager SIGSTOPped), as one whose
+    watches lost a deletion: the children of a deleted LLMBackend would run forever. The
+    operator deletes them once the grace period is over; children orphaned on purpose
+    (propagation Orphan) and those of a backend re-created under the same name are kept."""
+    manager = plane.processes.get("kube-controller-manager")
+    if manager is None:
+        pytest.skip("needs kube-controller-manager (to freeze its garbage collector)")
+    op = OperatorProcess(
+        cluster.kubeconfig, tmp_path, f"--namespace={namespace}", "--orphan-grace=3"
+    )
+    op.start()
+    try:
+        for name in ("missed", "recreated", "orphaned"):
+            create(cluster, namespace, name, cpu_spec())
+        for name in ("missed", "recreated", "orphaned"):
+            wait_for(f"{name}'s children", lambda n=name: cluster.service(namespace, n), 15)
+        # Orphaned on purpose, while the garbage collector still works: it drops the owner.
+        _delete(cluster, namespace, "orphaned", "Orphan")
+        wait_for(  # the collector finds a new CRD's objects on its next discovery (30 s)
+            "orphaned to be gone", lambda: _gone(cluster, namespace, "orphaned"), 90
+        )
+        os.kill(manager.pid, signal.SIGSTOP)
+        try:
+            old = (cluster.deployment(namespace, "recreated") or {})["metadata"]["uid"]
+            _delete(cluster, namespace, "missed", "Background")
+            _delete(cluster, namespace, "recreated", "Background")
+            create(cluster, namespace, "recreated", cpu_spec(servedModelName="again"))
+            say(
+                "INJECTED: garbage collector frozen (kube-controller-manager SIGSTOPped); "
+                "LLMBackend missed deleted, recreated deleted and created again"
+            )
+            wait_for(
+                "missed's children deleted by the operator",
+                lambda: cluster.children_gone(namespace, "missed"),
+                30,
+            )
+            time.sleep(4)  # past the grace period of recreated's old uid
+        finally:
+            os.kill(manager.pid, signal.SIGCONT)
+        dep = cluster.deployment(namespace, "recreated")
+        kept = cluster.deployment(namespace, "orphaned")
+        logs = op.logs()
+        say(
+            "SAW missed's children deleted by the operator; recreated's Deployment %s (uid %s); "
+            "orphaned's kept %s",
+            "kept" if dep else "MISSING",
+            "unchanged" if dep and dep["metadata"]["uid"] == old else "new",
+            bool(kept),
+        )
+        assert "the garbage collector missed them" in logs
+        assert dep is not None and dep["metadata"]["uid"] == old  # taken over, not replaced
+        owners = [r["name"] for r in dep["metadata"]["ownerReferences"]]
+        assert owners == ["recreated"]
+        assert kept is not None and not kept["metadata"].get("ownerReferences")
+        assert cluster.service(namespace, "orphaned") is not None
+        assert not tracebacks(op)
+    finally:
+        op.stop()

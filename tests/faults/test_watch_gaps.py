@@ -62,11 +62,8 @@ def test_what_changed_during_a_watch_gap_is_seen_after_the_relisting(
         )
         wait_for(
             "the garbage collector to delete doomed's children",
-            lambda: (
-                cluster.deployment(namespace, "doomed") is None
-                and cluster.service(namespace, "doomed") is None
-            ),
-            30,
+            lambda: cluster.children_gone(namespace, "doomed"),
+            90,  # it finds a new CRD's objects on its next discovery (every 30 s)
         )
         wait_for(
             "kept's Deployment gone", lambda: cluster.deployment(namespace, "kept") is None, 10

@@ -337,10 +337,7 @@ def test_deleting_backend_removes_children(
     cluster.kubectl("delete", "llmb/tiny", "-n", namespace, "--wait=true", "--timeout=20s")
     wait_for(
         "garbage collection",
-        lambda: (
-            cluster.deployment(namespace, "tiny") is None
-            and cluster.service(namespace, "tiny") is None
-        ),
+        lambda: cluster.children_gone(namespace, "tiny"),
         30,
     )
 

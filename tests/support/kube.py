@@ -92,6 +92,10 @@ class Cluster:
     def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._read(self.apps.read_namespaced_deployment, namespace, name)
 
+    def children_gone(self, namespace: str, name: str) -> bool:
+        """Neither the Deployment nor the Service of that backend's name exists."""
+        return self.deployment(namespace, name) is None and self.service(namespace, name) is None
+
     def service(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._read(self.core.read_namespaced_service, namespace, name)
 

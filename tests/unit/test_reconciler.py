@@ -25,6 +25,7 @@ class FakeKube:
         self.events: list[tuple[str, str]] = []
         self.requests: dict[str, int] = {}
         self.deleted: list[tuple[str, str]] = []
+        self.delete_versions: list[str | None] = []
         self.secrets: set[str] = {"api-key"}
         self.foreign: dict[str, dict[str, Any]] = {}  # kind -> an object someone else owns
         self.forced: list[bool] = []
@@ -36,9 +37,18 @@ class FakeKube:
         # What a mutating admission webhook makes of every write
         self.admit: Callable[[dict[str, Any]], dict[str, Any]] = lambda o: o
         self.version = 1
+        self.backend_alive = True
+        self.existence_checks = 0
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.foreign.get(kind)
+        if kind in self.foreign:
+            return self.foreign[kind]
+        obj = self.objects.get(kind)
+        return copy.deepcopy(obj) if obj is not None else None
+
+    def backend_exists(self, namespace: str, name: str) -> bool:
+        self.existence_checks += 1
+        return self.backend_alive
 
     def apply(self, manifest: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
         if manifest["kind"] == "Service" and self.fail:
@@ -53,6 +63,7 @@ class FakeKube:
         obj = self.admit(obj)
         self.version += 1
         obj["metadata"]["resourceVersion"] = str(self.version)
+        obj["metadata"].setdefault("uid", f"{obj['kind'].lower()}-uid")
         self.objects[obj["kind"]] = obj
         return copy.deepcopy(obj)
 
@@ -74,8 +85,12 @@ class FakeKube:
     def secret_keys(self, namespace: str, name: str) -> set[str] | None:
         return self.secrets if name != "missing" else None
 
-    def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
+    def delete(
+        self, kind: str, namespace: str, name: str, uid: str, resource_version: str | None = None
+    ) -> None:
         self.deleted.append((kind, uid))
+        self.delete_versions.append(resource_version)
+        self.objects.pop(kind, None)
 
     def post_event(
         self, backend: dict[str, Any], type_: str, reason: str, message: str, timestamp: str
@@ -428,3 +443,32 @@ def test_entries_a_webhook_puts_back_are_left_after_one_try_not_fought_forever()
     dep = store.get("Deployment", "n", "m")
     assert dep is not None and len(kube.patched) == 3
     assert [c["name"] for c in dep["spec"]["template"]["spec"]["containers"]] == ["engine"]
+
+
+def test_children_that_outlive_their_backend_are_collected_with_preconditions() -> None:
+    kube = FakeKube()
+    rec, store = reconciler(kube)
+    rec.reconcile("n", "m")
+    versions = {k: kube.objects[k]["metadata"]["resourceVersion"] for k in kube.objects}
+    store.delete("LLMBackend", "n", "m")
+    kube.backend_alive = False
+    assert rec.collect_orphans("n", "m", "u") == ["Deployment", "Service"]
+    assert kube.deleted == [("Deployment", "deployment-uid"), ("Service", "service-uid")]
+    assert kube.delete_versions == [versions["Deployment"], versions["Service"]]
+    assert not store.has("Deployment", "n", "m") and not store.has("Service", "n", "m")
+    # Nothing held any more: not even a request.
+    checks = kube.existence_checks
+    assert rec.collect_orphans("n", "m", "u") == [] and kube.existence_checks == checks
+
+
+def test_children_are_left_to_a_backend_of_the_same_name_or_another_owner() -> None:
+    kube = FakeKube()
+    rec, _ = reconciler(kube)
+    rec.reconcile("n", "m")
+    assert rec.collect_orphans("n", "m", "u") == []  # the backend exists (again)
+    kube.backend_alive = False
+    assert rec.collect_orphans("n", "m", "other-uid") == []  # not that backend's children
+    # Taken over since the store's copy was made: the fresh copy decides.
+    kube.objects["Deployment"]["metadata"]["ownerReferences"][0]["uid"] = "new-uid"
+    assert rec.collect_orphans("n", "m", "u") == ["Service"]
+    assert kube.deleted == [("Service", "service-uid")]

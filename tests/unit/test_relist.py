@@ -130,6 +130,13 @@ class _Kube:
 class _Reconciler:
     kube = _Kube()
 
+    def __init__(self) -> None:
+        self.collected: list[tuple[str, str, str]] = []
+
+    def collect_orphans(self, namespace: str, name: str, uid: str) -> list[str]:
+        self.collected.append((namespace, name, uid))
+        return ["Deployment"]
+
 
 def test_a_relisting_forgets_children_and_backends_deleted_unseen() -> None:
     async def run() -> None:
@@ -160,3 +167,21 @@ def test_a_relisting_forgets_children_and_backends_deleted_unseen() -> None:
         assert store.names(BACKEND) == [("n", "m")]
 
     asyncio.run(run())
+
+
+def test_a_forgotten_backend_has_its_children_collected_after_the_grace_period() -> None:
+    async def run(leading: asyncio.Event | None) -> list[tuple[str, str, str]]:
+        rec = _Reconciler()
+        ctl = Controller(cast(Reconciler, rec), Store(), leading=leading)
+        ctl.queue = WorkQueue()
+        ctl.orphan_grace = 0.05
+        gone = obj("m", "9")
+        gone["metadata"]["uid"] = "u-1"
+        ctl.observe(BACKEND, {"type": "DELETED", "object": gone})
+        assert rec.collected == []  # the garbage collector goes first
+        await asyncio.sleep(0.2)
+        await ctl.stop()
+        return rec.collected
+
+    assert asyncio.run(run(None)) == [("n", "m", "u-1")]
+    assert asyncio.run(run(asyncio.Event())) == []  # a follower writes nothing

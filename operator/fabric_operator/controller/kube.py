@@ -219,11 +219,17 @@ class Kube:
                 return None
             raise
 
-    def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
-        """Delete a child, only if it is still the object we saw (uid precondition)."""
+    def delete(
+        self, kind: str, namespace: str, name: str, uid: str, resource_version: str | None = None
+    ) -> None:
+        """Delete a child, only if it is still the object we saw (uid precondition; and,
+        given one, resourceVersion: unchanged since)."""
         resource, path = self._child_path(kind, namespace, name)
         self._count("delete", resource)
-        body = {"preconditions": {"uid": uid}, "propagationPolicy": "Background"}
+        preconditions = {"uid": uid}
+        if resource_version is not None:
+            preconditions["resourceVersion"] = resource_version
+        body = {"preconditions": preconditions, "propagationPolicy": "Background"}
         try:
             self.call("DELETE", path, body=body)
         except ApiException as err:

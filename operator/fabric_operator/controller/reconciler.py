@@ -161,6 +161,32 @@ class Reconciler:
                 self.kube.delete(kind, backend.namespace, backend.name, child["metadata"]["uid"])
                 self.store.delete(kind, backend.namespace, backend.name)
 
+    def collect_orphans(self, namespace: str, name: str, uid: str) -> list[str]:
+        """Delete the children that outlived their LLMBackend (`uid`, deleted a while ago),
+        as the garbage collector should have: one whose watches lost the deletion (a
+        kube-controller-manager after an API server restart, seen in tests/faults) leaves
+        them, with their pods, running. Only a child that still names that very backend
+        as its controller, checked on a fresh copy, is deleted, with preconditions on its
+        uid and resourceVersion; nothing is touched if a backend of that name exists again
+        (its reconcile takes the children over). Returns the kinds deleted."""
+        held = [
+            kind
+            for kind in sorted(CHILD_KINDS)
+            if _owned_by(self.store.get(kind, namespace, name) or {}, uid)
+        ]
+        if not held or self.kube.backend_exists(namespace, name):
+            return []
+        collected = []
+        for kind in held:
+            current = self.kube.get(kind, namespace, name)
+            if current is None or not _owned_by(current, uid):
+                continue
+            meta = current["metadata"]
+            self.kube.delete(kind, namespace, name, meta["uid"], meta.get("resourceVersion"))
+            self.store.delete(kind, namespace, name)
+            collected.append(kind)
+        return collected
+
     def _secret_problems(self, backend: LLMBackend) -> list[Problem]:
         problems = []
         for path, name, key in referenced_secrets(backend):

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # namespace, name of an LLMBackend
 TRIM_SECONDS = 10.0
 PING_SECONDS = 5.0
+ORPHAN_GRACE_SECONDS = 30.0  # how long the garbage collector gets to delete children first
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -69,6 +70,8 @@ class Controller:
         self.listed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: set[asyncio.Task[None]] = set()
+        self._collections: set[asyncio.Task[None]] = set()
+        self.orphan_grace = ORPHAN_GRACE_SECONDS
         self.reconciles = 0
         self.errors = 0
         self.last_error: str | None = None
@@ -127,9 +130,10 @@ class Controller:
             self.queue.add(key)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._collections]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def ours(self, kind: str, obj: dict[str, Any]) -> bool:
         """A child labelled as the operator's, or one it held before its labels changed."""
@@ -184,8 +188,8 @@ class Controller:
             self.store.put(kind, obj)
         if kind == BACKEND:
             key = (namespace, name)
-            if event.get("type") == "DELETED" and self.queue is not None:
-                self.queue.drop(key)
+            if event.get("type") == "DELETED":
+                self._forgotten(key, meta.get("uid"))
         else:
             # Children carry their backend's name (and label; the name survives relabelling).
             owner = (meta.get("labels") or {}).get(BACKEND_LABEL) or name
@@ -209,11 +213,40 @@ class Controller:
             alive = True
         if not alive:
             log.info("%s/%s is gone (its deletion was missed): forgetting it", *key)
+            uid = ((self.store.get(BACKEND, *key) or {}).get("metadata") or {}).get("uid")
             self.store.delete(BACKEND, *key)
-            if self.queue is not None:
-                self.queue.drop(key)
+            self._forgotten(key, uid)
         elif self.queue is not None:
             self.queue.add(key)
+
+    def _forgotten(self, key: Key, uid: str | None) -> None:
+        """A backend is gone: no more retries; its children are the garbage collector's,
+        and ours if they outlive the grace period (`Reconciler.collect_orphans`)."""
+        if self.queue is not None:
+            self.queue.drop(key)
+        if uid:
+            task = asyncio.create_task(self._collect_orphans(key, uid))
+            self._collections.add(task)
+            task.add_done_callback(self._collections.discard)
+
+    async def _collect_orphans(self, key: Key, uid: str) -> None:
+        await asyncio.sleep(self.orphan_grace)
+        if self.leading is not None and not self.leading.is_set():
+            return  # a follower writes nothing
+        try:
+            kinds = await asyncio.to_thread(self.reconciler.collect_orphans, *key, uid)
+        except Exception as err:  # next time, maybe: the garbage collector may yet do it
+            detail = api_message(err) if isinstance(err, ApiException) else str(err)
+            log.warning("%s/%s: could not collect its children: %s", *key, detail)
+            return
+        if kinds:
+            log.warning(
+                "%s/%s was deleted %.0fs ago but its %s still ran (the garbage collector "
+                "missed them): deleted",
+                *key,
+                self.orphan_grace,
+                " and ".join(kinds),
+            )
 
     async def _work(self, worker: int) -> None:
         assert self.queue is not None
