@@ -18,45 +18,41 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kopf._cogs.aiokits import aiotoggles
 
 log = logging.getLogger(__name__)
 
-_ORIGINAL = {
-    name: getattr(aiotoggles.ToggleSet, name, None)
-    for name in ("make_toggle", "drop_toggle", "drop_toggles")
-}
+
+async def _change(self: aiotoggles.ToggleSet, change: Callable[[], None]) -> None:
+    """Change the set's toggles; wake the waiters only if that opened or closed it."""
+    async with self._condition:
+        before = self.is_on()
+        change()
+        if self.is_on() != before:
+            self._condition.notify_all()
 
 
 async def make_toggle(
     self: aiotoggles.ToggleSet, __val: bool = False, *, name: str | None = None
 ) -> aiotoggles.Toggle:
     toggle = aiotoggles.Toggle(__val, name=name, condition=self._condition)
-    async with self._condition:
-        before = self.is_on()
-        self._toggles.add(toggle)
-        if self.is_on() != before:
-            self._condition.notify_all()
+    await _change(self, lambda: self._toggles.add(toggle))
     return toggle
 
 
 async def drop_toggle(self: aiotoggles.ToggleSet, toggle: aiotoggles.Toggle) -> None:
-    async with self._condition:
-        before = self.is_on()
-        self._toggles.discard(toggle)
-        if self.is_on() != before:
-            self._condition.notify_all()
+    await _change(self, lambda: self._toggles.discard(toggle))
 
 
 async def drop_toggles(self: aiotoggles.ToggleSet, toggles: Iterable[aiotoggles.Toggle]) -> None:
-    async with self._condition:
-        before = self.is_on()
-        self._toggles.difference_update(toggles)
-        if self.is_on() != before:
-            self._condition.notify_all()
+    await _change(self, lambda: self._toggles.difference_update(toggles))
+
+
+_FIXED = {"make_toggle": make_toggle, "drop_toggle": drop_toggle, "drop_toggles": drop_toggles}
+_ORIGINAL = {name: getattr(aiotoggles.ToggleSet, name, None) for name in _FIXED}
 
 
 def _shape_known() -> bool:
@@ -73,10 +69,6 @@ def install() -> bool:
     if not _shape_known():
         log.warning("kopf's ToggleSet has changed: its index gate stays quadratic")
         return False
-    for name, fn in (
-        ("make_toggle", make_toggle),
-        ("drop_toggle", drop_toggle),
-        ("drop_toggles", drop_toggles),
-    ):
+    for name, fn in _FIXED.items():
         setattr(aiotoggles.ToggleSet, name, fn)
     return True

@@ -29,13 +29,12 @@ MERGE = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 TIMEOUT = (5, 30)
 PING_TIMEOUT = 3.0
-# Child kind -> (resource, its API group's path)
+# Child kind -> (its API group, "" for the core group; resource); all are at version v1
 CHILD_APIS = {
-    "Deployment": ("deployments", "/apis/apps/v1"),
-    "Service": ("services", "/api/v1"),
-    "NetworkPolicy": ("networkpolicies", "/apis/networking.k8s.io/v1"),
+    "Deployment": ("apps", "deployments"),
+    "Service": ("", "services"),
+    "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
 }
-BACKENDS_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}"
 # What an apply body escapes: what YAML refuses raw (DEL, C1 controls, U+FFFE/U+FFFF, lone
 # surrogates), what YAML 1.1 reads as a line break, folded into a space inside a quoted
 # scalar (NEL: measured; U+2028, U+2029), and the BOM. json.dumps escapes C0 controls.
@@ -137,8 +136,13 @@ class Kube:
         """(resource, path) of a child."""
         if kind not in CHILD_APIS:
             raise ValueError(f"unexpected child kind {kind}")
-        resource, group_path = CHILD_APIS[kind]
+        group, resource = CHILD_APIS[kind]
+        group_path = f"/apis/{group}/v1" if group else "/api/v1"
         return resource, f"{group_path}/namespaces/{segment(namespace)}/{resource}/{segment(name)}"
+
+    @staticmethod
+    def _backend_path(namespace: str, name: str) -> str:
+        return f"/apis/{GROUP}/{VERSION}/namespaces/{segment(namespace)}/{PLURAL}/{segment(name)}"
 
     def _patch(
         self,
@@ -157,7 +161,7 @@ class Kube:
 
     def backend_exists(self, namespace: str, name: str) -> bool:
         self._count("get", "llmbackends")
-        path = BACKENDS_PATH.format(namespace=segment(namespace), name=segment(name))
+        path = self._backend_path(namespace, name)
         try:
             self.call("GET", path)
         except ApiException as err:
@@ -238,7 +242,7 @@ class Kube:
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         self._count("patch", "llmbackends/status")
-        path = BACKENDS_PATH.format(namespace=segment(namespace), name=segment(name)) + "/status"
+        path = self._backend_path(namespace, name) + "/status"
         return self.call("PATCH", path, body={"status": status}, content_type=MERGE)
 
     def secret_keys(self, namespace: str, name: str) -> set[str] | None:

@@ -15,7 +15,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL
-from fabric_operator.controller.kube import api_message
+from fabric_operator.controller.kube import CHILD_APIS, api_message
 from fabric_operator.controller.reconciler import BACKEND, Reconciler
 from fabric_operator.controller.relist import Listing
 from fabric_operator.controller.store import Store
@@ -25,9 +25,7 @@ from fabric_operator.render.workload import BACKEND_LABEL, MANAGED_BY
 MANAGED_LABEL = "app.kubernetes.io/managed-by"
 # (API group, plural) of each watched resource -> the kind the store holds it as
 KINDS = {
-    ("apps", "deployments"): "Deployment",
-    ("", "services"): "Service",
-    ("networking.k8s.io", "networkpolicies"): "NetworkPolicy",
+    **{api: kind for kind, api in CHILD_APIS.items()},
     ("", "pods"): "Pod",
     (GROUP, PLURAL): BACKEND,
 }
