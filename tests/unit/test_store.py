@@ -150,3 +150,68 @@ def test_a_new_leader_queues_stored_backends_only_once_the_listings_are_in() -> 
         assert len(ctl.queue) == 1
 
     asyncio.run(run())
+
+
+def with_uid(obj: dict[str, Any], uid: str) -> dict[str, Any]:
+    obj["metadata"]["uid"] = uid
+    return obj
+
+
+def test_a_deletion_forgets_only_the_object_it_names() -> None:
+    store = Store()
+    store.put("Deployment", with_uid(child(rv="9"), "new"))
+    assert not store.delete("Deployment", "n", "m", "old")  # the old one's late DELETED
+    assert store.has("Deployment", "n", "m") and store.owned("Deployment", "n", "m")
+    assert store.delete("Deployment", "n", "m", "new")
+    assert not store.has("Deployment", "n", "m") and store.owned("Deployment", "n", "m") == []
+    assert not store.delete("Deployment", "n", "m")
+
+
+def test_a_backend_recreated_under_its_name_survives_the_old_ones_late_deletion() -> None:
+    """kopf's workers are per uid: the new backend's ADDED may be handled first."""
+
+    async def run() -> None:
+        ctl, store = controller()
+        assert ctl.queue is not None
+        ctl.queue.add_after(("n", "m"), 30)  # the new one's recheck
+        ctl.observe(BACKEND, {"type": "ADDED", "object": with_uid(backend(rv="9"), "new")})
+        ctl.observe(BACKEND, {"type": "DELETED", "object": with_uid(backend(rv="5"), "old")})
+        held = store.get(BACKEND, "n", "m")
+        assert held is not None and held["metadata"]["uid"] == "new"
+        assert len(ctl.queue) == 1 and ("n", "m") in ctl.queue._timers
+        assert not ctl._collections  # nothing of the name is collected
+        await ctl.stop()
+
+    asyncio.run(run())
+
+
+class _Gone:
+    def backend_exists(self, namespace: str, name: str) -> bool:
+        return False
+
+
+class _GoneKube:
+    """The API says the backend is gone; meanwhile a new one is created and seen."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def backend_exists(self, namespace: str, name: str) -> bool:
+        self.store.put(BACKEND, with_uid(backend(rv="20"), "new"))
+        return False
+
+
+def test_a_missed_deletion_forgets_only_the_backend_it_asked_about() -> None:
+    async def run(recreated: bool) -> tuple[bool, int]:
+        store = Store()
+        rec = _Reconciler()
+        rec.kube = _GoneKube(store) if recreated else _Gone()  # type: ignore[assignment]
+        ctl = Controller(cast(Reconciler, rec), store)
+        ctl.queue = WorkQueue()
+        store.put(BACKEND, with_uid(backend(rv="5"), "old"))
+        await ctl._requeue_if_alive(("n", "m"))
+        await ctl.stop()
+        return store.has(BACKEND, "n", "m"), len(ctl.queue)
+
+    assert asyncio.run(run(recreated=False)) == (False, 0)
+    assert asyncio.run(run(recreated=True)) == (True, 1)  # the new one is reconciled

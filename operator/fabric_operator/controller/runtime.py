@@ -180,14 +180,15 @@ class Controller:
         obj = event.get("object") or {}
         meta = obj.get("metadata") or {}
         namespace, name = meta.get("namespace") or "", meta.get("name") or ""
-        if event.get("type") == "DELETED":
-            self.store.delete(kind, namespace, name)
+        deleted = event.get("type") == "DELETED"
+        if deleted:
+            self.store.delete(kind, namespace, name, meta.get("uid"))
         elif not stored:
             self.store.put(kind, obj)
         if kind == BACKEND:
             key = (namespace, name)
-            if event.get("type") == "DELETED":
-                self._forgotten(key, meta.get("uid"))
+            if deleted and not self.store.has(BACKEND, namespace, name):
+                self._forgotten(key, meta.get("uid"))  # (not if a new one took the name)
         else:
             # Children carry their backend's name (and label; the name survives relabelling).
             owner = (meta.get("labels") or {}).get(BACKEND_LABEL) or name
@@ -205,15 +206,15 @@ class Controller:
             self.queue.add(key)
 
     async def _requeue_if_alive(self, key: Key) -> None:
+        asked = ((self.store.get(BACKEND, *key) or {}).get("metadata") or {}).get("uid")
         try:
             alive = await asyncio.to_thread(self.reconciler.kube.backend_exists, *key)
         except Exception:  # unsure: reconcile as usual, the children are recreated
             alive = True
-        if not alive:
+        # Only the backend held when we asked is gone: one created since keeps the name.
+        if not alive and asked and self.store.delete(BACKEND, *key, asked):
             log.info("%s/%s is gone (its deletion was missed): forgetting it", *key)
-            uid = ((self.store.get(BACKEND, *key) or {}).get("metadata") or {}).get("uid")
-            self.store.delete(BACKEND, *key)
-            self._forgotten(key, uid)
+            self._forgotten(key, asked)
         elif self.queue is not None:
             self.queue.add(key)
 

@@ -121,11 +121,22 @@ class Store:
         if not names:
             self._owned.pop((kind, namespace, owner), None)
 
-    def delete(self, kind: str, namespace: str, name: str) -> None:
+    def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
+        """Forget the object; given a uid, only if the one held is that object. kopf hands
+        each uid's events to a worker of its own, so the DELETED event of an object can
+        be handled after the ADDED event of a new one of the same name: the new one stays.
+        True if something was forgotten."""
+        key = (kind, namespace, name)
         with self._lock:
-            held = self._objects.pop((kind, namespace, name), None)
-            if held and held.owner:
+            held = self._objects.get(key)
+            if held is None:
+                return False
+            if uid is not None and (_decode(held.data).get("metadata") or {}).get("uid") != uid:
+                return False
+            del self._objects[key]
+            if held.owner:
                 self._disown(kind, namespace, held.owner, name)
+            return True
 
     def owned(self, kind: str, namespace: str, backend: str) -> list[dict[str, Any]]:
         """Objects of `kind` labelled as belonging to the LLMBackend `backend`."""
