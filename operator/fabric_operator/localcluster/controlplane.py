@@ -2,13 +2,15 @@
 kube-scheduler) on 127.0.0.1, for development and tests on machines without Docker.
 
 The binaries come from `hack/get-control-plane.sh` (envtest's, or Debian's build of
-v1.20). There is no kubelet: pods get scheduled onto Node objects but never run.
-Processes are stopped by the PIDs recorded at start, never by name.
+v1.20). Alone it has no kubelet: pods get scheduled onto Node objects but never run;
+`localcluster.cluster.LocalCluster` adds real nodes. Processes are stopped by the PIDs
+recorded at start, never by name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -19,6 +21,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fabric_operator.localcluster import pki
 
 CONTROLLERS_OFF = [
     "nodeipam",
@@ -46,10 +50,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 def _version(binary: Path) -> tuple[int, int]:
     out = subprocess.run(
         [str(binary), "--version"], capture_output=True, text=True, check=True
@@ -68,6 +68,13 @@ class LocalControlPlane:
     apiserver_port: int = 0
     # The API server's command line, kept to restart it alone (fault-injection tests).
     apiserver_args: list[str] = field(default_factory=list)
+    # What real nodes need: the address the `kubernetes` Service points at (reachable from
+    # the nodes, not loopback), more names for the serving certificate, and the node
+    # lifecycle controller (it lifts the not-ready taint a kubelet registers with).
+    advertise_address: str = "127.0.0.1"
+    extra_ips: list[str] = field(default_factory=list)
+    service_cidr: str = "10.0.0.0/16"  # room for benchmarks (>254 Services)
+    node_lifecycle: bool = False
 
     @property
     def kubeconfig(self) -> Path:
@@ -79,84 +86,41 @@ class LocalControlPlane:
 
     def _certs(self) -> None:
         d = self.workdir / "pki"
-        d.mkdir(parents=True, exist_ok=True)
-        _openssl(
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "3650",
-            "-subj",
-            "/CN=fabric-local-ca",
-            cwd=d,
-        )
-        (d / "san.ext").write_text(
-            "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
-            "DNS:kubernetes.default,DNS:kubernetes.default.svc,"
-            "DNS:kubernetes.default.svc.cluster.local\n"
-        )
-        for name, subject, ext in (
-            ("apiserver", "/CN=kube-apiserver", True),
-            ("admin", "/O=system:masters/CN=fabric-admin", False),
-        ):
-            _openssl(
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                f"{name}.key",
-                "-out",
-                f"{name}.csr",
-                "-subj",
-                subject,
-                cwd=d,
-            )
-            _openssl(
-                "x509",
-                "-req",
-                "-in",
-                f"{name}.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                f"{name}.crt",
-                "-days",
-                "3650",
-                *(["-extfile", "san.ext"] if ext else []),
-                cwd=d,
-            )
-        _openssl("genrsa", "-out", "sa.key", "2048", cwd=d)
-        _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
+        pki.make_ca(d)
+        sans = [
+            "IP:127.0.0.1",
+            f"IP:{self.service_ip}",
+            *(f"IP:{ip}" for ip in self.extra_ips),
+            "DNS:localhost",
+            "DNS:kubernetes",
+            "DNS:kubernetes.default",
+            "DNS:kubernetes.default.svc",
+            "DNS:kubernetes.default.svc.cluster.local",
+        ]
+        pki.issue(d, "apiserver", "/CN=kube-apiserver", sans)
+        pki.issue(d, "admin", "/O=system:masters/CN=fabric-admin")
+        # The API server's identity towards kubelets (logs, exec, port-forward).
+        pki.issue(d, "apiserver-kubelet", "/O=system:masters/CN=kube-apiserver-kubelet-client")
+        pki.service_account_keys(d)
+
+    @property
+    def service_ip(self) -> str:
+        """The `kubernetes` Service's ClusterIP: the first address of the service range."""
+        return str(next(ipaddress.ip_network(self.service_cidr).hosts()))
+
+    def issue(self, name: str, subject: str) -> tuple[Path, Path]:
+        """A client certificate signed by this cluster's CA (a node's kubelet, ...)."""
+        return pki.issue(self.workdir / "pki", name, subject)
+
+    @property
+    def ca(self) -> Path:
+        return self.workdir / "pki" / "ca.crt"
 
     def _write_kubeconfig(self) -> None:
         d = self.workdir / "pki"
-        self.kubeconfig.write_text(f"""apiVersion: v1
-kind: Config
-clusters:
-- name: local
-  cluster:
-    server: {self.server}
-    certificate-authority: {d / "ca.crt"}
-users:
-- name: admin
-  user:
-    client-certificate: {d / "admin.crt"}
-    client-key: {d / "admin.key"}
-contexts:
-- name: local
-  context: {{cluster: local, user: admin}}
-current-context: local
-""")
+        self.kubeconfig.write_text(
+            pki.kubeconfig(self.server, d / "ca.crt", d / "admin.crt", d / "admin.key")
+        )
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - kept open by the child
@@ -220,7 +184,7 @@ current-context: local
             str(apiserver),
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
             "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--advertise-address={self.advertise_address}",
             f"--secure-port={self.apiserver_port}",
             *(["--insecure-port=0"] if legacy else []),
             f"--tls-cert-file={d / 'apiserver.crt'}",
@@ -229,7 +193,11 @@ current-context: local
             f"--service-account-key-file={d / 'sa.pub'}",
             f"--service-account-signing-key-file={d / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            "--service-cluster-ip-range=10.0.0.0/16",  # room for benchmarks (>254 Services)
+            f"--service-cluster-ip-range={self.service_cidr}",
+            f"--kubelet-client-certificate={d / 'apiserver-kubelet.crt'}",
+            f"--kubelet-client-key={d / 'apiserver-kubelet.key'}",
+            # No DNS for node names here: dial the address the kubelet reported.
+            "--kubelet-preferred-address-types=InternalIP",
             "--authorization-mode=Node,RBAC",
             "--allow-privileged=true",
             "--profiling=false",
@@ -247,7 +215,7 @@ current-context: local
                 [
                     str(cm),
                     *common,
-                    f"--controllers=*,{','.join('-' + c for c in CONTROLLERS_OFF)}",
+                    f"--controllers=*,{','.join('-' + c for c in self._controllers_off)}",
                     f"--service-account-private-key-file={d / 'sa.key'}",
                     f"--root-ca-file={d / 'ca.crt'}",
                     "--use-service-account-credentials=false",
@@ -257,6 +225,11 @@ current-context: local
         if controllers and scheduler.exists():
             self._spawn("kube-scheduler", [str(scheduler), *common])
         return self
+
+    @property
+    def _controllers_off(self) -> list[str]:
+        off = [c for c in CONTROLLERS_OFF if not (self.node_lifecycle and c == "nodelifecycle")]
+        return off
 
     def stop_apiserver(self, *, kill: bool = False, grace: float = 10.0) -> None:
         """Stop only the kube-apiserver, by its PID (etcd, controllers and scheduler keep
