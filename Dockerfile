@@ -1,15 +1,16 @@
 # fabric-operator image: `docker build -t ghcr.io/fabric-dev/fabric-operator:0.1.0 .`
 # Stage 1 builds the wheel; stage 2 installs only it and its runtime dependencies.
-ARG PYTHON_VERSION=3.12
+# The base: an official python slim image (hack/get-images.sh passes a local stand-in).
+ARG PYTHON_IMAGE=python:3.12-slim
 
-FROM python:${PYTHON_VERSION}-slim AS build
+FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator ./operator
 RUN pip install --no-cache-dir build==1.2.2 \
  && python -m build --wheel --outdir /dist .
 
-FROM python:${PYTHON_VERSION}-slim
+FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="fabric-operator" \
       org.opencontainers.image.description="Kubernetes operator serving LLMs behind OpenAI-compatible endpoints" \

@@ -19,7 +19,12 @@ from pathlib import Path
 
 from fabric_operator.localcluster.controlplane import LocalControlPlane
 from fabric_operator.localcluster.network import Plan, SlotLock, Switch
-from fabric_operator.localcluster.node import Image, LocalNode
+from fabric_operator.localcluster.node import (
+    Image,
+    LocalNode,
+    cgroup_mounts,
+    remove_cgroups,
+)
 
 
 @dataclass
@@ -55,6 +60,8 @@ class LocalCluster:
 
     def _start(self, timeout: float) -> None:
         plan = self._slot.acquire()
+        # A killed run on this slot left its nodes' (empty) cgroup folders: nothing else.
+        remove_cgroups([p for m in cgroup_mounts() for p in Path(m).glob(f"fabric-{plan.slot}-*")])
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.plane = LocalControlPlane(
             self.workdir / "control-plane",

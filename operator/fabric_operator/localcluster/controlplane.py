@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fabric_operator.localcluster import pki
+from fabric_operator.localcluster import nsutil, pki
 
 CONTROLLERS_OFF = [
     "nodeipam",
@@ -124,7 +124,14 @@ class LocalControlPlane:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - kept open by the child
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # A killed test run or `make run` leaves no control plane running behind it.
+            preexec_fn=nsutil.die_with_parent,  # noqa: PLW1509 - prctl only
+        )
         self.processes[name] = proc
         with open(self.workdir / "pids", "a") as pids:
             pids.write(f"{name} {proc.pid}\n")

@@ -346,9 +346,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         """Until the API server has this node Ready (its kubelet registered and reports)."""
 
         def ready() -> bool:
-            ready = 'jsonpath={.status.conditions[?(@.type=="Ready")].status}'
+            expr = 'jsonpath={.status.conditions[?(@.type=="Ready")].status}'
             proc = subprocess.run(
-                ["kubectl", f"--kubeconfig={kubeconfig}", "get", "node", self.name, "-o", ready],
+                ["kubectl", f"--kubeconfig={kubeconfig}", "get", "node", self.name, "-o", expr],
                 capture_output=True,
                 text=True,
                 check=False,
