@@ -1,0 +1,202 @@
+"""The local cluster's real nodes: pods run, talk across nodes and through Services, and
+nothing of the cluster is left on the host afterwards, whether the run ends, fails or is
+killed (compared: `ip netns`, links, routes, mounts, cgroup folders, processes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fabric_operator.localcluster.node import cgroup_mounts
+from tests.conftest import REPO
+from tests.support.kube import wait_for
+from tests.support.realcluster import RealCluster, node_parts, real_cluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+
+def snapshot() -> dict[str, list[str]]:
+    """What a run could leave on the host."""
+
+    def lines(*cmd: str) -> list[str]:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        return sorted(out.splitlines())
+
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return {
+        "netns": lines("ip", "netns", "list"),
+        "links": sorted(line.split(":")[1].strip() for line in lines("ip", "-o", "link")),
+        "routes": lines("ip", "-o", "route", "show", "table", "all"),
+        "mounts": sorted(mounts),
+        "cgroups": sorted(str(p) for m in cgroup_mounts() for p in Path(m).glob("fabric-*")),
+    }
+
+
+def processes_of(workdir: Path) -> list[str]:
+    out = subprocess.run(
+        ["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True
+    )
+    return [line for line in out.stdout.splitlines() if str(workdir) in line]
+
+
+def engine_deployment(image: str, replicas: int) -> dict[str, Any]:
+    """The CPU engine, one replica per node (required anti-affinity)."""
+    labels = {"app": "e"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "e", "namespace": "default"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "affinity": {
+                        "podAntiAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": [
+                                {
+                                    "labelSelector": {"matchLabels": labels},
+                                    "topologyKey": "kubernetes.io/hostname",
+                                }
+                            ]
+                        }
+                    },  # fmt: skip
+                    "containers": [
+                        {
+                            "name": "engine",
+                            "image": image,
+                            "imagePullPolicy": "Never",
+                            "args": ["--host", "0.0.0.0", "--port", "8080", "--alias", "tiny"]
+                            + ["--model-url", "https://models.invalid/tiny.gguf"],
+                            "readinessProbe": {
+                                "httpGet": {"path": "/health", "port": 8080},
+                                "periodSeconds": 1,
+                            },
+                            "securityContext": {"runAsUser": 65532, "runAsNonRoot": True},
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+SERVICE = {
+    "apiVersion": "v1",
+    "kind": "Service",
+    "metadata": {"name": "e", "namespace": "default"},
+    "spec": {"selector": {"app": "e"}, "ports": [{"port": 8080, "protocol": "TCP"}]},
+}
+
+
+def chat(base: str) -> dict[str, Any]:
+    r = httpx.post(
+        f"{base}/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        timeout=30,
+    )
+    r.raise_for_status()
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def answers(base: str) -> bool:
+    try:
+        return chat(base)["object"] == "chat.completion"
+    except httpx.HTTPError:
+        return False
+
+
+def check_two_nodes_serve(real: RealCluster) -> None:
+    """Pods on both nodes, reached from the host by pod IP and by ClusterIP, and from a pod
+    on one node to the pod on the other."""
+    c = real.cluster
+    assert c.apply(engine_deployment(real.images["engine"].ref, 2)).returncode == 0
+    assert c.apply(SERVICE).returncode == 0
+    c.kubectl("rollout", "status", "deploy/e", "--timeout=180s")
+    pods = c.core.list_namespaced_pod("default", label_selector="app=e").items
+    assert sorted(p.spec.node_name for p in pods) == ["node-0", "node-1"]
+    for pod in pods:
+        assert answers(f"http://{pod.status.pod_ip}:8080"), pod.metadata.name
+    cluster_ip = c.core.read_namespaced_service("e", "default").spec.cluster_ip
+    # kube-proxy programs a new Service within a moment of its Endpoints.
+    wait_for("the Service through kube-proxy", lambda: answers(f"http://{cluster_ip}:8080"), 30)
+    here, there = pods
+    probe = (
+        "import urllib.request as u; "
+        f"print(u.urlopen('http://{there.status.pod_ip}:8080/health', timeout=5).read().decode())"
+    )
+    out = c.kubectl("exec", here.metadata.name, "--", "python", "-c", probe).stdout
+    assert json.loads(out) == {"status": "ok"}
+    assert real.container_uids("default", here.metadata.name) == {65532}
+
+
+def test_two_nodes_serve_and_a_failed_run_leaves_nothing(tmp_path: Path) -> None:
+    node_parts()  # built or cached before the "before" picture
+    before = snapshot()
+    with pytest.raises(RuntimeError, match="on purpose"), real_cluster(tmp_path, 2) as real:
+        check_two_nodes_serve(real)
+        during = snapshot()
+        assert during["links"] != before["links"] and during["routes"] != before["routes"]
+        assert len(during["cgroups"]) > len(before["cgroups"])
+        assert processes_of(tmp_path)
+        raise RuntimeError("on purpose")
+    assert snapshot() == before
+    assert processes_of(tmp_path) == []
+
+
+KILLED = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    sys.path[:0] = [{repo!r}, {repo!r} + "/operator"]
+    from tests.support.realcluster import real_cluster
+    with real_cluster(Path({workdir!r})) as real:
+        real.cluster.kubectl("run", "p", "--image=localhost/fabric-pause:3.9",
+                             "--image-pull-policy=Never")
+        real.cluster.kubectl("wait", "--for=condition=Ready", "pod/p", "--timeout=120s")
+        print("up", flush=True)
+        time.sleep(3600)
+""")
+
+
+def test_a_killed_run_leaves_nothing(tmp_path: Path) -> None:
+    """SIGKILL gives no chance to clean up: every process dies with its parent, and the
+    kernel removes the namespaces and mounts; only empty cgroup folders stay, which the
+    next cluster on that slot removes."""
+    node_parts()
+    before = snapshot()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED.format(repo=str(REPO), workdir=str(tmp_path))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "up", "the cluster did not come up"
+        assert snapshot()["links"] != before["links"]
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_for("every process of the killed run gone", lambda: not processes_of(tmp_path), 30)
+    after = wait_for(
+        "the kernel to remove the namespaces",
+        lambda: (s := snapshot())["links"] == before["links"] and s,
+        30,
+    )
+    left = set(after.pop("cgroups")) - set(before["cgroups"])
+    assert after == {k: v for k, v in before.items() if k != "cgroups"}
+    for folder in left:  # empty: no process in any of them
+        assert not any(p.read_text().strip() for p in Path(folder).rglob("cgroup.procs"))
+    # The next cluster on that slot removes them.
+    with real_cluster(tmp_path / "next"):
+        pass
+    assert snapshot() == before
