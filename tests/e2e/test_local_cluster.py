@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,9 @@ def processes_of(workdir: Path) -> list[str]:
     return [line for line in out.stdout.splitlines() if str(workdir) in line]
 
 
+ENGINE_ARGS = ["--host", "0.0.0.0", "--port", "8080", "--alias", "tiny"]
+
+
 def engine_deployment(image: str, replicas: int) -> dict[str, Any]:
     """The CPU engine, one replica per node (required anti-affinity)."""
     labels = {"app": "e"}
@@ -69,14 +71,13 @@ def engine_deployment(image: str, replicas: int) -> dict[str, Any]:
                                 }
                             ]
                         }
-                    },  # fmt: skip
+                    },
                     "containers": [
                         {
                             "name": "engine",
                             "image": image,
                             "imagePullPolicy": "Never",
-                            "args": ["--host", "0.0.0.0", "--port", "8080", "--alias", "tiny"]
-                            + ["--model-url", "https://models.invalid/tiny.gguf"],
+                            "args": [*ENGINE_ARGS, "--model-url", "https://x.invalid/m.gguf"],
                             "readinessProbe": {
                                 "httpGet": {"path": "/health", "port": 8080},
                                 "periodSeconds": 1,
