@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import kopf
 import yaml
+from kopf._core.engines.peering import Identity
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -76,11 +78,18 @@ async def _operate(
             clusterwide=not namespaces,
             namespaces=namespaces,
             standalone=True,
+            identity=_identity(),
             liveness_endpoint=f"http://{args.health_address}/healthz",
         )
     finally:
         if electing is not None:
             electing.cancel()
+
+
+def _identity() -> Identity:
+    """Who this operator process is, without kopf's default (the login name): the image
+    runs as a numeric user with no passwd entry, where that lookup raises KeyError."""
+    return Identity(f"{socket.gethostname()}/{os.getpid()}")
 
 
 def _own_namespace() -> str:
