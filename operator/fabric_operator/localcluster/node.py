@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,7 @@ class LocalNode:
         for image in images:
             self.load(image)
         self._forwarder()
+        self._dns()
         self._kubelet()
         self._kube_proxy()
         switch.route(self.plan.pod_cidr(self.index), self.ip)
@@ -229,32 +231,37 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 f"(have: {', '.join(sorted(have))})"
             )
 
+    def _host_side(self, name: str, module: str, *args: str) -> None:
+        """A helper of ours that runs on the host but listens in the node's network
+        namespace (forward.py, dns.py); it prints `listening` once it does."""
+        log = self.workdir / f"{name}.log"
+        with open(log, "ab") as err:
+            netns = f"--listen-netns=/proc/{self.pid}/ns/net"
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"fabric_operator.localcluster.{module}", netns, *args],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=nsutil.die_with_parent,  # noqa: PLW1509 - prctl only
+            )
+        self.procs[name] = proc
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"listening":
+            raise RuntimeError(f"{self.name}: {name} did not start: {log.read_text()}")
+
     def _forwarder(self) -> None:
         """The API server at 0.0.0.0:PORT of the node: for the kubelet, kube-proxy and,
         through the `kubernetes` Service, the pods."""
-        import sys  # noqa: PLC0415
-
         port = self.plane.apiserver_port
-        log = self.workdir / "forwarder.log"
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fabric_operator.localcluster.forward",
-                f"--listen-netns=/proc/{self.pid}/ns/net",
-                f"--listen=0.0.0.0:{port}",
-                f"--connect=127.0.0.1:{port}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=open(log, "ab"),  # noqa: SIM115 - the child writes it
-            stdin=subprocess.DEVNULL,
-            preexec_fn=nsutil.die_with_parent,  # noqa: PLW1509
+        self._host_side(
+            "forwarder", "forward", f"--listen=0.0.0.0:{port}", f"--connect=127.0.0.1:{port}"
         )
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if line.strip() != b"listening":
-            raise RuntimeError(f"{self.name}: the API forwarder did not start: {log.read_text()}")
-        self.procs["forwarder"] = proc
+
+    def _dns(self) -> None:
+        """Service names for the node's pods, answered at the node's address."""
+        self._host_side(
+            "dns", "dns", f"--listen={self.ip}:53", f"--kubeconfig={self.plane.kubeconfig}"
+        )
 
     def _kubeconfig(self, name: str, subject: str) -> Path:
         cert, key = self.plane.issue(f"{self.name}-{name}", subject)
@@ -265,8 +272,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def _kubelet(self) -> None:
         kubeconfig = self._kubeconfig("kubelet", f"/O=system:nodes/CN=system:node:{self.name}")
+        # dnsPolicy Default: no name server at all; nothing leaves the cluster.
         resolv = self.workdir / "resolv.conf"
-        resolv.write_text("# no cluster DNS here; no name leaves the node\n")
+        resolv.write_text("# dnsPolicy Default: no name server here\n")
         config = self.workdir / "kubelet.yaml"
         config.write_text(
             json.dumps(
@@ -289,6 +297,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                     "failSwapOn": False,
                     "resolvConf": str(resolv),
                     "clusterDomain": "cluster.local",
+                    "clusterDNS": [self.ip],  # dns.py: Service names only, no recursion
                     # Images cannot be pulled again here: never collect them; and no
                     # evictions for a disk that belongs to the whole machine.
                     "imageGCHighThresholdPercent": 100,
