@@ -1,8 +1,9 @@
-"""e2e: the chart installed with Helm on a cluster of its own.
+"""e2e: the chart installed with Helm on a cluster of its own, with real nodes.
 
-`local` (machines without Docker): the real control plane with simulated nodes; the
-operator runs as a local process holding exactly the chart's ServiceAccount token.
-kind (where Docker is) is not wired yet: the suite says so when asked for it.
+`local` (machines without Docker, the default): the local control plane with two real
+nodes (containerd, runc, CNI, kubelet, kube-proxy; `tests.support.realcluster`), images
+built with podman and imported into each node. kind (where Docker is): `FABRIC_E2E=kind`;
+not wired yet, and the suite says so.
 """
 
 from __future__ import annotations
@@ -13,22 +14,26 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.fixtures import local_cluster
 from tests.support.kube import Cluster
+from tests.support.realcluster import RealCluster, real_cluster
+
+NODES = 2
 
 
 @pytest.fixture(scope="session")
-def e2e_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
     if os.environ.get("FABRIC_E2E") == "kind":
         missing = [t for t in ("kind", "docker") if shutil.which(t) is None]
         pytest.skip(
             f"{', '.join(missing) or 'kind support'} not found: the kind e2e path "
             "is not implemented yet"
         )
-    with local_cluster(tmp_path_factory, install_crd=False) as cluster:
-        if not cluster.local:
-            pytest.skip(
-                "FABRIC_TEST_KUBECONFIG is set: the e2e suite needs the local control "
-                "plane (it adds simulated nodes)"
-            )
+    if os.environ.get("FABRIC_TEST_KUBECONFIG"):
+        pytest.skip("FABRIC_TEST_KUBECONFIG is set: the e2e suite brings its own cluster")
+    with real_cluster(tmp_path_factory.mktemp("e2e-cluster"), NODES) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def e2e_cluster(real: RealCluster) -> Cluster:
+    return real.cluster

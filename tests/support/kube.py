@@ -20,16 +20,20 @@ T = TypeVar("T")
 def wait_for(
     what: str, probe: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.1
 ) -> T:
-    """Poll until probe() returns something truthy; fail with `what` otherwise."""
+    """Poll until probe() returns something truthy; fail with `what` otherwise. An API
+    error (a 404 before an object exists, a 503 during an outage) means "not yet": it is
+    remembered for the failure message, never taken for success."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            last = probe()
+            result = probe()
         except ApiException as err:
-            last = f"ApiException {err.status}"
-        if last:
-            return last
+            last = f"ApiException {err.status}: {err.reason}"
+        else:
+            if result:
+                return result
+            last = result
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
