@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +16,7 @@ from fabric_operator.gateway.routes import KEY_LABEL
 from tests.support.fixtures import OperatorProcess
 from tests.support.gateway import gateway
 from tests.support.kube import Cluster, run_pods, wait_for
-from tests.support.netaddr import local_address
+from tests.support.testhost import netns_host
 from tests.support.upstream import Process, upstream
 
 pytestmark = pytest.mark.integration
@@ -128,12 +129,13 @@ def test_remote_backend_and_keys_follow_the_api(
 
 
 def test_local_backend_is_reached_at_its_ready_pod_addresses(
-    cluster: Cluster, operator: OperatorProcess, gw: Process, namespace: str
+    cluster: Cluster, operator: OperatorProcess, gw: Process, namespace: str, tmp_path: Path
 ) -> None:
     with (
-        local_address(23) as ip,
-        upstream("pod", "--key", "sk-engine-77", host=ip, port=8080) as pod,
+        netns_host(tmp_path) as host,
+        upstream("pod", "--key", "sk-engine-77", host=host.ip, port=8080, enter=host.enter) as pod,
     ):
+        ip = host.ip
         cluster.core.create_namespaced_secret(namespace, key_secret(namespace, "team", "sk-l1"))
         cluster.core.create_namespaced_secret(
             namespace, {"metadata": {"name": "engine"}, "stringData": {"k": "sk-engine-77"}}

@@ -77,7 +77,7 @@ class RealCluster:
     def node(self, name: str) -> LocalNode:
         return next(n for n in self.local.members if n.name == name)
 
-    def _container(self, namespace: str, pod: str, container: str) -> tuple[LocalNode, str]:
+    def container(self, namespace: str, pod: str, container: str) -> tuple[LocalNode, str]:
         """The node running a pod's container and the container's containerd id."""
         obj = self.cluster.core.read_namespaced_pod(pod, namespace)
         status = next(s for s in obj.status.container_statuses if s.name == container)
@@ -86,12 +86,12 @@ class RealCluster:
 
     def kill_container(self, namespace: str, pod: str, container: str = "engine") -> None:
         """SIGKILL the container's processes through containerd (a crash, an OOM kill)."""
-        node, cid = self._container(namespace, pod, container)
+        node, cid = self.container(namespace, pod, container)
         node.ctr("tasks", "kill", "--all", "--signal", "SIGKILL", cid)
 
     def container_uids(self, namespace: str, pod: str, container: str = "engine") -> set[int]:
         """The real user ids the container's processes run as, read from the kernel."""
-        node, cid = self._container(namespace, pod, container)
+        node, cid = self.container(namespace, pod, container)
         pids = node.ctr("tasks", "ps", cid).stdout.split()[2::2]  # header: PID INFO
         uids = set()
         for pid in pids:

@@ -185,11 +185,15 @@ class Process:
 
 
 @contextlib.contextmanager
-def upstream(name: str, *args: str, host: str = "127.0.0.1", port: int = 0) -> Iterator[Process]:
-    """The fake upstream as its own process, stopped at exit."""
+def upstream(
+    name: str, *args: str, host: str = "127.0.0.1", port: int = 0, enter: list[str] | None = None
+) -> Iterator[Process]:
+    """The fake upstream as its own process, stopped at exit; `enter` runs it in another
+    network namespace (tests.support.testhost)."""
     port = port or free_port(host)
     proc = subprocess.Popen(
         [
+            *(enter or []),
             *(sys.executable, "-m", "tests.support.upstream"),
             *("--host", host, "--port", str(port), "--name", name, *args),
         ],
