@@ -1,11 +1,12 @@
-"""`make run`: the operator on a local control plane, ending with the example CPU backend
-answering a real chat completion, through the gateway, with a key of its own.
+"""`make run`: the operator on a local cluster with a real node, ending with the example
+CPU backend answering a real chat completion, through the gateway, with a key of its own.
 
-This is the development and test path: the local control plane has no kubelet, so the
-pods of CPU llama.cpp backends run as local processes (`tests.support.procsim`, the e2e
-suite's process-backed node simulator) on a tiny generated model; other pods (the GPU
-examples) find no node and stay Pending, which their status says. Production clusters run
-the real engine images.
+This is the development and test path: the local cluster (`fabric_operator.localcluster`)
+has one real node (containerd and a kubelet in namespaces of their own), and the example
+CPU llama.cpp backend runs there from the local engine image (llama-server's command line
+on llama-cpp-python, a tiny random model baked in: no registry or model hub is reachable
+here); the GPU examples find no node that can run them, which their status says. The
+operator and the gateway run here as processes, so a code change needs no image build.
 
 With `KUBECONFIG` set (or `--kubeconfig`), this is `fabric-operator dev` on that cluster:
 its kubelets run the pods. Ctrl-C (or SIGTERM) stops everything this started.
@@ -32,22 +33,19 @@ sys.path[:0] = [str(REPO), str(REPO / "operator")]
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402 (the test support reports "cannot" as pytest skips)
-from tests.support.engine import tiny_engine_python  # noqa: E402
+import yaml  # noqa: E402
 from tests.support.fixtures import OperatorProcess  # noqa: E402
 from tests.support.gateway import gateway  # noqa: E402
-from tests.support.kube import Cluster, add_cpu_node, wait_for  # noqa: E402
-from tests.support.procsim import ProcessNodeSimulator  # noqa: E402
-from tests.support.tiny_model import write_tiny_gguf  # noqa: E402
+from tests.support.kube import Cluster, wait_for  # noqa: E402
+from tests.support.realcluster import RealCluster, real_cluster  # noqa: E402
 
 from fabric_operator.api.crd import crd_yaml  # noqa: E402
 from fabric_operator.cli import main as fabric_operator  # noqa: E402
 from fabric_operator.gateway.routes import KEY_LABEL  # noqa: E402
-from fabric_operator.localcluster import LocalControlPlane, find_binaries, free_port  # noqa: E402
+from fabric_operator.localcluster import free_port  # noqa: E402
 
 NAMESPACE, BACKEND = "team-a", "tiny"  # examples/tiny-llamacpp-cpu.yaml
 GATEWAY_PORT = 8000
-# Pod addresses apart from the test suites' (198.18.0.64-95), so both can run at once.
-ADDRESSES = range(160, 176)
 # What a user cannot fix by waiting: stop waiting for Ready and say why.
 HOPELESS = {"Invalid", "Failed", "CrashLoopBackOff", "ImagePullBackOff"}
 
@@ -85,19 +83,21 @@ def _request(model: str) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "Say hello."}]}
 
 
-def _answer(base_url: str, key: str) -> str:
-    """One real chat completion: the proof `make run` ends with."""
+def _answer(base_url: str, key: str) -> str | None:
+    """One real chat completion: the proof `make run` ends with (None: not routed yet)."""
     r = httpx.post(
         f"{base_url}/chat/completions",
         json={**_request(BACKEND), "max_tokens": 16},
         headers={"Authorization": f"Bearer {key}"},
         timeout=60,
     )
+    if r.status_code in {404, 503}:  # the gateway has not seen the ready pod yet
+        return None
     r.raise_for_status()
-    return str(r.json()["choices"][0]["message"]["content"])
+    return repr(r.json()["choices"][0]["message"]["content"])
 
 
-def _banner(kubeconfig: Path, base_url: str, key: str, engine: str, engine_key: str) -> str:
+def _banner(kubeconfig: Path, base_url: str, key: str, engine: str) -> str:
     curl = shlex.join(
         [
             *("curl", "-s", f"{base_url}/chat/completions"),
@@ -106,8 +106,9 @@ def _banner(kubeconfig: Path, base_url: str, key: str, engine: str, engine_key: 
         ]
     )
     return f"""
-  Development and test path: CPU llama.cpp pods run as local processes on a tiny
-  generated model (random weights: the words are nonsense, the API is real).
+  Development and test path: the example CPU backend runs on a real local node from the
+  local engine image, on a tiny generated model (random weights: the words are nonsense,
+  the API is real).
 
   export KUBECONFIG={kubeconfig}
   kubectl get llmb -A
@@ -116,7 +117,7 @@ def _banner(kubeconfig: Path, base_url: str, key: str, engine: str, engine_key: 
   api key:  {key}
   {curl}
 
-  the backend itself: {engine}/v1, key {engine_key!r} (Secret {NAMESPACE}/tiny-key)
+  the backend itself: {engine}/v1 (its Service), key 'change-me' (Secret {NAMESPACE}/tiny-key)
 
   Ctrl-C stops everything.
 """
@@ -130,12 +131,11 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def _cluster(stack: contextlib.ExitStack, workdir: Path) -> tuple[LocalControlPlane, Cluster]:
-    """A local control plane with the CRD and one simulated CPU node."""
-    say(f"starting a local control plane in {workdir} ...")
-    plane = LocalControlPlane(workdir / "cluster", find_binaries(REPO)).start()
-    stack.callback(plane.stop)
-    cluster = Cluster(plane.kubeconfig, local=True, garbage_collector=True)
+def _cluster(stack: contextlib.ExitStack, workdir: Path) -> RealCluster:
+    """The local cluster with one real node, the CRD installed."""
+    say(f"starting a local cluster with a real node in {workdir} (first run: builds) ...")
+    real = stack.enter_context(real_cluster(workdir / "cluster", roles=("pause", "engine")))
+    cluster = real.cluster
     cluster.kubectl("apply", "-f", "-", stdin=crd_yaml())
     cluster.kubectl("wait", "--for=condition=Established", "crd/llmbackends.llm.fabric.dev")
     wait_for(
@@ -143,27 +143,27 @@ def _cluster(stack: contextlib.ExitStack, workdir: Path) -> tuple[LocalControlPl
         lambda: cluster.core.list_namespaced_service_account("default").items,
         60,
     )
-    add_cpu_node(cluster)
-    return plane, cluster
+    return real
 
 
-def _engines(
-    stack: contextlib.ExitStack, cluster: Cluster, workdir: Path
-) -> ProcessNodeSimulator | None:
-    """The process-backed node simulator, or None (said why) where it cannot run here."""
-    try:
-        say("the tiny CPU engine (built once, about 3 minutes; then cached) ...")
-        tiny_engine_python()
-        model = write_tiny_gguf(workdir / "tiny.gguf")
-        sim = ProcessNodeSimulator(
-            cluster, workdir / "procsim", model, addresses=ADDRESSES, simulate_others=False
-        )
-        sim.start()
-    except (pytest.skip.Exception, pytest.fail.Exception) as why:
-        say(f"no engine processes ({why}): pods will stay Pending, nothing will answer")
-        return None
-    stack.callback(sim.stop)
-    return sim
+def _examples(real: RealCluster) -> str:
+    """examples/, sized for a small machine (CPU requests of 100m, so that the Ollama
+    example, which cannot pull its image here, leaves the node's CPUs to the others), and
+    the llama.cpp example on the local engine image (no registry here)."""
+    docs = []
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc:
+                continue
+            if doc.get("kind") == "LLMBackend":
+                requests = doc["spec"].get("resources", {}).get("requests")
+                if requests:
+                    requests |= {"cpu": "100m", "memory": "256Mi"}
+                    doc["spec"]["resources"].pop("limits", None)
+                if doc["metadata"]["name"] == BACKEND:
+                    doc["spec"] |= {"image": real.images["engine"].ref, "imagePullPolicy": "Never"}
+            docs.append(doc)
+    return yaml.safe_dump_all(docs)
 
 
 def _tenant_key(cluster: Cluster) -> str:
@@ -185,32 +185,31 @@ def local(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
     with contextlib.ExitStack() as stack:
-        plane, cluster = _cluster(stack, workdir)
-        sim = _engines(stack, cluster, workdir)
-        operator = OperatorProcess(plane.kubeconfig, workdir)
+        try:
+            real = _cluster(stack, workdir)
+        except (pytest.skip.Exception, pytest.fail.Exception) as why:
+            say(f"cannot run a local cluster with a real node here: {why}")
+            return 1
+        cluster, kubeconfig = real.cluster, real.cluster.kubeconfig
+        operator = OperatorProcess(kubeconfig, workdir)
         operator.start()
         stack.callback(operator.stop)
         say(f"operator running (log: {operator.log_path})")
         applied = time.monotonic()
-        cluster.kubectl("apply", "-f", str(REPO / "examples"))
+        cluster.kubectl("apply", "-f", "-", stdin=_examples(real))
         key = _tenant_key(cluster)
         port = free_port() if _busy(GATEWAY_PORT) else GATEWAY_PORT
         gw = stack.enter_context(
-            gateway(
-                f"--kubeconfig={plane.kubeconfig}", workdir=workdir, ready_path="/readyz", port=port
-            )
+            gateway(f"--kubeconfig={kubeconfig}", workdir=workdir, ready_path="/readyz", port=port)
         )
         say(f"gateway on {gw.url} (log: {workdir / 'gateway.log'})")
         base_url = f"{gw.url}/v1"
-        if sim is None:
-            print(f"\n  export KUBECONFIG={plane.kubeconfig}\n  kubectl get llmb -A\n", flush=True)
-        else:
-            _wait_ready(cluster, args.timeout)
-            engine = f"http://{sim.pods(NAMESPACE, BACKEND)[0].ip}:8080"
-            answer = _answer(base_url, key)
-            took = time.monotonic() - applied
-            say(f"first answer through the gateway, {took:.1f} s after the apply: {answer!r}")
-            print(_banner(plane.kubeconfig, base_url, key, engine, "change-me"), flush=True)
+        _wait_ready(cluster, args.timeout)
+        answer = wait_for("the first answer", lambda: _answer(base_url, key), 60, 0.2)
+        took = time.monotonic() - applied
+        say(f"first answer through the gateway, {took:.1f} s after the apply: {answer}")
+        service = cluster.core.read_namespaced_service(BACKEND, NAMESPACE).spec.cluster_ip
+        print(_banner(kubeconfig, base_url, key, f"http://{service}:8080"), flush=True)
         while True:
             time.sleep(0.5)
             for name, proc, log in (

@@ -14,45 +14,18 @@ from typing import Any
 import httpx
 import pytest
 
-from fabric_operator.localcluster.node import cgroup_mounts
 from tests.conftest import REPO
 from tests.support.kube import wait_for
-from tests.support.realcluster import RealCluster, node_parts, real_cluster
+from tests.support.realcluster import (
+    RealCluster,
+    left_nothing,
+    node_parts,
+    processes_of,
+    real_cluster,
+    snapshot,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
-
-
-def snapshot() -> dict[str, list[str]]:
-    """What a run could leave on the host."""
-
-    def lines(*cmd: str) -> list[str]:
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        return sorted(out.splitlines())
-
-    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-    return {
-        "netns": lines("ip", "netns", "list"),
-        "links": sorted(line.split(":")[1].strip() for line in lines("ip", "-o", "link")),
-        "routes": lines("ip", "-o", "route", "show", "table", "all"),
-        "mounts": sorted(mounts),
-        "cgroups": sorted(str(p) for m in cgroup_mounts() for p in Path(m).glob("fabric-*")),
-    }
-
-
-def left_nothing(before: dict[str, list[str]]) -> bool:
-    """Nothing more than before (fewer cgroup folders is fine: a run reaps those a killed
-    run left on its slot)."""
-    after = snapshot()
-    return set(after.pop("cgroups")) <= set(before["cgroups"]) and after == {
-        k: v for k, v in before.items() if k != "cgroups"
-    }
-
-
-def processes_of(workdir: Path) -> list[str]:
-    out = subprocess.run(
-        ["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True
-    )
-    return [line for line in out.stdout.splitlines() if str(workdir) in line]
 
 
 ENGINE_ARGS = ["--host", "0.0.0.0", "--port", "8080", "--alias", "tiny"]

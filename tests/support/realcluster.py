@@ -22,7 +22,7 @@ import pytest
 
 from fabric_operator.localcluster import find_binaries
 from fabric_operator.localcluster.cluster import LocalCluster
-from fabric_operator.localcluster.node import Image, LocalNode
+from fabric_operator.localcluster.node import Image, LocalNode, cgroup_mounts
 from tests.conftest import REPO
 from tests.support.kube import Cluster
 
@@ -53,19 +53,21 @@ def why_no_real_nodes() -> str | None:
     return None
 
 
-def node_parts() -> tuple[Path, dict[str, Image]]:
-    """kubelet/kube-proxy's folder and the images by role (pause, operator, engine), built
-    or taken from the cache once per session. A failed build fails loudly."""
-    if not _parts:
-        if (why := why_no_real_nodes()) is not None:
-            pytest.skip(why)
-        node_bin = Path(_script("get-node.sh").strip().splitlines()[-1])
-        images = {}
-        for line in _script("get-images.sh").splitlines():
+def node_parts(*roles: str) -> tuple[Path, dict[str, Image]]:
+    """kubelet/kube-proxy's folder and the images by role (pause, operator, engine; all by
+    default), built or taken from the cache once per session. A failed build fails
+    loudly."""
+    roles = roles or ("pause", "operator", "engine")
+    if (why := why_no_real_nodes()) is not None:
+        pytest.skip(why)
+    if "node_bin" not in _parts:
+        _parts["node_bin"] = Path(_script("get-node.sh").strip().splitlines()[-1])
+    images: dict[str, Image] = _parts.setdefault("images", {})
+    if missing := [r for r in roles if r not in images]:
+        for line in _script("get-images.sh", *missing).splitlines():
             role, ref, archive = line.split()
             images[role] = Image(ref, Path(archive))
-        _parts.update(node_bin=node_bin, images=images)
-    return _parts["node_bin"], _parts["images"]
+    return _parts["node_bin"], {r: images[r] for r in roles}
 
 
 @dataclass
@@ -102,8 +104,10 @@ class RealCluster:
 
 
 @contextlib.contextmanager
-def real_cluster(workdir: Path, nodes: int = 1) -> Iterator[RealCluster]:
-    node_bin, images = node_parts()
+def real_cluster(
+    workdir: Path, nodes: int = 1, roles: tuple[str, ...] = ()
+) -> Iterator[RealCluster]:
+    node_bin, images = node_parts(*roles)
     local = LocalCluster(
         workdir, find_binaries(REPO), node_bin, images=list(images.values()), nodes=nodes
     ).start()
@@ -112,3 +116,39 @@ def real_cluster(workdir: Path, nodes: int = 1) -> Iterator[RealCluster]:
         yield RealCluster(local, cluster, images)
     finally:
         local.stop()
+
+
+# ---- what a run could leave on the host ------------------------------------------------
+
+
+def snapshot() -> dict[str, list[str]]:
+    """What a run could leave on the host."""
+
+    def lines(*cmd: str) -> list[str]:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        return sorted(out.splitlines())
+
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return {
+        "netns": lines("ip", "netns", "list"),
+        "links": sorted(line.split(":")[1].strip() for line in lines("ip", "-o", "link")),
+        "routes": lines("ip", "-o", "route", "show", "table", "all"),
+        "mounts": sorted(mounts),
+        "cgroups": sorted(str(p) for m in cgroup_mounts() for p in Path(m).glob("fabric-*")),
+    }
+
+
+def left_nothing(before: dict[str, list[str]]) -> bool:
+    """Nothing more than before (fewer cgroup folders is fine: a run reaps those a killed
+    run left on its slot)."""
+    after = snapshot()
+    return set(after.pop("cgroups")) <= set(before["cgroups"]) and after == {
+        k: v for k, v in before.items() if k != "cgroups"
+    }
+
+
+def processes_of(workdir: Path) -> list[str]:
+    out = subprocess.run(
+        ["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True
+    )
+    return [line for line in out.stdout.splitlines() if str(workdir) in line]
