@@ -1,10 +1,13 @@
 """The local cluster's real nodes: pods run, talk across nodes and through Services, and
 nothing of the cluster is left on the host afterwards, whether the run ends, fails or is
-killed (compared: `ip netns`, links, routes, mounts, cgroup folders, processes)."""
+killed or fails midway through its start (compared: `ip netns`, links, routes, mounts,
+the paths a kubelet and containerd would use on a host, cgroup folders, and processes, by
+command line and by namespace)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,12 +17,16 @@ from typing import Any
 import httpx
 import pytest
 
+from fabric_operator.localcluster.network import Switch
+from fabric_operator.localcluster.node import LocalNode
 from tests.conftest import REPO
 from tests.support.kube import wait_for
 from tests.support.realcluster import (
     RealCluster,
     left_nothing,
+    namespaces,
     node_parts,
+    processes_in,
     processes_of,
     real_cluster,
     snapshot,
@@ -28,6 +35,15 @@ from tests.support.realcluster import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
+# A raw DNS query for example.com to the pod's name server; prints the answer's rcode.
+DNS_QUERY = (
+    "import socket, struct; "
+    "ns = open('/etc/resolv.conf').read().split('nameserver')[1].split()[0]; "
+    "q = struct.pack('>HHHHHH', 7, 0x0100, 1, 0, 0, 0) + bytes([7]) + b'example' "
+    "+ bytes([3]) + b'com' + bytes([0]) + struct.pack('>HH', 1, 1); "
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); "
+    "s.sendto(q, (ns, 53)); print('rcode', s.recv(512)[3] & 15)"
+)
 ENGINE_ARGS = ["--host", "0.0.0.0", "--port", "8080", "--alias", "tiny"]
 
 
@@ -129,8 +145,32 @@ def check_two_nodes_serve(real: RealCluster) -> None:
     )
     named = c.kubectl("exec", here.metadata.name, "--", "python", "-c", probe, check=False)
     assert named.stdout.split() == [cluster_ip, "200"], named.stdout + named.stderr
-    assert "gaierror" in named.stderr  # no recursion: outside names never resolve
+    assert "gaierror" in named.stderr
+    # ... because the node's DNS refuses every name outside the cluster (no recursion).
+    refused = c.kubectl("exec", here.metadata.name, "--", "python", "-c", DNS_QUERY).stdout
+    assert refused.split() == ["rcode", "5"], refused
     assert real.container_uids("default", here.metadata.name) == {65532}
+
+
+def check_nothing_reaches_the_host(real: RealCluster) -> None:
+    """The host opens connections into the cluster, never the other way: a socket of the
+    host's listening on every address is out of reach of pods and nodes alike."""
+    listener = socket.create_server(("0.0.0.0", 0))
+    port = listener.getsockname()[1]
+    host_ip = real.local.plan.host_ip
+    try:
+        pod = real.cluster.core.list_namespaced_pod("default", label_selector="app=e").items[0]
+        probe = f"import socket; socket.create_connection(({host_ip!r}, {port}), timeout=3)"
+        attempt = real.cluster.kubectl(
+            "exec", pod.metadata.name, "--", "python", "-c", probe, check=False
+        )
+        assert attempt.returncode != 0 and "timed out" in attempt.stderr, attempt.stderr
+        dial = f"timeout 3 bash -c 'echo > /dev/tcp/{host_ip}/{port}'"
+        assert real.node("node-0").run("bash", "-c", dial, check=False).returncode != 0
+        # The same socket answers the host itself: the refusals above are the filter's.
+        socket.create_connection((host_ip, port), timeout=3).close()
+    finally:
+        listener.close()
 
 
 def test_two_nodes_serve_and_a_failed_run_leaves_nothing(tmp_path: Path) -> None:
@@ -138,13 +178,50 @@ def test_two_nodes_serve_and_a_failed_run_leaves_nothing(tmp_path: Path) -> None
     before = snapshot()
     with pytest.raises(RuntimeError, match="on purpose"), real_cluster(tmp_path, 2) as real:
         check_two_nodes_serve(real)
+        check_nothing_reaches_the_host(real)
         during = snapshot()
         assert during["links"] != before["links"] and during["routes"] != before["routes"]
         assert len(during["cgroups"]) > len(before["cgroups"])
         assert processes_of(tmp_path)
+        spaces = namespaces(real.holders)
+        assert len(processes_in(spaces)) > 10  # containerd, shims, kubelets, engines...
         raise RuntimeError("on purpose")
     assert left_nothing(before), (before, snapshot())
     assert processes_of(tmp_path) == []
+    # The kernel kills a PID namespace's processes when its init dies; they exit at once.
+    wait_for("every process of the nodes gone", lambda: not processes_in(spaces), 10)
+
+
+STEPS = {
+    "switch": (Switch, "start"),
+    "kubelet": (LocalNode, "_kubelet"),
+    "ready": (LocalNode, "wait_ready"),
+}
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_a_start_that_fails_midway_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """Whatever step fails, what the start had made is stopped and removed."""
+    node_parts()
+    before = snapshot()
+    owner, name = STEPS[step]
+    original = getattr(owner, name)
+    ran: list[str] = []
+
+    def fail(self: Any, *args: Any) -> None:
+        original(self, *args)  # the step does its work, then fails
+        ran.append(step)
+        raise RuntimeError(f"{step} failed on purpose")
+
+    monkeypatch.setattr(owner, name, fail)
+    with pytest.raises(RuntimeError, match="on purpose"), real_cluster(tmp_path):
+        pass
+    assert ran == [step]
+    assert left_nothing(before), (before, snapshot())
+    assert processes_of(tmp_path) == []
+    assert not (tmp_path / "node-0" / "var" / "lib").exists()
 
 
 KILLED = textwrap.dedent("""
@@ -156,7 +233,7 @@ KILLED = textwrap.dedent("""
         real.cluster.kubectl("run", "p", "--image=localhost/fabric-pause:3.9",
                              "--image-pull-policy=Never")
         real.cluster.kubectl("wait", "--for=condition=Ready", "pod/p", "--timeout=120s")
-        print("up", flush=True)
+        print("up", *real.holders, flush=True)
         time.sleep(3600)
 """)
 
@@ -174,12 +251,16 @@ def test_a_killed_run_leaves_nothing(tmp_path: Path) -> None:
     )
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "up", "the cluster did not come up"
+        up, *holders = proc.stdout.readline().split()
+        assert up == "up", "the cluster did not come up"
         assert snapshot()["links"] != before["links"]
+        spaces = namespaces([int(pid) for pid in holders])
+        assert processes_in(spaces)
     finally:
         proc.kill()
         proc.wait()
     wait_for("every process of the killed run gone", lambda: not processes_of(tmp_path), 30)
+    wait_for("every process of its nodes gone", lambda: not processes_in(spaces), 30)
     after = wait_for(
         "the kernel to remove the namespaces",
         lambda: (s := snapshot())["links"] == before["links"] and s,

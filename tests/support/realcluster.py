@@ -76,6 +76,12 @@ class RealCluster:
     cluster: Cluster
     images: dict[str, Image]
 
+    @property
+    def holders(self) -> list[int]:
+        """The processes whose namespaces hold the cluster's nodes and switch."""
+        switch = [self.local.switch.pid] if self.local.switch is not None else []
+        return switch + [n.pid for n in self.local.members]
+
     def node(self, name: str) -> LocalNode:
         return next(n for n in self.local.members if n.name == name)
 
@@ -121,19 +127,38 @@ def real_cluster(
 # ---- what a run could leave on the host ------------------------------------------------
 
 
+# Where a kubelet, containerd or CNI would write on a host of their own: a node of the
+# local cluster writes these in its own folders, never on the host.
+HOST_PATHS = (
+    "/opt/containerd",
+    "/opt/cni",
+    "/etc/cni/net.d",
+    "/run/containerd",
+    "/run/netns",
+    "/var/lib/containerd",
+    "/var/lib/kubelet",
+    "/var/lib/cni",
+    "/var/log/pods",
+    "/var/log/containers",
+)
+
+
 def snapshot() -> dict[str, list[str]]:
-    """What a run could leave on the host."""
+    """What a run could leave on the host (all of it: compare with no other cluster
+    starting or stopping meanwhile)."""
 
     def lines(*cmd: str) -> list[str]:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         return sorted(out.splitlines())
 
     mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    files = [str(f) for d in map(Path, HOST_PATHS) if d.exists() for f in [d, *d.rglob("*")]]
     return {
         "netns": lines("ip", "netns", "list"),
         "links": sorted(line.split(":")[1].strip() for line in lines("ip", "-o", "link")),
         "routes": lines("ip", "-o", "route", "show", "table", "all"),
         "mounts": sorted(mounts),
+        "files": sorted(files),
         "cgroups": sorted(str(p) for m in cgroup_mounts() for p in Path(m).glob("fabric-*")),
     }
 
@@ -147,7 +172,35 @@ def left_nothing(before: dict[str, list[str]]) -> bool:
     }
 
 
+def namespaces(pids: list[int]) -> set[str]:
+    """The network and PID namespaces these processes made (holders: switch, nodes)."""
+    ours = {os.readlink("/proc/self/ns/net"), os.readlink("/proc/self/ns/pid")}
+    found = set()
+    for pid in pids:
+        for ns in ("net", "pid_for_children"):
+            with contextlib.suppress(OSError):
+                found.add(os.readlink(f"/proc/{pid}/ns/{ns}"))
+    return found - ours
+
+
+def processes_in(spaces: set[str]) -> list[str]:
+    """Processes still in any of these namespaces (shims and containers carry no work
+    dir in their command line: their namespaces give them away): pid and command."""
+    left = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        for ns in ("net", "pid"):
+            with contextlib.suppress(OSError):
+                if os.readlink(proc / "ns" / ns) in spaces:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    left.append(f"{proc.name} {cmd}")
+                    break
+    return left
+
+
 def processes_of(workdir: Path) -> list[str]:
+    """Processes whose command line names the work dir (control plane, helpers)."""
     out = subprocess.run(
         ["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True
     )

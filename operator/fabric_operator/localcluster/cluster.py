@@ -63,6 +63,7 @@ class LocalCluster:
         # A killed run on this slot left its nodes' (empty) cgroup folders: nothing else.
         remove_cgroups([p for m in cgroup_mounts() for p in Path(m).glob(f"fabric-{plan.slot}-*")])
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # Each part is ours to stop (stop()) from the moment it starts to start.
         self.plane = LocalControlPlane(
             self.workdir / "control-plane",
             self.bin_dir,
@@ -70,10 +71,14 @@ class LocalCluster:
             extra_ips=[plan.node_ip(i) for i in range(self.nodes)],
             service_cidr=plan.service_cidr,
             node_lifecycle=True,
-        ).start()
-        self.switch = Switch(plan, self.workdir).start()
-        # Services from the host (tests, make run): node-0's kube-proxy answers them.
+        )
+        self.plane.start()
+        self.switch = Switch(plan, self.workdir)
+        self.switch.start()
+        # Services and any pod address from the host (tests, make run) via node-0; each
+        # node's own pods straight to it (LocalNode.start).
         self.switch.route(plan.service_cidr, plan.node_ip(0))
+        self.switch.route(plan.cluster_cidr, plan.node_ip(0))
         for i in range(self.nodes):
             node = LocalNode(
                 self.plane,
@@ -100,14 +105,21 @@ class LocalCluster:
         return proc
 
     def stop(self) -> None:
-        """Nodes first (their pods die with them), then the switch and the control plane."""
-        for node in reversed(self.members):
-            node.stop()
-        self.members.clear()
+        """Nodes first (their pods die with them), then the switch and the control plane;
+        every part is stopped even when another fails to (the first error is raised)."""
+        steps = [node.stop for node in reversed(self.members)]
         if self.switch is not None:
-            self.switch.stop()
-            self.switch = None
+            steps.append(self.switch.stop)
         if self.plane is not None:
-            self.plane.stop()
-            self.plane = None
-        self._slot.release()
+            steps.append(self.plane.stop)
+        steps.append(self._slot.release)
+        errors: list[BaseException] = []
+        for step in steps:
+            try:
+                step()
+            except Exception as err:  # stop the rest, then raise the first
+                errors.append(err)
+        self.members.clear()
+        self.switch = self.plane = None
+        if errors:
+            raise errors[0]

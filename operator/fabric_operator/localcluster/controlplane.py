@@ -125,12 +125,11 @@ class LocalControlPlane:
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - kept open by the child
         proc = subprocess.Popen(
-            args,
+            # A killed test run or `make run` leaves no control plane running behind it.
+            nsutil.dies_with_parent(args),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            # A killed test run or `make run` leaves no control plane running behind it.
-            preexec_fn=nsutil.die_with_parent,  # noqa: PLW1509 - prctl only
         )
         self.processes[name] = proc
         with open(self.workdir / "pids", "a") as pids:

@@ -162,6 +162,13 @@ class Switch:
         veth = ["ip", "link", "add", plan.host_link, "type", "veth"]
         nsutil.run([*veth, "peer", "name", "uplink", "netns", str(self.pid)])
         self._in("ip", "link", "set", "uplink", "master", "br0", "up")
+        # The host may open connections into the cluster (the API server to kubelets, the
+        # tests to pods), never the other way: only answers go out through the uplink.
+        self._in("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1")
+        out = ["FORWARD", "-m", "physdev", "--physdev-is-bridged", "--physdev-out", "uplink"]
+        answers = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]
+        self._in("iptables", "-A", *out, *answers)
+        self._in("iptables", "-A", *out, "-j", "DROP")
         nsutil.run(["ip", "addr", "add", f"{plan.host_ip}/24", "dev", plan.host_link])
         nsutil.run(["ip", "link", "set", plan.host_link, "up"])
         return self
@@ -175,7 +182,7 @@ class Switch:
 
     def route(self, cidr: str, via: str) -> None:
         """A host route into the cluster (pod and service ranges)."""
-        nsutil.run(["ip", "route", "replace", cidr, "via", via, "dev", self.plan.host_link])
+        nsutil.run(["ip", "route", "add", cidr, "via", via, "dev", self.plan.host_link])
 
     def stop(self) -> None:
         nsutil.stop(self.proc, grace=0)

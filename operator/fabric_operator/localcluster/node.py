@@ -22,6 +22,7 @@ there is no registry. Pods use them with imagePullPolicy Never or IfNotPresent.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -36,7 +37,14 @@ CNI_BIN = Path("/usr/lib/cni")
 PAUSE_IMAGE = "localhost/fabric-pause:3.9"
 # What the kubelet writes to /proc/sys unless it reads these values there already
 # (pkg/kubelet/cm/container_manager_linux.go setupKernelTunables).
-KERNEL_TUNABLES = {"vm/overcommit_memory": "1", "kernel/panic": "10", "kernel/panic_on_oops": "1"}
+KERNEL_TUNABLES = {
+    "vm/overcommit_memory": "1",
+    "vm/panic_on_oom": "0",
+    "kernel/panic": "10",
+    "kernel/panic_on_oops": "1",
+    "kernel/keys/root_maxkeys": "1000000",
+    "kernel/keys/root_maxbytes": "25000000",
+}
 PRIVATE_DIRS = ("run", "var/lib", "var/log")
 
 
@@ -91,6 +99,13 @@ class LocalNode:
     # ---- start ----------------------------------------------------------------------
 
     def start(self, switch: Switch, nodes: int, images: list[Image]) -> LocalNode:
+        self.workdir = self.workdir.resolve()
+        hidden = [d for d in PRIVATE_DIRS if self.workdir.is_relative_to(f"/{d}")]
+        if hidden:
+            raise ValueError(
+                f"{self.workdir}: the node's own /{hidden[0]} would hide its work dir: "
+                "choose a work dir elsewhere (e.g. under /tmp)"
+            )
         self.workdir.mkdir(parents=True, exist_ok=True)
         namespaces = ["--net", "--mount", "--propagation", "private", "--pid", "--fork"]
         self.holder = holder(
@@ -133,7 +148,8 @@ class LocalNode:
     def _filesystem(self) -> None:
         """The node's private /run, /var/lib, /var/log, cgroup roots, and the kernel
         tunables' stand-ins."""
-        script = ["set -e"]
+        # First, whatever unshare's child has done yet: no mount of ours may reach the host.
+        script = ["set -e", "mount --make-rprivate /"]
         remove_cgroups(self.cgroup_dirs)  # left by a run that was killed
         for mount, own in zip(cgroup_mounts(), self.cgroup_dirs, strict=True):
             own.mkdir()
@@ -206,6 +222,8 @@ class LocalNode:
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
   "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
+[plugins."io.containerd.internal.v1.opt"]
+  path = "/var/lib/containerd/opt"  # not the host's /opt/containerd
 [{cri}]
   sandbox_image = "{PAUSE_IMAGE}"
   # runc may not lower the sandbox's oom_score_adj below containerd's own here
@@ -239,11 +257,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         with open(log, "ab") as err:
             netns = f"--listen-netns=/proc/{self.pid}/ns/net"
             proc = subprocess.Popen(
-                [sys.executable, "-m", f"fabric_operator.localcluster.{module}", netns, *args],
+                nsutil.dies_with_parent(
+                    [sys.executable, "-m", f"fabric_operator.localcluster.{module}", netns, *args]
+                ),
                 stdout=subprocess.PIPE,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=nsutil.die_with_parent,  # noqa: PLW1509 - prctl only
+                start_new_session=True,
             )
         self.procs[name] = proc
         assert proc.stdout is not None
@@ -377,6 +397,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         self.procs.clear()
         if self.holder is not None:
             remove_cgroups(self.cgroup_dirs)
+            # Images and containers' layers (hundreds of MB); the logs stay for reading.
+            for d in ("var/lib", "run"):
+                shutil.rmtree(self.workdir / d, ignore_errors=True)
 
 
 def cgroup_mounts() -> list[str]:

@@ -4,7 +4,9 @@ A node's processes live in network, mount and PID namespaces of their own (what 
 from a container): when the node's first process dies, the kernel kills every process of
 the node, and its mounts and network namespaces go with them, so nothing is left on the
 host even after a SIGKILL. Every process started here also dies with the process that
-started it (`PR_SET_PDEATHSIG`), so a killed test run leaves nothing running either.
+started it (`PR_SET_PDEATHSIG`, set by `setpriv` before it executes the program), so a
+killed test run leaves nothing running either. They run in sessions of their own: a
+terminal's Ctrl-C reaches the program that started them, which stops them in order.
 """
 
 from __future__ import annotations
@@ -12,22 +14,23 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
-PR_SET_PDEATHSIG = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def die_with_parent() -> None:
-    """`preexec_fn`: SIGKILL this child when the thread that started it ends (it survives
-    exec, except of set-uid programs)."""
-    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+def dies_with_parent(args: list[str]) -> list[str]:
+    """`args` run so that the kernel SIGKILLs them when the thread that started them ends.
+    That is the thread, not the process: only the main thread may start them, else they
+    would die with a worker thread."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("start the local cluster's processes from the main thread")
+    return ["setpriv", "--pdeathsig", "KILL", "--", *args]
 
 
 def setns(fd: int, nstype: int) -> None:
@@ -79,12 +82,12 @@ def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     """A long-running process that dies with this one, its output in `log`."""
     with open(log, "ab") as out:
         return subprocess.Popen(
-            args,
+            dies_with_parent(args),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
-            preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
+            start_new_session=True,
         )
 
 
