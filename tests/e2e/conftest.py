@@ -14,13 +14,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.kube import Cluster
 from tests.support.realcluster import RealCluster, real_cluster
 
-NODES = 2
+NODES = 2  # pods on both: the gateway reaches engines across nodes
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
     if os.environ.get("FABRIC_E2E") == "kind":
         missing = [t for t in ("kind", "docker") if shutil.which(t) is None]
@@ -30,10 +29,6 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
         )
     if os.environ.get("FABRIC_TEST_KUBECONFIG"):
         pytest.skip("FABRIC_TEST_KUBECONFIG is set: the e2e suite brings its own cluster")
+    # Per module: gone before the next module starts clusters of its own (2 cores).
     with real_cluster(tmp_path_factory.mktemp("e2e-cluster"), NODES) as cluster:
         yield cluster
-
-
-@pytest.fixture(scope="session")
-def e2e_cluster(real: RealCluster) -> Cluster:
-    return real.cluster
