@@ -7,8 +7,10 @@ BIN    := $(VENV)/bin
 
 # Set everything up and run the operator; without KUBECONFIG, on a local cluster with a
 # real node (root: namespaces, a veth), ending with the example CPU backend answering
-# through the gateway (hack/dev.py).
+# through the gateway (hack/dev.py). Images: pause and engine only (the operator runs here
+# as a local process, not from its image).
 run: setup
+	@bash hack/get-images.sh pause engine >/dev/null
 	$(BIN)/python hack/dev.py
 
 # Set everything up and run every check: lint, types, unit, chart, integration, e2e tests.
@@ -16,14 +18,15 @@ test: setup
 	$(BIN)/ruff check operator tests bench hack
 	$(BIN)/ruff format --check operator tests bench hack
 	$(BIN)/mypy
+	@bash hack/get-images.sh >/dev/null
 	$(BIN)/pytest
 
-# The local cluster: control plane, real node parts, images (each cached after its first
-# build: about 15 minutes on a fresh 2-core machine, seconds after).
+# The local cluster: control plane, real node parts (each cached after its first build:
+# about 15 minutes on a fresh 2-core machine with the images, seconds after). The images
+# are run's and test's own step: each builds only those it uses (hack/get-images.sh).
 setup: $(VENV)/.installed
 	@FABRIC_K8S_BIN= bash hack/get-control-plane.sh >/dev/null
 	@bash hack/get-node.sh >/dev/null
-	@bash hack/get-images.sh >/dev/null
 	@bash hack/get-helm.sh >/dev/null
 
 $(VENV)/.installed: pyproject.toml

@@ -20,8 +20,14 @@
 # the archive's name and the image's dev.fabric.inputs label). Quiet on success: progress
 # lines go to stderr only while building; build logs are in $CACHE/images/logs.
 # podman's storage and config are the project's own (never the system's): storage under
-# $CACHE/podman, config hack/images/containers.conf; `eval "$(hack/get-images.sh --env)"`
-# sets up a shell to run podman on the same storage by hand.
+# $CACHE/podman, config hack/images/containers.conf (written to $CACHE/podman with the
+# cache's paths); `eval "$(hack/get-images.sh --env)"` sets up a shell to run podman on the
+# same storage by hand (a `podman run` there still creates /libpod_parent cgroups, and one
+# without --network host a cni-podman0 bridge, iptables chains and /var/lib/cni).
+# A build leaves nothing outside the cache: no /etc/cni/net.d/cni.lock (network_config_dir),
+# no /run/runc (runc's --root), no /var/lib/containers (removed at exit, below). RUN steps
+# run in a cgroup of their own that runc removes (never libpod_parent: that is conmon's,
+# for `podman run`).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -40,9 +46,18 @@ log() { printf 'get-images: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 sha() { sha256sum | cut -c1-64; }
 
-export CONTAINERS_CONF=$CTX/containers.conf
+export CONTAINERS_CONF=$PODMAN_DIR/containers.conf
 export CONTAINERS_REGISTRIES_CONF=$CTX/registries.conf
 export CONTAINERS_STORAGE_CONF=$PODMAN_DIR/storage.conf
+# The template plus network_config_dir, which takes only an absolute path: any podman code
+# path that reads it instead of --network-config-dir (pm, below) would otherwise create
+# /etc/cni/net.d/cni.lock. Rewritten on every run (--env too), renamed into place.
+mkdir -p "$PODMAN_DIR"
+{
+  cat "$CTX/containers.conf"
+  printf '\n[network]\nnetwork_config_dir = "%s"\n' "$PODMAN_DIR/cni"
+} >"$CONTAINERS_CONF.$$"
+mv -f "$CONTAINERS_CONF.$$" "$CONTAINERS_CONF"
 if [ "${1:-}" = --env ]; then
   printf 'export CONTAINERS_CONF=%q CONTAINERS_REGISTRIES_CONF=%q CONTAINERS_STORAGE_CONF=%q\n' \
     "$CONTAINERS_CONF" "$CONTAINERS_REGISTRIES_CONF" "$CONTAINERS_STORAGE_CONF"
@@ -62,7 +77,8 @@ done
 . "$HERE/lib/k8s-source.sh"
 # podman (with runc, see containers.conf), debootstrap for the base, gcc + libc6-dev for
 # the static pause binary.
-k8s_apt_install podman runc debootstrap gcc libc6-dev
+# PKG:CMD: a command already there (containerd.io's runc, say) is not installed again.
+k8s_apt_install podman:podman runc:runc debootstrap:debootstrap gcc:gcc libc6-dev
 
 mkdir -p "$OUT/logs" "$PODMAN_DIR"
 exec 9>"$OUT/.lock"
@@ -86,29 +102,45 @@ run() {
 # label IMAGE: the dev.fabric.inputs label of an image in podman's storage, if any.
 label() { pm image inspect --format '{{index .Labels "dev.fabric.inputs"}}' "$1" 2>/dev/null || true; }
 
+# As root, podman (`podman save` at least) keeps a blob-info cache in
+# /var/lib/containers/cache, and podman 4.3 has no option to move it: when this run created
+# /var/lib/containers, cleanup removes it again (rmdir: only if nothing else is in it). Only
+# a cache: deleting it costs nothing.
+VARLIB=/var/lib/containers
+varlib_ours=""
+[ -e "$VARLIB" ] || varlib_ours=1
+
 WORK=$(mktemp -d "$OUT/tmp.XXXXXX")
 cleanup() {
   # debootstrap mounts /proc and /sys inside its target: unmount before removing.
   awk -v w="$WORK/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r |
     while read -r m; do umount -l "$m" || true; done
   rm -rf "$WORK"
+  if [ -n "$varlib_ours" ] && [ -d "$VARLIB" ]; then
+    rm -f "$VARLIB/cache/blob-info-cache-v1.boltdb"
+    rmdir "$VARLIB/cache" "$VARLIB" 2>/dev/null || true
+  fi
 }
 trap cleanup EXIT
 
 # Builds reach PyPI and Debian as the host does: host network, and the host's CA bundle and
 # pip configuration mounted read-only into RUN steps (never part of an image).
-build_opts=(--pull=never --network host --layers)
+# --runtime-flag root=: RUN steps' runc state in the cache, not /run/runc.
+build_opts=(--pull=never --network host --layers --runtime-flag "root=$PODMAN_DIR/runc")
 ca=/etc/ssl/certs/ca-certificates.crt
 [ -f "$ca" ] && build_opts+=(-v "$ca:$ca:ro")
 [ -f /etc/pip.conf ] && build_opts+=(-v /etc/pip.conf:/etc/pip.conf:ro)
 [ -d /etc/xdg/pip ] && build_opts+=(-v /etc/xdg/pip:/etc/xdg/pip:ro)
 
-# save ROLE REF KEY: the image as an OCI archive in the cache (replacing older ones).
+# save ROLE REF KEY: the image as an OCI archive in the cache. The role's 3 most recently
+# used archives stay (mtime: written, or touched when used; see each role): a concurrent
+# session may still be importing the one it was given before this build.
 save() {
   local role=$1 ref=$2 key=$3 archive=$OUT/$1-${3:0:16}.oci.tar
   run pm save --format oci-archive -o "$WORK/$role.oci.tar" "$ref"
   mv "$WORK/$role.oci.tar" "$archive"
-  find "$OUT" -maxdepth 1 -name "$role-*.oci.tar" ! -name "$(basename "$archive")" -delete
+  find "$OUT" -maxdepth 1 -name "$role-*.oci.tar" -printf '%T@ %p\n' | sort -rn | tail -n +4 |
+    cut -d' ' -f2- | while IFS= read -r f; do rm -f -- "$f"; done
   # Older builds of this role leave podman's storage too (shared layers stay).
   local id old
   id=$(pm image inspect --format '{{.Id}}' "$ref")
@@ -189,6 +221,7 @@ pause() {
     save pause "$PAUSE_REF" "$key"
     echo "get-images: pause built in $((SECONDS - start)) s" >>"$LOG"
   fi
+  touch "$archive" # used now: save() keeps the most recently used
   echo "pause $PAUSE_REF $archive"
 }
 
@@ -222,6 +255,7 @@ operator() {
     save operator "$ref" "$key"
     echo "get-images: operator built in $((SECONDS - start)) s" >>"$LOG"
   fi
+  touch "$archive" # used now: save() keeps the most recently used
   echo "operator $ref $archive"
 }
 
@@ -283,6 +317,7 @@ engine() {
     save engine "$ref" "$key"
     echo "get-images: engine built in $((SECONDS - start)) s" >>"$LOG"
   fi
+  touch "$archive" # used now: save() keeps the most recently used
   echo "engine $ref $archive"
 }
 

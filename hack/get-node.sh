@@ -19,8 +19,12 @@ have_all() { [ -x "$1/kubelet" ] && [ -x "$1/kube-proxy" ]; }
 # and pod networking; util-linux for nsenter into the node's network namespace; podman and
 # debootstrap to build images without a registry; gcc + libc6-dev for the static pause
 # binary. No uidmap: podman wants it only rootless, and the node runs as root.
-k8s_apt_install containerd runc containernetworking-plugins iptables iproute2 util-linux \
-  conntrack podman debootstrap gcc libc6-dev
+# PKG:CMD skips a package whose command is already there (k8s_apt_install): a Docker host's
+# containerd.io provides containerd and runc. The CNI plugins must be in /usr/lib/cni, where
+# each node's containerd config points (not /opt/cni/bin).
+k8s_apt_install containerd:containerd runc:runc containernetworking-plugins:/usr/lib/cni/bridge \
+  iptables:iptables iproute2:ip util-linux:nsenter conntrack:conntrack podman:podman \
+  debootstrap:debootstrap gcc:gcc libc6-dev
 
 if [ -n "${FABRIC_NODE_BIN:-}" ]; then
   if have_all "$FABRIC_NODE_BIN"; then echo "$FABRIC_NODE_BIN"; exit 0; fi

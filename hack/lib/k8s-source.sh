@@ -9,11 +9,32 @@
 k8s_log() { printf '%s: %s\n' "$(basename "$0" .sh)" "$*" >&2; }
 
 k8s_apt_updated=""
-# k8s_apt_install PKG...: installs only the packages not installed yet.
+# k8s_apt_install SPEC...: installs only what is missing. SPEC is PKG, or PKG:CMD to skip PKG
+# when CMD (a command on PATH, or an absolute path) is already there: on a Docker host,
+# containerd.io *provides* containerd and runc, so dpkg says "containerd" is not installed
+# while the commands are there, and installing Debian's packages would replace containerd.io
+# (and docker-ce with it). No arch-qualified names (pkg:amd64) here.
+#
+# Services: on a systemd host, maintainer scripts enable and start their package's services
+# (Debian's containerd: containerd.service; etcd-server: etcd.service; podman: podman.socket
+# and more). The install runs with SYSTEMD_OFFLINE=1, which makes systemctl (bookworm's
+# systemd 252 checked) skip start/restart/daemon-reload as in a chroot: nothing is started, and no
+# host-wide /usr/sbin/policy-rc.d is needed. The units stay *enabled* (deb-systemd-helper
+# writes the symlinks itself), so they start at the next boot; the local cluster never uses
+# them (each node runs its own containerd, the control plane its own etcd, on their own
+# sockets and ports).
 k8s_apt_install() {
-  local sudo="" p missing=()
+  local sudo="" spec p c missing=()
   [ "$(id -u)" -eq 0 ] || sudo=sudo
-  for p in "$@"; do
+  for spec in "$@"; do
+    p=${spec%%:*} c=""
+    [ "$p" = "$spec" ] || c=${spec#*:}
+    case $c in
+      "") ;;
+      /*) [ -e "$c" ] && continue ;;
+      # sbin too: runc and iptables live there, outside a non-root user's PATH.
+      *) PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin command -v "$c" >/dev/null && continue ;;
+    esac
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" = installed ] || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
@@ -21,7 +42,10 @@ k8s_apt_install() {
   local wait=(-o DPkg::Lock::Timeout=600)
   if [ -z "$k8s_apt_updated" ]; then $sudo apt-get "${wait[@]}" update -qq >&2; k8s_apt_updated=1; fi
   k8s_log "apt-get install ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get "${wait[@]}" install -y -qq --no-install-recommends "${missing[@]}" >&2
+  # --no-remove: apt fails instead of removing a package (containerd.io, docker-ce, ...) to
+  # make room for one of these. env: sudo would drop the variables from the environment.
+  $sudo env DEBIAN_FRONTEND=noninteractive SYSTEMD_OFFLINE=1 \
+    apt-get "${wait[@]}" install -y -qq --no-remove --no-install-recommends "${missing[@]}" >&2
 }
 
 # k8s_source_build BIN_DIR NAME...: builds cmd/NAME for each NAME in one source unpack and

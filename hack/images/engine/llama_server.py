@@ -5,9 +5,8 @@ No container registry is reachable here, so `ghcr.io/ggml-org/llama.cpp:server` 
 pulled; this image (hack/images/engine, built by hack/get-images.sh) answers the same
 command line and environment as far as fabric-operator renders them
 (operator/fabric_operator/render/llamacpp.py), and runs llama-cpp-python's OpenAI server
-(`python -m llama_cpp.server`) on CPU instead. The rules are those of the process-based
-stand-in (tests/support/procsim.py `translate()`), minus what was only about being a
-process on the host: here the container has its own network and filesystem, so `--host`
+(`python -m llama_cpp.server`) on CPU instead. The rules are those of the retired
+process-based pod simulator, minus what was only about being a process on the host: here the container has its own network and filesystem, so `--host`
 is passed through and `--model PATH` is a real path. Standard library only.
 
 llama-server arguments (or their `LLAMA_ARG_*` variables; arguments win) →

@@ -1,7 +1,7 @@
 """fabric engine image: llama-server's /health and /metrics, added to llama_cpp.server.
 
 On the engine's PYTHONPATH only (/app/llama-server sets PYTHONPATH=/app/shim and
-FABRIC_ENGINE_SHIM=1), as tests/support/procsim.py's SHIM does for the process stand-in:
+FABRIC_ENGINE_SHIM=1):
 - `GET /health` (and `/v1/health`), public: `{"status": "ok"}`. llama_cpp.server loads the
   model before it listens, so listening means loaded (llama-server answers 503 meanwhile).
 - `GET /metrics`, with the API key when one is set (as llama-server's): llama-server's
