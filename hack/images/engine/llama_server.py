@@ -6,8 +6,9 @@ pulled; this image (hack/images/engine, built by hack/get-images.sh) answers the
 command line and environment as far as fabric-operator renders them
 (operator/fabric_operator/render/llamacpp.py), and runs llama-cpp-python's OpenAI server
 (`python -m llama_cpp.server`) on CPU instead. The rules are those of the retired
-process-based pod simulator, minus what was only about being a process on the host: here the container has its own network and filesystem, so `--host`
-is passed through and `--model PATH` is a real path. Standard library only.
+process-based pod simulator, minus what was only about being a process on the host: here
+the container has its own network and filesystem, so `--host` is passed through and
+`--model PATH` is a real path. Standard library only.
 
 llama-server arguments (or their `LLAMA_ARG_*` variables; arguments win) →
 llama_cpp.server. Anything not in this table, or a value that cannot be honoured, exits 2
