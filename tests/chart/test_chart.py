@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -14,6 +15,8 @@ import yaml
 
 from fabric_operator.api.crd import crd_manifest
 from fabric_operator.config import OperatorConfig
+from fabric_operator.gateway import server
+from fabric_operator.remotehosts import DEFAULT_HOSTS, RemoteHosts
 from tests.chart.conftest import CHART
 from tests.conftest import REPO
 
@@ -205,6 +208,14 @@ def test_values_overrides_reach_the_pod(helm: Path) -> None:
         ),
         (["--set", "watch.namespaces={Team_A}"], "watch.namespaces.0: Does not match pattern"),
         (["--set", "operator.logLevel=LOUD"], "operator.logLevel: operator.logLevel must be"),
+        (
+            ["--set", "remote.allowedHosts={https://api.openai.com/v1}"],
+            "remote.allowedHosts.0: Does not match pattern",
+        ),
+        (
+            ["--set", "remote.allowedHttpHosts={vllm.svc:8000/v1}"],
+            "remote.allowedHttpHosts.0: Does not match pattern",
+        ),
         (["--set", "image.pullPolicy=Sometimes"], "image.pullPolicy: image.pullPolicy must be"),
         (
             ["--set", "metrics.serviceMonitor.interval=soon"],
@@ -255,8 +266,16 @@ def test_gpu_values_become_a_config_the_operator_reads(helm: Path) -> None:
     pod = deployment["spec"]["template"]
     assert "--config=/etc/fabric-operator/config.yaml" in pod["spec"]["containers"][0]["args"]
     assert pod["metadata"]["annotations"]["checksum/config"]
-    default = yaml.safe_load(by_kind(template(helm), "ConfigMap")[0]["data"]["config.yaml"])
-    assert OperatorConfig.model_validate(default) == OperatorConfig()
+    [configmap] = by_kind(template(helm), "ConfigMap")
+    default = yaml.safe_load(configmap["data"]["config.yaml"])
+    # The gateway runs in the release namespace: the only one engines admit it from.
+    assert default["gatewayNamespace"] == configmap["metadata"]["namespace"]
+    # The chart writes the default remote hosts out (one list for operator and gateway).
+    assert OperatorConfig.model_validate(default).remote() == OperatorConfig().remote()
+    same = {"remote_hosts", "remote_http_hosts", "gateway_namespace"}
+    assert OperatorConfig.model_validate(default).model_dump(exclude=same) == (
+        OperatorConfig().model_dump(exclude=same)
+    )
 
 
 def test_operator_upgrades_never_run_two_operators(helm: Path) -> None:
@@ -300,12 +319,99 @@ def test_gateway_is_off_by_default_and_complete_when_on(helm: Path) -> None:
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     services = {d["metadata"]["name"]: d for d in by_kind(docs, "Service")}
     assert services["rel-fabric-operator-gateway"]["spec"]["selector"] == gw_sel
+    assert "--namespace-of-gateway=ops" in container["args"]  # where the admin's keys are
     [role] = [r for r in by_kind(docs, "ClusterRole") if "gateway" in r["metadata"]["name"]]
-    assert rules(role) == {
-        ("llm.fabric.dev", "llmbackends"): {"get", "list", "watch"},
-        ("", "endpoints"): {"list", "watch"},
-        ("", "secrets"): {"get", "list", "watch"},
+    # Cluster-wide, it lists Secrets everywhere: key Secrets are found by label, and RBAC
+    # cannot restrict a list to a label (README "Tenancy and security").
+    assert rules(role) == GATEWAY_RULES
+
+
+GATEWAY_RULES = {
+    ("llm.fabric.dev", "llmbackends"): {"list", "watch"},
+    ("", "endpoints"): {"list", "watch"},
+    ("", "secrets"): {"get", "list", "watch"},
+}
+
+
+def gateway_roles(docs: list[dict[str, Any]]) -> dict[str, dict[tuple[str, str], set[str]]]:
+    return {
+        r["metadata"]["namespace"]: rules(r)
+        for r in by_kind(docs, "Role")
+        if r["metadata"]["name"] == "rel-fabric-operator-gateway"
     }
+
+
+def test_gateway_rbac_is_per_namespace_when_namespaces_are_set(helm: Path) -> None:
+    """Served namespaces: backends, Endpoints and Secrets; its own namespace, unserved:
+    the admin's key Secrets (list/watch) and nothing else; no other namespace at all."""
+    docs = template(helm, *GATEWAY, "--set", "watch.namespaces={team-a,team-b}")
+    assert not [r for r in by_kind(docs, "ClusterRole") if "gateway" in r["metadata"]["name"]]
+    assert not [
+        b for b in by_kind(docs, "ClusterRoleBinding") if "gateway" in b["metadata"]["name"]
+    ]
+    assert gateway_roles(docs) == {
+        "team-a": GATEWAY_RULES,
+        "team-b": GATEWAY_RULES,
+        "ops": {("", "secrets"): {"list", "watch"}},
+    }
+    bindings = [
+        b
+        for b in by_kind(docs, "RoleBinding")
+        if b["metadata"]["name"] == "rel-fabric-operator-gateway"
+    ]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ops", "team-a", "team-b"]
+    for binding in bindings:
+        assert binding["roleRef"]["name"] == "rel-fabric-operator-gateway"
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "rel-fabric-operator-gateway", "namespace": "ops"}
+        ]
+    # Serving its own namespace too: one Role there, the whole one.
+    served = template(helm, *GATEWAY, "--set", "watch.namespaces={team-a,ops}")
+    assert gateway_roles(served) == {"team-a": GATEWAY_RULES, "ops": GATEWAY_RULES}
+
+
+def gateway_remote_hosts(docs: list[dict[str, Any]]) -> RemoteHosts:
+    """The allow-list as the gateway parses its rendered args."""
+    [deployment] = [d for d in by_kind(docs, "Deployment") if "gateway" in d["metadata"]["name"]]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[0] == "gateway"
+    parser = argparse.ArgumentParser()
+    server.add_flags(parser)
+    parsed = parser.parse_args(args[1:])
+    return RemoteHosts.of(parsed.remote_hosts, parsed.remote_http_hosts)
+
+
+def operator_remote_hosts(docs: list[dict[str, Any]]) -> RemoteHosts:
+    [configmap] = by_kind(docs, "ConfigMap")
+    data = yaml.safe_load(configmap["data"]["config.yaml"])
+    return OperatorConfig.model_validate(data).remote()
+
+
+def test_remote_hosts_reach_the_operator_and_the_gateway_alike(helm: Path, tmp_path: Path) -> None:
+    default = template(helm, *GATEWAY)
+    assert gateway_remote_hosts(default) == operator_remote_hosts(default) == RemoteHosts()
+    assert RemoteHosts().https == DEFAULT_HOSTS and RemoteHosts().http == ()
+    custom = template(
+        helm,
+        *GATEWAY,
+        "--set",
+        "remote.allowedHosts={llm.example.com,*.models.example.org}",
+        "--set",
+        "remote.allowedHttpHosts={vllm.ml.svc.cluster.local}",
+    )
+    wanted = RemoteHosts(
+        ("llm.example.com", "*.models.example.org"), ("vllm.ml.svc.cluster.local",)
+    )
+    assert gateway_remote_hosts(custom) == operator_remote_hosts(custom) == wanted
+    assert wanted.refusal("https://api.openai.com/v1") is not None  # the list replaces
+    # None at all: an empty list (from a values file; `--set x={}` is [""], refused).
+    values = tmp_path / "none.yaml"
+    values.write_text("remote: {allowedHosts: []}\n")
+    nothing = template(helm, *GATEWAY, "-f", str(values))
+    assert gateway_remote_hosts(nothing) == operator_remote_hosts(nothing) == RemoteHosts((), ())
+    # A value removed with --set ...=null is "none" for both, never the defaults for one.
+    unset = template(helm, *GATEWAY, "--set", "remote.allowedHosts=null")
+    assert gateway_remote_hosts(unset) == operator_remote_hosts(unset) == RemoteHosts((), ())
 
 
 def test_service_monitors_scrape_the_metrics_ports_when_asked(helm: Path) -> None:

@@ -1,6 +1,6 @@
 """The gateway learning backends and keys from a real API server: created -> routable,
 deleted -> 404, key Secret added -> accepted, removed -> refused; pods reached at the
-addresses the real Endpoints controller publishes."""
+addresses the real Endpoints controller publishes. (Tenancy: test_tenancy.py.)"""
 
 from __future__ import annotations
 
@@ -27,7 +27,14 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 @pytest.fixture(scope="module")
 def gw(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     workdir = tmp_path_factory.mktemp("gateway")
-    with gateway(f"--kubeconfig={cluster.kubeconfig}", workdir=workdir, ready_path="/readyz") as g:
+    # The test's fake provider listens on 127.0.0.1: allowed over http here, by the flag
+    # an admin would use for a trusted in-cluster server.
+    with gateway(
+        f"--kubeconfig={cluster.kubeconfig}",
+        "--remote-http-hosts=127.0.0.1",
+        workdir=workdir,
+        ready_path="/readyz",
+    ) as g:
         yield g
 
 
@@ -57,8 +64,10 @@ def until(what: str, check: Any, timeout: float = 10.0) -> float:
 
 
 def test_remote_backend_and_keys_follow_the_api(
-    cluster: Cluster, operator: OperatorProcess, gw: Process, namespace: str
+    cluster: Cluster, gw: Process, namespace: str
 ) -> None:
+    """The gateway alone: a remote backend is routed from its spec (the operator's status
+    for it is the operator's tests' concern: 127.0.0.1 is not on its default list)."""
     with upstream("provider", "--key", "sk-provider-9d1e") as provider:
         cluster.core.create_namespaced_secret(
             namespace,
@@ -88,15 +97,7 @@ def test_remote_backend_and_keys_follow_the_api(
         resp = chat(gw, "sk-t1", "smart")
         assert resp.headers["x-fabric-backend"] == f"{namespace}/cloud"
         assert resp.json()["model"] == "gpt-4o"  # the provider's name went upstream
-        status = wait_for(
-            "the Remote phase",
-            lambda: (
-                cluster.backend(namespace, "cloud").get("status", {}).get("phase") == "Remote"
-                and cluster.backend(namespace, "cloud")["status"]
-            ),
-        )
-        assert status["endpoint"] == provider.url
-        assert cluster.deployment(namespace, "cloud") is None  # a route, not pods
+        assert resp.headers["x-seen-authorization"] == "Bearer sk-provider-9d1e"
 
         # Rotated in place: the old key stops working, the new one works, at once.
         cluster.core.patch_namespaced_secret(

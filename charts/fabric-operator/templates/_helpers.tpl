@@ -73,15 +73,25 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   verbs: ["create"]
 {{- end }}
 
-{{/* The gateway only reads: backends, their Endpoints, and keys (see README "Gateway"). */}}
+{{/* The gateway only reads: backends, their Endpoints, and keys (see README "Tenancy and
+security"). Secrets: list/watch for the key Secrets (by label; RBAC cannot restrict a list
+to a label, so this is every Secret of a namespace it serves) and get for each backend's
+own apiKeySecretRef. */}}
 {{- define "fabric-operator.gatewayRules" -}}
 - apiGroups: ["llm.fabric.dev"]
   resources: ["llmbackends"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["endpoints"]
   verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]
+{{- end }}
+
+{{/* In its own namespace, when it serves it not: the admin's key Secrets only. */}}
+{{- define "fabric-operator.gatewayKeyRules" -}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["list", "watch"]
 {{- end }}

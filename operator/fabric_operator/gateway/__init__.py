@@ -1,2 +1,3 @@
-"""The fabric gateway: one OpenAI-compatible endpoint, keys per tenant, routes to the
-LLMBackends by model, fallback to other backends (remote providers included)."""
+"""The fabric gateway: one OpenAI-compatible endpoint, a key per team that reaches its own
+namespace's LLMBackends (admin keys: the namespaces they list), routes by model, fallback to
+other backends of the namespace (remote providers on the admin's allow-list included)."""

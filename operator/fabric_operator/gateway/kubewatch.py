@@ -2,7 +2,8 @@
 
 The official client's watch blocks a thread per stream; this one shares the gateway's
 event loop, reconnects by itself (relisting when the resourceVersion expired), and
-keeps each object whole in a dict that route building reads.
+keeps what a `keep` function makes of each object (the parts route building reads; for
+key Secrets, a digest and a grant, never the Secret) in a dict.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 from kubernetes import client, config
@@ -22,6 +23,7 @@ from kubernetes import client, config
 log = logging.getLogger(__name__)
 
 ObjectKey = tuple[str, str]
+T = TypeVar("T")
 WATCH_SECONDS = 290  # the server closes the stream after this; we then resume
 MAX_BACKOFF = 30.0
 
@@ -90,8 +92,19 @@ class ExpiredError(Exception):
     """The resourceVersion we resume from is too old: list again."""
 
 
-class Watch:
-    """One resource kept current in `objects`; `on_change` runs after each change."""
+def slim(obj: dict[str, Any]) -> dict[str, Any]:
+    """An object without its managedFields and annotations (often most of its size, and
+    nothing the gateway reads)."""
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in _HEAVY}
+    return {**obj, "metadata": meta}
+
+
+_HEAVY = frozenset({"managedFields", "annotations"})
+
+
+class Watch(Generic[T]):
+    """One resource kept current in `objects`, each object as `keep` makes it (it runs
+    once per object version, as the object arrives); `on_change` runs after each change."""
 
     def __init__(
         self,
@@ -99,10 +112,11 @@ class Watch:
         resource: Resource,
         namespace: str | None,
         on_change: Callable[[], None],
+        keep: Callable[[dict[str, Any]], T],
     ) -> None:
         self.api, self.resource, self.namespace = api, resource, namespace
-        self.on_change = on_change
-        self.objects: dict[ObjectKey, dict[str, Any]] = {}
+        self.on_change, self.keep = on_change, keep
+        self.objects: dict[ObjectKey, T] = {}
         self.synced = asyncio.Event()
         self.connected = False
 
@@ -132,7 +146,7 @@ class Watch:
 
     async def _list(self) -> str:
         body = await self.api.get(self.resource.path(self.namespace), **self._params())
-        self.objects = {_key(o): o for o in body.get("items") or []}
+        self.objects = {_key(o): self.keep(o) for o in body.get("items") or []}
         self.connected = True
         self.synced.set()
         self.on_change()
@@ -165,7 +179,7 @@ class Watch:
                 if kind == "DELETED":
                     self.objects.pop(_key(obj), None)
                 else:
-                    self.objects[_key(obj)] = obj
+                    self.objects[_key(obj)] = self.keep(obj)
                 self.on_change()
         return version
 

@@ -198,7 +198,7 @@ class Gateway:
                 400, "'model' is required (a string)", "invalid_request_error", "missing_model"
             )
         outcome.model = model
-        candidates = self.source.snapshot.routes.get(model)
+        candidates = self.source.snapshot.candidates(tenant, model)
         if not candidates:
             raise HTTPError(
                 404,
@@ -215,7 +215,7 @@ class Gateway:
                 "model_not_allowed",
             )
         if tenant.rpm is not None:
-            wait = self.limiter.take(tenant.name, tenant.rpm)
+            wait = self.limiter.take(tenant.id, tenant.rpm)
             if wait > 0:
                 raise HTTPError(
                     429,

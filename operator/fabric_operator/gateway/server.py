@@ -6,20 +6,26 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from prometheus_client import start_http_server
 
+from fabric_operator.config import host_pattern_error
 from fabric_operator.gateway.kubewatch import ApiClient
 from fabric_operator.gateway.metrics import GatewayMetrics
 from fabric_operator.gateway.proxy import Gateway, Settings
 from fabric_operator.gateway.routes import DEFAULT_KEY_SELECTOR
 from fabric_operator.gateway.sources import FileSource, KubeSource, Source
 from fabric_operator.gateway.upstream import CLIENTS
+from fabric_operator.remotehosts import DEFAULT_HOSTS, RemoteHosts
 
 log = logging.getLogger(__name__)
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 class JSONFormatter(logging.Formatter):
@@ -60,7 +66,27 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         "-n",
         action="append",
         default=[],
-        help="route to LLMBackends and read keys in these namespaces only (default: all)",
+        help="route to LLMBackends and read keys in these namespaces only (default: all); "
+        "admin keys are read in the gateway's own namespace too",
+    )
+    p.add_argument(
+        "--namespace-of-gateway",
+        help="the gateway's own namespace, the only one whose key Secrets may grant other "
+        "namespaces (default: the pod's, from its service account, else $POD_NAMESPACE; "
+        "neither: no key grants more than its own namespace)",
+    )
+    p.add_argument(
+        "--remote-hosts",
+        type=_hosts,
+        default=DEFAULT_HOSTS,
+        help="comma-separated hosts `engine: remote` backends may call over https (exact, "
+        f"or '*.' and a domain; default {','.join(DEFAULT_HOSTS)}; empty: none)",
+    )
+    p.add_argument(
+        "--remote-http-hosts",
+        type=_hosts,
+        default=(),
+        help="comma-separated hosts remote backends may also call over plain http (default: none)",
     )
     p.add_argument(
         "--key-selector",
@@ -92,6 +118,28 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _hosts(text: str) -> tuple[str, ...]:
+    """A comma-separated allow-list; an entry that is no host pattern (a URL, a port) is
+    refused at start instead of silently allowing nothing."""
+    hosts = tuple(h.strip() for h in text.split(",") if h.strip())
+    for host in hosts:
+        why = host_pattern_error(host)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+    return hosts
+
+
+def gateway_namespace(flag: str | None) -> str | None:
+    """The namespace whose key Secrets are the admin's: the flag, else the pod's own (its
+    service account's), else $POD_NAMESPACE. None outside a pod without either: never a
+    guess such as "default", where anyone might create a key."""
+    if flag:
+        return flag
+    if SERVICE_ACCOUNT_NAMESPACE.exists():
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or None
+    return os.environ.get("POD_NAMESPACE") or None
+
+
 def run(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter())
@@ -113,12 +161,22 @@ async def _serve(args: argparse.Namespace) -> int:
     else:
         api = ApiClient(args.kubeconfig)
         namespaces = [n for item in args.namespace for n in item.split(",") if n]
+        admin = gateway_namespace(args.namespace_of_gateway)
+        hosts = RemoteHosts.of(args.remote_hosts, args.remote_http_hosts)
+        log.info(
+            "admin keys: %s; remote hosts: https %s, http %s",
+            f"key Secrets in namespace {admin}" if admin else "none (no gateway namespace)",
+            ",".join(hosts.https) or "none",
+            ",".join(hosts.http) or "none",
+        )
         source = KubeSource(
             api,
             namespaces,
             args.key_selector,
             via_service=args.via_service,
             require_keys=not args.no_keys,
+            gateway_namespace=admin,
+            remote_hosts=hosts,
         )
     if args.metrics_address:
         host, port = _split(args.metrics_address)

@@ -1,7 +1,10 @@
 """Where the gateway's snapshot comes from: the cluster (watched) or a static file.
 
 Both produce the same `Snapshot`; the proxy holds a `Source` and reads `.snapshot` once
-per request.
+per request. What each keeps in memory: the LLMBackends and their Endpoints (without
+managedFields), of each key Secret only its key's digest and grant (`KeyEntry`), and of
+each backend's own key Secret only the one value the backend names, dropped when no
+backend names it any more.
 """
 
 from __future__ import annotations
@@ -19,24 +22,32 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION, Provider
-from fabric_operator.gateway.kubewatch import ApiClient, ObjectKey, Resource, Watch
+from fabric_operator.gateway.kubewatch import ApiClient, ObjectKey, Resource, Watch, slim
 from fabric_operator.gateway.routes import (
+    ALL,
     DEFAULT_KEY_SELECTOR,
     Backend,
+    KeyEntry,
     Snapshot,
     Tenant,
     backend_from_object,
-    build_routes,
+    build_snapshot,
     build_tenants,
+    grant,
     key_digest,
+    key_entry,
+    namespace_of,
+    remote_refusal,
     secret_value,
 )
+from fabric_operator.remotehosts import RemoteHosts
 from fabric_operator.render.workload import MANAGED_BY
 
 log = logging.getLogger(__name__)
 
-EVERYONE = Tenant(name="anonymous", models=("*",))
+EVERYONE = Tenant(name="anonymous", models=(ALL,), namespaces=(ALL,))
 SECRET_REFRESH_SECONDS = 30.0
+SecretRef = tuple[str, str, str]  # (namespace, Secret name, key in it)
 
 
 class Source:
@@ -71,6 +82,16 @@ class FileBackend(_FileModel):
     upstream_model: str | None = Field(default=None, alias="upstreamModel")
     provider: Provider = Provider.OPENAI_COMPATIBLE
     fallback: list[str] = Field(default_factory=list)
+    namespace: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Whose backend it is (default: the id's part before '/', else "
+        "'default'): tenants reach the backends of the namespaces they are granted.",
+    )
+
+    @property
+    def space(self) -> str:
+        return self.namespace or namespace_of(self.id)
 
 
 class FileTenant(_FileModel):
@@ -78,23 +99,39 @@ class FileTenant(_FileModel):
     key_env: str = Field(alias="keyEnv", min_length=1)
     models: list[str] = Field(default_factory=list, description="None unless listed.")
     rpm: int | None = Field(default=None, ge=1)
+    namespaces: list[str] = Field(
+        default_factory=lambda: [ALL],
+        description="The namespaces whose backends the tenant reaches (names, or '*'; "
+        "default '*': the file's author wrote every backend and every tenant).",
+    )
 
 
 class FileConfig(_FileModel):
     """The gateway without a cluster: upstreams and keys from a file; keys themselves come
-    from environment variables, so the file can be committed."""
+    from environment variables, so the file can be committed. Everything in it is the
+    platform admin's: a tenant's grant is its `namespaces` and `models`."""
 
     require_keys: bool = Field(default=True, alias="requireKeys")
     backends: list[FileBackend] = Field(default_factory=list)
     tenants: list[FileTenant] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _fallbacks_exist(self) -> FileConfig:
-        ids = {b.id for b in self.backends}
+    def _consistent(self) -> FileConfig:
+        by_id = {b.id: b for b in self.backends}
         for b in self.backends:
-            missing = [f for f in b.fallback if f not in ids]
+            missing = [f for f in b.fallback if f not in by_id]
             if missing:
                 raise ValueError(f"backend {b.id}: unknown fallback {', '.join(missing)}")
+            foreign = [f for f in b.fallback if by_id[f].space != b.space]
+            if foreign:
+                raise ValueError(
+                    f"backend {b.id}: fallback {', '.join(foreign)} is in another namespace "
+                    f"than {b.space} (a tenant reaches a namespace's backends only)"
+                )
+        names = [t.name for t in self.tenants]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"tenant {', '.join(twice)} is listed twice")
         return self
 
 
@@ -114,26 +151,39 @@ class FileSource(Source):
                 upstream_model=b.upstream_model,
                 provider=str(b.provider),
                 fallback=tuple(b.fallback),
+                namespace=b.space,
             )
             for b in cfg.backends
         ]
         tenants: dict[bytes, Tenant] = {}
+        holder: dict[bytes, str] = {}
         for t in cfg.tenants:
             key = _env(t.key_env)
             if not key:
                 raise SystemExit(f"gateway config {path}: tenant {t.name}: ${t.key_env} is empty")
-            tenants[key_digest(key)] = Tenant(name=t.name, models=tuple(t.models), rpm=t.rpm)
-        self.snapshot = Snapshot(
-            routes=build_routes(backends),
-            tenants=tenants,
-            anonymous=None if cfg.require_keys else EVERYONE,
+            digest = key_digest(key)
+            if digest in holder:
+                raise SystemExit(
+                    f"gateway config {path}: tenants {holder[digest]} and {t.name} have the "
+                    "same key"
+                )
+            holder[digest] = t.name
+            tenants[digest] = Tenant(
+                name=t.name,
+                models=tuple(t.models),
+                rpm=t.rpm,
+                namespaces=grant(t.namespaces),
+                id=f"file:{t.name}",
+            )
+        self.snapshot = build_snapshot(
+            backends, tenants, anonymous=None if cfg.require_keys else EVERYONE
         )
 
 
 def _env(name: str | None) -> str | None:
     if name is None:
         return None
-    return os.environ.get(name) or None
+    return (os.environ.get(name) or "").strip() or None
 
 
 # ---- the cluster -------------------------------------------------------------------------
@@ -141,7 +191,11 @@ def _env(name: str | None) -> str | None:
 
 class KubeSource(Source):
     """Watches LLMBackends, their Endpoints and the key Secrets; reads each backend's own
-    key Secret by name (re-read every 30 s, so a rotated key is picked up)."""
+    key Secret by name (re-read every 30 s, so a rotated key is picked up).
+
+    With `namespaces`, everything is watched in those namespaces only, and key Secrets in
+    `gateway_namespace` too (the admin's keys). A remote backend whose baseURL
+    `remote_hosts` refuses is not routed, and its key Secret is not read."""
 
     def __init__(
         self,
@@ -151,28 +205,42 @@ class KubeSource(Source):
         *,
         via_service: bool = False,
         require_keys: bool = True,
+        gateway_namespace: str | None = None,
+        remote_hosts: RemoteHosts | None = None,
     ) -> None:
         super().__init__()
         self.api = api
         self.via_service, self.require_keys = via_service, require_keys
-        spaces: list[str | None] = list(namespaces) or [None]
+        self.gateway_namespace = gateway_namespace
+        self.remote_hosts = remote_hosts if remote_hosts is not None else RemoteHosts()
+        listed = list(dict.fromkeys(namespaces))
+        spaces: list[str | None] = list(listed) or [None]
+        key_spaces = list(spaces)
+        if listed and gateway_namespace and gateway_namespace not in listed:
+            key_spaces.append(gateway_namespace)
         self.backends = [
-            Watch(api, Resource(f"{GROUP}/{VERSION}", PLURAL), ns, self._changed) for ns in spaces
+            Watch(api, Resource(f"{GROUP}/{VERSION}", PLURAL), ns, self._changed, slim)
+            for ns in spaces
         ]
         managed = f"app.kubernetes.io/managed-by={MANAGED_BY}"
         self.endpoints = [
-            Watch(api, Resource("v1", "endpoints", managed), ns, self._changed) for ns in spaces
+            Watch(api, Resource("v1", "endpoints", managed), ns, self._changed, slim)
+            for ns in spaces
         ]
         self.keys = [
-            Watch(api, Resource("v1", "secrets", key_selector), ns, self._changed) for ns in spaces
+            Watch(api, Resource("v1", "secrets", key_selector), ns, self._changed, self._entry)
+            for ns in key_spaces
         ]
-        self.backend_secrets: dict[ObjectKey, dict[str, Any] | None] = {}
+        # Each backend's own key: only the value it names, only while a backend names it.
+        self.backend_keys: dict[SecretRef, str | None] = {}
+        self._wanted: set[SecretRef] = set()
         self._pending = False
         self._fetching: set[ObjectKey] = set()
+        self._said: set[str] = set()
 
     @property
-    def watches(self) -> list[Watch]:
-        return self.backends + self.endpoints + self.keys
+    def watches(self) -> list[Watch[Any]]:
+        return [*self.backends, *self.endpoints, *self.keys]
 
     @property
     def ready(self) -> bool:
@@ -191,49 +259,72 @@ class KubeSource(Source):
                 group.create_task(w.run())
             group.create_task(self._refresh_secrets())
 
+    def _entry(self, secret: dict[str, Any]) -> KeyEntry:
+        return key_entry(secret, self.gateway_namespace)
+
     def _changed(self) -> None:
         """Coalesce a burst of watch events into one rebuild."""
         if not self._pending:
             self._pending = True
             asyncio.get_running_loop().call_soon(self._rebuild)
 
-    def _objects(self, watches: list[Watch]) -> dict[ObjectKey, dict[str, Any]]:
-        out: dict[ObjectKey, dict[str, Any]] = {}
-        for w in watches:
-            out.update(w.objects)
-        return out
-
     def _rebuild(self) -> None:
         self._pending = False
-        endpoints = self._objects(self.endpoints)
+        endpoints: dict[ObjectKey, dict[str, Any]] = {}
+        for ew in self.endpoints:
+            endpoints.update(ew.objects)
+        objects: dict[ObjectKey, dict[str, Any]] = {}
+        for bw in self.backends:
+            objects.update(bw.objects)
         backends: list[Backend] = []
-        for (ns, name), obj in self._objects(self.backends).items():
+        wanted: set[SecretRef] = set()
+        warnings: list[str] = []
+        for (ns, name), obj in sorted(objects.items()):
             if (obj.get("metadata") or {}).get("deletionTimestamp"):
                 continue
-            pending, key = self._backend_key(ns, obj)
+            refusal = remote_refusal(obj, self.remote_hosts)
+            if refusal is not None:  # never routed, and its key Secret never read
+                warnings.append(f"LLMBackend {ns}/{name} is not routed: {refusal}")
+                continue
+            ref = _key_ref(ns, obj)
+            pending, key = False, None
+            if ref is not None:
+                wanted.add(ref)
+                if ref in self.backend_keys:
+                    key = self.backend_keys[ref]
+                else:
+                    pending = True
+                    self._fetch_later(ref[:2])
             b = backend_from_object(
-                obj, endpoints.get((ns, name)), key, via_service=self.via_service
+                obj,
+                endpoints.get((ns, name)),
+                key,
+                via_service=self.via_service,
+                hosts=self.remote_hosts,
             )
             if b is not None:
                 if pending:  # not routable before its key is known: it would answer 401
                     b.urls = ()
                 backends.append(b)
-        self.snapshot = Snapshot(
-            routes=build_routes(backends),
-            tenants=build_tenants(self._objects(self.keys).values()),
-            anonymous=None if self.require_keys else EVERYONE,
+        self._wanted = wanted
+        for ref in [r for r in self.backend_keys if r not in wanted]:
+            del self.backend_keys[ref]  # no backend names it (deleted, or changed its ref)
+        entries: list[KeyEntry] = []
+        for kw in self.keys:
+            entries.extend(kw.objects.values())
+        tenants, problems = build_tenants(entries)
+        notes = [f"key Secret {e.where}: {n}" for e in entries for n in e.notes]
+        self._say(warnings + problems + notes)
+        self.snapshot = build_snapshot(
+            backends, tenants, anonymous=None if self.require_keys else EVERYONE
         )
 
-    def _backend_key(self, namespace: str, obj: dict[str, Any]) -> tuple[bool, str | None]:
-        """(still being read, the key) of the Secret a backend names in apiKeySecretRef."""
-        ref = (obj.get("spec") or {}).get("apiKeySecretRef") or {}
-        if not ref.get("name") or not ref.get("key"):
-            return False, None
-        where = (namespace, str(ref["name"]))
-        if where not in self.backend_secrets:
-            self._fetch_later(where)
-            return True, None
-        return False, secret_value(self.backend_secrets[where], str(ref["key"]))
+    def _say(self, messages: list[str]) -> None:
+        """Log each message once while it holds (a rebuild follows every watch event)."""
+        for message in messages:
+            if message not in self._said:
+                log.warning("%s", message)
+        self._said = set(messages)
 
     def _fetch_later(self, where: ObjectKey) -> None:
         if where not in self._fetching:
@@ -241,6 +332,7 @@ class KubeSource(Source):
             asyncio.get_running_loop().create_task(self._fetch(where))
 
     async def _fetch(self, where: ObjectKey) -> None:
+        """Read one Secret and keep, of it, the values the current backends name."""
         ns, name = where
         try:
             secret: dict[str, Any] | None = await self.api.get(
@@ -257,13 +349,27 @@ class KubeSource(Source):
             self._fetching.discard(where)
             return
         self._fetching.discard(where)
-        if self.backend_secrets.get(where, {}) != secret:
-            self.backend_secrets[where] = secret
+        changed = False
+        for ref in [r for r in self._wanted if r[:2] == where]:
+            value = secret_value(secret, ref[2])
+            if ref not in self.backend_keys or self.backend_keys[ref] != value:
+                self.backend_keys[ref] = value
+                changed = True
+        del secret
+        if changed:
             self._changed()
 
     async def _refresh_secrets(self) -> None:
         while True:
             await asyncio.sleep(SECRET_REFRESH_SECONDS)
-            for where in list(self.backend_secrets):
+            for where in sorted({ref[:2] for ref in self.backend_keys}):
                 with contextlib.suppress(Exception):
                     await self._fetch(where)
+
+
+def _key_ref(namespace: str, obj: dict[str, Any]) -> SecretRef | None:
+    """The (namespace, Secret, key) a backend names in apiKeySecretRef, if any."""
+    ref = (obj.get("spec") or {}).get("apiKeySecretRef") or {}
+    if not isinstance(ref, dict) or not ref.get("name") or not ref.get("key"):
+        return None
+    return namespace, str(ref["name"]), str(ref["key"])
