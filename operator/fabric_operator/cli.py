@@ -25,9 +25,17 @@ from fabric_operator import __version__
 from fabric_operator.api.crd import crd_yaml
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from fabric_operator.config import OperatorConfig
-from fabric_operator.controller.handlers import build_registry
+from fabric_operator.controller.handlers import build_registry, install_kopf_wraps
+from fabric_operator.controller.kopfcheck import KopfChangedError
 from fabric_operator.controller.kube import Kube
-from fabric_operator.controller.leader import LeaderElector
+from fabric_operator.controller.leader import (
+    LEASE_SECONDS,
+    RENEW_DEADLINE,
+    RETRY_PERIOD,
+    LeaderElector,
+    check_durations,
+    leader_client,
+)
 from fabric_operator.controller.reconciler import Reconciler, Settings
 from fabric_operator.controller.runtime import Controller
 from fabric_operator.controller.store import Store
@@ -36,14 +44,29 @@ from fabric_operator.render import render
 from fabric_operator.validation import validate
 
 
+def _load_operator_config(path: str | None) -> OperatorConfig:
+    """The --config file, with the operator's own namespace as the gateway's unless the
+    file names one (the chart installs both in its release namespace)."""
+    return OperatorConfig.load(path).with_gateway_namespace(_own_namespace())
+
+
 def _run_operator(args: argparse.Namespace) -> int:
 
+    try:
+        install_kopf_wraps()
+    except KopfChangedError as err:
+        print(f"fabric-operator: {err}", file=sys.stderr)
+        return 2
+    try:
+        operator_config = _load_operator_config(args.config)
+    except (OSError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+        print(f"fabric-operator: --config {args.config}: {err}", file=sys.stderr)
+        return 2
     _load_config(args.kubeconfig)
     configuration = client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = max(4, args.workers)
     store = Store()
     kube = Kube(client.ApiClient(configuration))
-    operator_config = OperatorConfig.load(args.config)
     reconciler = Reconciler(
         store, kube, Settings(cluster_domain=args.cluster_domain, config=operator_config)
     )
@@ -62,7 +85,13 @@ async def _operate(
     elector = None
     if args.leader_elect:
         namespace = args.leader_election_namespace or _own_namespace()
-        elector = LeaderElector(client.ApiClient(configuration), namespace)
+        elector = LeaderElector(
+            leader_client(configuration),
+            namespace,
+            lease_seconds=args.leader_election_lease_duration,
+            renew_deadline=args.leader_election_renew_deadline,
+            retry_period=args.leader_election_retry_period,
+        )
     leading = elector.leading if elector else None
     controller = Controller(reconciler, store, workers=args.workers, leading=leading)
     controller.orphan_grace = args.orphan_grace
@@ -84,6 +113,11 @@ async def _operate(
     finally:
         if electing is not None:
             electing.cancel()
+            await asyncio.gather(electing, return_exceptions=True)
+        # Released only once the workers stopped and their writes returned (kopf's
+        # cleanup, on SIGTERM): a follower takes over at its next look, not a lease later.
+        if elector is not None and controller.drained:
+            await elector.release()
 
 
 def _identity() -> Identity:
@@ -116,7 +150,11 @@ class _NoAliases(yaml.SafeDumper):
 
 def _render(args: argparse.Namespace) -> int:
 
-    config = OperatorConfig.load(args.config)
+    try:
+        config = _load_operator_config(args.config)
+    except (OSError, ValueError) as err:
+        print(f"fabric-operator render: --config {args.config}: {err}", file=sys.stderr)
+        return 2
     texts = []
     for item in args.file:
         path = Path(item)
@@ -258,7 +296,8 @@ def _add_operator_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--config",
-        help="operator configuration file (YAML: labelScheme, accelerators, gpuTolerations)",
+        help="operator configuration file (YAML: labelScheme, accelerators, gpuTolerations, "
+        "networkPolicy, gatewayNamespace, remoteHosts, remoteHttpHosts)",
     )
     p.add_argument(
         "--leader-elect",
@@ -268,6 +307,26 @@ def _add_operator_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--leader-election-namespace",
         help="namespace of the Lease (default: the pod's own namespace)",
+    )
+    p.add_argument(
+        "--leader-election-lease-duration",
+        type=float,
+        default=LEASE_SECONDS,
+        help="seconds a follower waits after the Lease last changed before taking it over "
+        f"(default {LEASE_SECONDS:.0f})",
+    )
+    p.add_argument(
+        "--leader-election-renew-deadline",
+        type=float,
+        default=RENEW_DEADLINE,
+        help="seconds the leader goes on without renewing the Lease before it stops "
+        f"(default {RENEW_DEADLINE:.0f}; less than the lease duration)",
+    )
+    p.add_argument(
+        "--leader-election-retry-period",
+        type=float,
+        default=RETRY_PERIOD,
+        help=f"seconds between two tries to renew or take the Lease (default {RETRY_PERIOD:.0f})",
     )
     p.add_argument(
         "--orphan-grace",
@@ -324,6 +383,15 @@ def main(argv: list[str] | None = None) -> int:
         gateway_server.add_flags(gateway)
 
     args = parser.parse_args(argv)
+    if getattr(args, "leader_elect", False):
+        try:
+            check_durations(
+                args.leader_election_lease_duration,
+                args.leader_election_renew_deadline,
+                args.leader_election_retry_period,
+            )
+        except ValueError as err:
+            parser.error(f"leader election: {err}")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

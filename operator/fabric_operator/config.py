@@ -3,17 +3,23 @@
 Its main content is the accelerator catalogue: a GPU type a user names in
 `spec.resources.gpu.type` (e.g. H100-80GB) becomes the node labels and tolerations of the
 pool that has it. Presets cover the usual label schemes; `accelerators` adds or overrides.
+The platform admin's tenancy settings live here too: the remote hosts `engine: remote`
+backends may call, and the namespace the gateway runs in (the one namespace whose gateway
+pods the default NetworkPolicy admits).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fabric_operator.api.v1alpha1 import GPUVendor, Toleration
+from fabric_operator.remotehosts import RemoteHosts
 
 LabelScheme = Literal["gfd", "gke", "karpenter", "none"]
 
@@ -106,6 +112,30 @@ def presets(scheme: LabelScheme) -> dict[str, Accelerator]:
     return out
 
 
+# A host name, exact or with one leading "*." (remotehosts' patterns); IP addresses apart.
+_HOST_PATTERN = re.compile(
+    r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\.?$"
+)
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def host_pattern_error(pattern: str) -> str | None:
+    """Why `pattern` is no allow-list entry (None: it is one). An admin who writes
+    `https://api.example.com` or `api.example.com:443` would otherwise allow nothing,
+    silently: refused at start instead."""
+    try:
+        ipaddress.ip_address(pattern)
+        return None
+    except ValueError:
+        pass
+    if len(pattern) > 253 or not _HOST_PATTERN.fullmatch(pattern.lower()):
+        return (
+            f"{pattern[:80]!r} is not a host name (nor an IP address); write the host "
+            "alone, optionally with one leading '*.', without scheme, port or path"
+        )
+    return None
+
+
 class OperatorConfig(BaseModel):
     """What `--config FILE` holds (YAML, camelCase keys)."""
 
@@ -119,6 +149,48 @@ class OperatorConfig(BaseModel):
         alias="networkPolicy",
         description="Give backends without spec.networkPolicy the default NetworkPolicy.",
     )
+    gateway_namespace: str | None = Field(
+        default=None,
+        alias="gatewayNamespace",
+        description="The namespace of the fabric gateway, the only one whose gateway pods "
+        "the default NetworkPolicy admits (default: the operator's own namespace).",
+    )
+    remote_hosts: list[str] | None = Field(
+        default=None,
+        alias="remoteHosts",
+        description="Hosts `engine: remote` backends may call over https (absent: the "
+        "documented providers' hosts; empty: none).",
+    )
+    remote_http_hosts: list[str] = Field(
+        default_factory=list,
+        alias="remoteHttpHosts",
+        description="Hosts also allowed over plain http.",
+    )
+
+    @field_validator("remote_hosts", "remote_http_hosts")
+    @classmethod
+    def _host_patterns(cls, patterns: list[str] | None) -> list[str] | None:
+        errors = [err for p in patterns or [] if (err := host_pattern_error(p))]
+        if errors:
+            raise ValueError("; ".join(errors))
+        return patterns
+
+    @field_validator("gateway_namespace")
+    @classmethod
+    def _namespace(cls, name: str | None) -> str | None:
+        if name is not None and (len(name) > 63 or not _DNS_LABEL.fullmatch(name)):
+            raise ValueError(f"{name[:80]!r} is not a namespace name")
+        return name
+
+    def remote(self) -> RemoteHosts:
+        """The admin's allow-list of remote hosts."""
+        return RemoteHosts.of(self.remote_hosts, self.remote_http_hosts)
+
+    def with_gateway_namespace(self, namespace: str) -> OperatorConfig:
+        """This configuration, with `namespace` as the gateway's unless one was given."""
+        if self.gateway_namespace is not None:
+            return self
+        return self.model_copy(update={"gateway_namespace": namespace})
 
     def catalogue(self) -> dict[str, Accelerator]:
         """Presets of the chosen scheme, then the configured accelerators over them."""

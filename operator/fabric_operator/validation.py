@@ -143,6 +143,19 @@ def check_remote(backend: LLMBackend) -> Iterator[Problem]:
             yield Problem(f"spec.{field}", "a remote backend runs no pods; remove it")
 
 
+def check_remote_host(backend: LLMBackend, config: OperatorConfig) -> Iterator[Problem]:
+    """A remote backend calls only a host the platform admin allows (and is sent the
+    namespace's Secret named in apiKeySecretRef): anything else would let whoever may
+    create LLMBackends send a Secret's value to a server of theirs, or make the gateway
+    call another team's in-cluster Service."""
+    remote = backend.spec.remote
+    if backend.spec.engine != Engine.REMOTE or remote is None:
+        return
+    why = config.remote().refusal(remote.base_url)
+    if why is not None:
+        yield Problem("spec.remote.baseURL", why)
+
+
 def check_fallback(backend: LLMBackend) -> Iterator[Problem]:
     for i, name in enumerate(backend.spec.fallback or []):
         if name == backend.name:
@@ -404,7 +417,7 @@ def _resource_problems(backend: LLMBackend) -> Iterator[Problem]:
 
 
 def check_network_policy(backend: LLMBackend) -> Iterator[Problem]:
-    """What the API server would refuse in the NetworkPolicy (applied after the others)."""
+    """What the API server would refuse in the NetworkPolicy (applied before the others)."""
     wanted = backend.spec.network_policy
     for i, peer in enumerate((wanted.from_ if wanted else None) or []):
         field = f"spec.networkPolicy.from[{i}]"
@@ -491,6 +504,8 @@ def validate(
     problems += check_network_policy(backend)
     if backend.spec.remote is None:
         problems += check_placement(backend, config)
+    else:
+        problems += check_remote_host(backend, config)
     return backend, problems
 
 

@@ -2,11 +2,11 @@
 tight read-modify-write loops, with resourceVersion, so that they meet 409s; the operator
 keeps up and ends with everything as the last spec says.
 
-The operator's own writes cannot meet a 409 from such clients: children are server-side
-applied with force (field conflicts are taken over, no resourceVersion is sent) and status
-is a merge patch. So a second test puts a fault-injecting proxy between the operator and the
-API server, which answers a share of the operator's writes with 409 (and 500, 503, 429):
-the operator must retry with backoff and converge.
+The operator's own writes cannot meet a 409 from such clients: children are created once,
+then server-side applied with force (field conflicts are taken over, no resourceVersion is
+sent), and status is a merge patch. So a second test puts a fault-injecting proxy between
+the operator and the API server, which answers a share of the operator's writes with 409
+(and 500, 503, 429): the operator must retry with backoff and converge.
 """
 
 from __future__ import annotations

@@ -105,7 +105,13 @@ def model_source(draw: st.DrawFn, engine: str) -> dict[str, Any]:
 
 
 REMOTE = st.fixed_dictionaries(
-    {"baseURL": st.sampled_from(["https://api.example.com/v1", "http://10.0.0.9:8000/v1"])},
+    {
+        # A documented provider's host (allowed by default), and two the platform admin
+        # did not allow (InvalidSpec): a host of one's own, an address over plain http.
+        "baseURL": st.sampled_from(
+            ["https://api.openai.com/v1", "https://api.example.com/v1", "http://10.0.0.9:8000/v1"]
+        )
+    },
     optional={
         "model": st.sampled_from(["gpt-4o-mini", "claude-x"]),
         "provider": st.sampled_from(

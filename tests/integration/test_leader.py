@@ -1,12 +1,18 @@
 """Two operator replicas with --leader-elect on a cluster of their own: one acts, the
-other waits with a warm cache, and takes over when the leader is killed."""
+other waits with a warm cache; it takes over a lease duration after the leader is killed,
+and at once when the leader is stopped (SIGTERM: the Lease is released).
+
+The cut-off case (a leader that can no longer renew stops before the follower starts) is
+tests/faults/test_leader_cutoff.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +21,8 @@ from tests.support.fixtures import OperatorProcess, local_cluster
 from tests.support.kube import Cluster, wait_for
 
 pytestmark = pytest.mark.integration
+
+FLAGS = ("--leader-elect", "--leader-election-namespace=default")
 
 
 def backend(name: str) -> dict[str, Any]:
@@ -32,47 +40,96 @@ def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
 
 
-def applies(op: OperatorProcess) -> float:
-    return sum(v for k, v in op.api_requests().items() if 'verb="apply"' in k)
+def child_writes(op: OperatorProcess) -> float:
+    """Children created or applied, from the operator's live counters."""
+    return sum(
+        v
+        for k, v in op.api_requests().items()
+        if ('verb="apply"' in k or 'verb="create"' in k) and "events" not in k
+    )
+
+
+def leading(op: OperatorProcess) -> bool:
+    """Live, from /metrics (kopf caches /healthz for 10 s)."""
+    return op.metric("fabric_operator_leading") == 1.0
+
+
+def lease(cluster: Cluster) -> dict[str, Any]:
+    out = cluster.kubectl("get", "lease", "fabric-operator", "-n", "default", "-o", "json")
+    spec: dict[str, Any] = json.loads(out.stdout)["spec"]
+    return spec
+
+
+def pair(cluster: Cluster, tmp: Path) -> tuple[OperatorProcess, OperatorProcess]:
+    (tmp / "a").mkdir()
+    (tmp / "b").mkdir()
+    a = OperatorProcess(cluster.kubeconfig, tmp / "a", *FLAGS)
+    b = OperatorProcess(cluster.kubeconfig, tmp / "b", *FLAGS)
+    a.start()
+    wait_for("a to lead", lambda: leading(a), 30)
+    b.start()
+    return a, b
 
 
 def test_one_replica_acts_and_the_other_takes_over(
     own_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    flags = ("--leader-elect", "--leader-election-namespace=default")
-    a = OperatorProcess(own_cluster.kubeconfig, tmp_path_factory.mktemp("a"), *flags)
-    b = OperatorProcess(own_cluster.kubeconfig, tmp_path_factory.mktemp("b"), *flags)
-    a.start()
-    wait_for("a to lead", lambda: a.health()["leading"], 30)
-    b.start()
+    a, b = pair(own_cluster, tmp_path_factory.mktemp("killed"))
     try:
         own_cluster.apply(backend("first"))
         wait_for("children of first", lambda: own_cluster.deployment("default", "first"), 30)
-        time.sleep(2)
-        assert a.health()["leading"] and not b.health()["leading"]
-        assert applies(a) >= 2 and applies(b) == 0, (a.api_requests(), b.api_requests())
-        print(f"leader a applied {applies(a):.0f} children; follower b applied 0")
+        wait_for("a's writes counted", lambda: child_writes(a) >= 2, 5)
+        assert leading(a) and not leading(b)
+        assert child_writes(b) == 0, (a.api_requests(), b.api_requests())
+        print(f"leader a wrote {child_writes(a):.0f} children; follower b wrote 0")
 
         assert a.proc is not None
         os.kill(a.proc.pid, signal.SIGKILL)
         killed = time.monotonic()
-        wait_for("b to take over", lambda: b.health()["leading"], 40, interval=0.5)
+        wait_for("b to take over", lambda: leading(b), 40, interval=0.2)
         took = time.monotonic() - killed
         own_cluster.apply(backend("second"))
         wait_for("children of second", lambda: own_cluster.deployment("default", "second"), 30)
-        lease = own_cluster.kubectl(
-            "get",
-            "lease",
-            "fabric-operator",
-            "-n",
-            "default",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ).stdout
-        print(f"b took over {took:.1f}s after a was killed; lease holder {lease}")
-        assert took < 30
-        # b's restart-style resync re-applied nothing of first (unchanged).
-        assert applies(b) == 2, b.api_requests()
+        print(f"b took over {took:.1f}s after a was killed; lease holder {lease(own_cluster)}")
+        # Killed, a could not release: b waited out the lease (15 s after its last renewal).
+        assert 13 < took < 30
+        # b's restart-style resync wrote nothing of first (unchanged); second's children.
+        wait_for("b's writes counted", lambda: child_writes(b) >= 2, 5)
+        assert child_writes(b) == 2, b.api_requests()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_stopped_leader_releases_the_lease_and_the_follower_takes_over_at_once(
+    own_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SIGTERM (a pod deleted, a rolling update): the leader stops its workers, waits for
+    the writes in flight, then clears the Lease's holder (duration 1 s), as client-go's
+    ReleaseOnCancel does; the follower takes it at its next look, not a lease later."""
+    a, b = pair(own_cluster, tmp_path_factory.mktemp("stopped"))
+    try:
+        before = lease(own_cluster)
+        assert a.proc is not None
+        assert before["holderIdentity"].endswith(f"-{a.proc.pid}")
+        stopped = time.monotonic()
+        a.proc.send_signal(signal.SIGTERM)
+        a.proc.wait(timeout=30)
+        exited = time.monotonic() - stopped
+        wait_for("b to take over", lambda: leading(b), 20, interval=0.1)
+        took = time.monotonic() - stopped
+        after = lease(own_cluster)
+        print(
+            f"a exited {exited:.1f}s after SIGTERM (code {a.proc.returncode}); b led "
+            f"{took:.1f}s after SIGTERM (a lease is {before['leaseDurationSeconds']}s); "
+            f"Lease {before['holderIdentity']} -> {after['holderIdentity']}"
+        )
+        assert "released the Lease" in a.logs()
+        assert b.proc is not None and after["holderIdentity"].endswith(f"-{b.proc.pid}")
+        assert after["leaseTransitions"] == before["leaseTransitions"] + 1
+        assert after["leaseDurationSeconds"] == 15
+        assert took - exited < 5.0  # at b's next look (every 2 to 4.4 s)
+        assert took < before["leaseDurationSeconds"]
     finally:
         a.stop()
         b.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import pytest
@@ -76,7 +77,7 @@ def test_apply_creates_owned_children_and_status(
     assert "Created" in reasons
     # The operator's own counters are live (they prove the zero in the restart test).
     counted = operator.api_requests()
-    assert counted['fabric_operator_api_requests_total{verb="apply",resource="deployments"}'] >= 1
+    assert counted['fabric_operator_api_requests_total{verb="create",resource="deployments"}'] >= 1
 
 
 def test_status_follows_pods_to_ready(
@@ -419,6 +420,8 @@ def test_someone_elses_deployment_with_the_name_is_left_alone(
     assert dep is not None
     assert [c["name"] for c in dep["spec"]["template"]["spec"]["containers"]] == ["web"]
     assert not dep["metadata"].get("ownerReferences")
+    assert dep["metadata"]["generation"] == 1  # never written to
+    assert not any(m["manager"] == "fabric-operator" for m in dep["metadata"]["managedFields"])
     assert cluster.service(namespace, "tiny") is None  # nothing half-applied
 
 
@@ -443,6 +446,161 @@ def test_network_policy_follows_the_spec(
         {"app.kubernetes.io/name": "fabric-gateway"},
         {"llm.fabric.dev/client": "true"},
     ]
+    # The gateway's pods in the gateway's namespace only (by default the operator's own:
+    # this one runs outside the cluster, in "default"); labelled clients in this one.
+    gateway_ns = os.environ.get("POD_NAMESPACE", "default")
+    gateway, clients = rule._from
+    assert gateway.namespace_selector.match_labels == {"kubernetes.io/metadata.name": gateway_ns}
+    assert clients.namespace_selector is None
+    # Written before the Deployment: no pod serves before its policy exists.
+    [created_event] = wait_for(
+        "the Created event",
+        lambda: [e for e in cluster.events(namespace, "tiny") if e["reason"] == "Created"],
+        5,
+    )
+    print("event:", created_event["message"])
+    assert created_event["message"] == (
+        "Created NetworkPolicy tiny and Deployment tiny and Service tiny"
+    )
     cluster.apply(backend(namespace, networkPolicy={"enabled": False}))
     wait_for("the NetworkPolicy removed", lambda: policy() is None)
     assert children(cluster, namespace) is not None  # the rest stays
+
+
+def test_someone_elses_service_with_the_name_is_never_taken_over(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """Another app's Service `qwen` (owned by a ConfigMap of theirs); a team creates the
+    LLMBackend `qwen`. The Service is not written to at all (same resourceVersion: its
+    selector, labels and owners as they were), the backend says NameConflict, no pod is
+    asked for; and deleting the backend leaves the Service to its owner."""
+    app = cluster.core.create_namespaced_config_map(namespace, {"metadata": {"name": "app"}})
+    their_owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": "app", "uid": app.metadata.uid}
+    cluster.core.create_namespaced_service(
+        namespace,
+        {
+            "metadata": {
+                "name": "qwen",
+                "labels": {"app": "theirs"},
+                "ownerReferences": [their_owner],
+            },
+            "spec": {
+                "selector": {"app": "theirs"},
+                "ports": [{"name": "web", "port": 80, "targetPort": 8080}],
+            },
+        },
+    )
+    before = cluster.service(namespace, "qwen")
+    assert before is not None
+    cluster.apply(backend(namespace, "qwen", networkPolicy={}))
+    degraded = wait_for(
+        "NameConflict",
+        lambda: (
+            (c := cluster.condition(namespace, "qwen", "Degraded")).get("reason") == "NameConflict"
+            and c
+        ),
+        15,
+    )
+    print("refused:", degraded["message"])
+    assert degraded["message"].startswith("Service qwen already exists and does not belong")
+    assert "left alone" in degraded["message"]
+    assert cluster.backend(namespace, "qwen")["status"]["phase"] == "Degraded"
+    after = cluster.service(namespace, "qwen")
+    assert after is not None
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert after["spec"]["selector"] == {"app": "theirs"}
+    assert after["metadata"]["labels"] == {"app": "theirs"}
+    assert after["metadata"]["ownerReferences"] == [their_owner]
+    # Settled before anything is written: no Deployment beside their Service, no policy.
+    assert cluster.deployment(namespace, "qwen") is None
+    policies = cluster.networking.list_namespaced_network_policy(namespace).items
+    assert policies == []
+    warnings = [e["reason"] for e in cluster.events(namespace, "qwen") if e["type"] == "Warning"]
+    assert warnings == ["NameConflict"]
+
+    # A witness the garbage collector deletes with the backend: once it is gone, the
+    # collector has handled the backend's deletion (and left their Service alone).
+    uid = cluster.backend(namespace, "qwen")["metadata"]["uid"]
+    ref = {"apiVersion": "llm.fabric.dev/v1alpha1", "kind": "LLMBackend", "name": "qwen"}
+    cluster.core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "witness", "ownerReferences": [{**ref, "uid": uid}]}}
+    )
+    cluster.kubectl("delete", "llmb/qwen", "-n", namespace, "--wait=true", "--timeout=20s")
+    if cluster.garbage_collector:
+
+        def witness_gone() -> bool:
+            try:
+                cluster.core.read_namespaced_config_map("witness", namespace)
+            except ApiException as err:
+                if err.status == 404:
+                    return True
+                raise
+            return False
+
+        wait_for("the garbage collector to handle the deletion", witness_gone, 60)
+    left = cluster.service(namespace, "qwen")
+    assert left is not None and left["metadata"]["uid"] == before["metadata"]["uid"]
+    assert left["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+REMOTE = {"apiVersion": "llm.fabric.dev/v1alpha1", "kind": "LLMBackend"}
+
+
+def test_a_remote_backend_calls_only_an_allowed_host(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """A team points remote backends, with the namespace's Secret as their key, at a server
+    of theirs and at another team's Service: InvalidSpec, one Warning each, never Remote.
+    A documented provider's host (the default allow-list) becomes Remote."""
+    cluster.core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "team-key"}, "stringData": {"key": "sk-x"}}
+    )
+    key = {"name": "team-key", "key": "key"}
+    urls = {
+        "exfil": "https://collector.evil.example/v1",
+        "lateral": "http://qwen.team-b.svc.cluster.local:8000/v1",
+        "openai": "https://api.openai.com/v1",
+    }
+    for name, url in urls.items():
+        spec = {"engine": "remote", "remote": {"baseURL": url}, "apiKeySecretRef": key}
+        cluster.apply({**REMOTE, "metadata": {"name": name, "namespace": namespace}, "spec": spec})
+
+    def phase(name: str) -> str | None:
+        return (cluster.backend(namespace, name).get("status") or {}).get("phase")
+
+    wait_for("the three statuses", lambda: all(phase(n) for n in urls), 15)
+    assert phase("openai") == "Remote"
+    for name, host in (("exfil", "collector.evil.example"), ("lateral", "qwen.team-b.svc")):
+        assert phase(name) == "Invalid"
+        degraded = cluster.condition(namespace, name, "Degraded")
+        print(f"{name}: {degraded['message']}")
+        assert (degraded["status"], degraded["reason"]) == ("True", "InvalidSpec")
+        assert degraded["message"].startswith(f"spec.remote.baseURL: host {host}")
+        assert cluster.condition(namespace, name, "Ready")["status"] == "False"
+        wait_for(
+            f"{name}'s Warning",
+            lambda n=name: [e["reason"] for e in cluster.events(namespace, n)] == ["InvalidSpec"],
+            5,
+        )
+
+
+def test_a_field_dropped_from_the_spec_leaves_a_created_child(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """Children are created (POST), then recorded as applied: a field the rendering stops
+    setting is taken out by the next apply, as if the child had been applied."""
+    cluster.apply(backend(namespace, service={"annotations": {"keep": "1", "drop": "2"}}))
+    svc = wait_for("the Service", lambda: cluster.service(namespace, "tiny"), 10)
+    ours = [m for m in svc["metadata"]["managedFields"] if m["manager"] == "fabric-operator"]
+    assert [m["operation"] for m in ours] == ["Apply"]
+    assert "f:sessionAffinity" not in ours[0]["fieldsV1"]["f:spec"]  # a server default
+    cluster.apply(backend(namespace, service={"annotations": {"keep": "1"}}))
+    wait_for(
+        "the annotation gone",
+        lambda: (
+            "drop" not in ((cluster.service(namespace, "tiny") or {})["metadata"]["annotations"])
+        ),
+        10,
+    )
+    annotations = (cluster.service(namespace, "tiny") or {})["metadata"]["annotations"]
+    assert annotations["keep"] == "1"

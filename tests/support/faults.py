@@ -587,15 +587,32 @@ EXPIRED = {
 }
 
 
+@dataclass(frozen=True)
+class Seen:
+    """One request as the proxy received it (wall-clock `time.time()`, comparable with the
+    API server's timestamps on this machine)."""
+
+    at: float
+    method: str
+    path: str
+    outcome: str  # "forwarded", "injected", "partitioned", "expired"
+
+    @property
+    def write(self) -> bool:
+        return self.method in {"POST", "PUT", "PATCH", "DELETE"}
+
+
 class FaultProxy:
     """An HTTPS proxy on loopback between a client (the operator) and the kube-apiserver.
 
     It forwards everything, watches streamed as they come, except that a share of the
     requests `inject` selects is answered by the proxy itself with an error status
-    (409 Conflict, 500, 503, 429...), as a busy or racing API server would; and that the
+    (409 Conflict, 500, 503, 429...), as a busy or racing API server would; that the
     watches of a resource can be cut and held (`hold_watches`), then answered `410 Gone`
-    (`release_watches`), so the client lists again after a gap it saw nothing of. Needs
-    the local control plane's CA key to issue itself a certificate the client trusts.
+    (`release_watches`), so the client lists again after a gap it saw nothing of; and that
+    the client can be cut off (`partition`): the requests selected hang unanswered, as on
+    a dead network, until `heal`. Every request is logged (`seen`). Needs the local
+    control plane's CA key to issue itself a certificate the client trusts.
     """
 
     def __init__(
@@ -620,6 +637,40 @@ class FaultProxy:
         self._released = threading.Event()
         self._streams: dict[int, tuple[str, http.client.HTTPSConnection]] = {}
         self.expired: Counter[str] = Counter()  # watches answered 410, by held path part
+        self.seen: list[Seen] = []
+        self._cut: Callable[[str, str], bool] | None = None
+        self._healed = threading.Event()
+
+    def _log(self, method: str, path: str, outcome: str) -> None:
+        with self._lock:
+            self.seen.append(Seen(time.time(), method, path, outcome))
+
+    def partition(self, cut: Callable[[str, str], bool] = lambda method, path: True) -> int:
+        """From now on, the requests `cut` selects get no answer until `heal` (then their
+        connection is closed): a network partition as the client sees it. Open watches it
+        selects are cut too. Returns how many were."""
+        with self._lock:
+            self._cut = cut
+            self._healed.clear()
+            cut_streams = [conn for path, conn in self._streams.values() if cut("GET", path)]
+        for conn in cut_streams:
+            with contextlib.suppress(OSError, AttributeError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        return len(cut_streams)
+
+    def heal(self) -> None:
+        with self._lock:
+            self._cut = None
+        self._healed.set()
+
+    def _partitioned(self, method: str, path: str) -> bool:
+        with self._lock:
+            cut = self._cut
+        if cut is None or not cut(method, path):
+            return False
+        self._log(method, path, "partitioned")
+        self._healed.wait(120)
+        return True
 
     def hold_watches(self, part: str) -> int:
         """Cut the open watches whose path contains `part`, and hold new ones until
@@ -756,13 +807,19 @@ class FaultProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if proxy._partitioned(self.command, self.path):
+                    self.close_connection = True
+                    return
                 if proxy._watch_held(self.path):
+                    proxy._log(self.command, self.path, "expired")
                     self._expire()
                     return
                 status = proxy.decide(self.command, self.path)
                 if status is not None:
+                    proxy._log(self.command, self.path, "injected")
                     self._answer(status)
                     return
+                proxy._log(self.command, self.path, "forwarded")
                 with proxy._lock:
                     proxy.forwarded[self.command] += 1
                 conn = http.client.HTTPSConnection(*upstream, context=upstream_ctx, timeout=330)
@@ -826,6 +883,7 @@ class FaultProxy:
         return path
 
     def stop(self) -> None:
+        self.heal()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

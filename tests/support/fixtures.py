@@ -66,10 +66,18 @@ def local_cluster(
 
 
 class OperatorProcess:
-    """`fabric-operator run` as its own process, the way it runs in a pod."""
+    """`fabric-operator run` as its own process, the way it runs in a pod. `config`, if
+    given, is written as its --config file (the chart's ConfigMap)."""
 
-    def __init__(self, kubeconfig: Path, logdir: Path, *args: str) -> None:
+    def __init__(
+        self, kubeconfig: Path, logdir: Path, *args: str, config: dict[str, Any] | None = None
+    ) -> None:
         self.kubeconfig, self.logdir, self.args = kubeconfig, logdir, args
+        if config is not None:
+            logdir.mkdir(parents=True, exist_ok=True)
+            path = logdir / "operator-config.yaml"
+            path.write_text(json.dumps(config))  # JSON is YAML
+            self.args = (*args, f"--config={path}")
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.starts = 0

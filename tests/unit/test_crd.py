@@ -124,7 +124,7 @@ def test_render_cli_prints_children_and_refuses_bad_specs(
 ) -> None:
     assert main(["render", str(REPO / "examples")]) == 0
     kinds = [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)]
-    assert kinds == ["Deployment", "Service"] * 3
+    assert kinds == ["Deployment", "Service"] * 3  # the order they are applied in
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "apiVersion: llm.fabric.dev/v1alpha1\nkind: LLMBackend\nmetadata: {name: x}\n"

@@ -10,6 +10,7 @@ import pytest
 from kopf._cogs.aiokits import aiotoggles
 
 from fabric_operator.controller import indexgate
+from fabric_operator.controller.kopfcheck import KopfChangedError
 
 ORIGINAL = indexgate._ORIGINAL
 
@@ -20,7 +21,7 @@ def methods(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     for name, fn in ORIGINAL.items():
         monkeypatch.setattr(aiotoggles.ToggleSet, name, fn)
     if request.param == "fixed":
-        assert indexgate.install()
+        indexgate.install()
     return str(request.param)
 
 
@@ -31,7 +32,8 @@ def run(coro: Callable[[], Awaitable[Any]]) -> Any:
 def test_install_replaces_the_methods_of_the_kopf_it_knows(methods: str) -> None:
     fixed = aiotoggles.ToggleSet.make_toggle is indexgate.make_toggle
     assert fixed == (methods == "fixed")
-    assert indexgate.install() and aiotoggles.ToggleSet.drop_toggle is indexgate.drop_toggle
+    indexgate.install()
+    assert aiotoggles.ToggleSet.drop_toggle is indexgate.drop_toggle
 
 
 def test_the_gate_opens_only_when_every_toggle_is_dropped(methods: str) -> None:
@@ -129,3 +131,32 @@ def test_wakeups_grow_linearly_with_the_fix_quadratically_without(methods: str) 
     else:  # what the fix is for: kopf wakes every waiter on every drop
         assert large >= 200 * 200 / 2, large
         assert large / small > 10
+
+
+def test_install_refuses_a_kopf_whose_toggle_set_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a warning and a silent fallback to the quadratic gate: the operator does not
+    start, and says which kopf it wants."""
+    for name, fn in ORIGINAL.items():
+        monkeypatch.setattr(aiotoggles.ToggleSet, name, fn)
+
+    def not_a_coroutine(self: Any, toggle: Any) -> None:
+        pass
+
+    monkeypatch.setitem(indexgate._ORIGINAL, "drop_toggle", not_a_coroutine)
+    with pytest.raises(KopfChangedError, match=r"ToggleSet .* has changed.*kopf>=1\.45,<1\.46"):
+        indexgate.install()
+    assert aiotoggles.ToggleSet.make_toggle is ORIGINAL["make_toggle"]  # kopf untouched
+
+
+def test_the_operator_does_not_start_on_a_changed_kopf(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fabric_operator import cli  # noqa: PLC0415
+
+    def changed() -> None:
+        raise KopfChangedError("kopf._cogs.aiokits.aiotoggles.ToggleSet has changed")
+
+    monkeypatch.setattr(cli, "install_kopf_wraps", changed)
+    assert cli.main(["run", "--kubeconfig=/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fabric-operator: kopf ") and "checked against" in err

@@ -14,7 +14,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from fabric_operator.controller.kube import Kube, apply_body
+from fabric_operator.controller.kube import Kube, applied_fields, apply_body
 
 
 @dataclass
@@ -266,3 +266,121 @@ def test_names_are_one_path_segment_each() -> None:
     k, rest = kube(NOT_FOUND)
     assert k.get("Service", "n", "a/b?c") is None
     assert rest.sent[0]["url"] == "https://api.invalid/api/v1/namespaces/n/services/a%2Fb%3Fc"
+
+
+# --- a child's first write: a create, recorded as if applied ------------------------------
+
+CREATED_SERVICE = {
+    "apiVersion": "v1",
+    "kind": "Service",
+    "metadata": {
+        "name": "m",
+        "namespace": "n",
+        "annotations": {"a": "1"},
+        "ownerReferences": [{"kind": "LLMBackend", "name": "m", "uid": "u", "controller": True}],
+    },
+    "spec": {
+        "type": "ClusterIP",
+        "selector": {"llm.fabric.dev/backend": "m"},
+        "ports": [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}],
+        "extra": {},
+    },
+}
+# What v1.20 recorded for a POST of that Service (sessionAffinity: a default) ...
+UPDATE_FIELDS = {
+    "f:metadata": {
+        "f:annotations": {".": {}, "f:a": {}},
+        "f:ownerReferences": {".": {}, 'k:{"uid":"u"}': {".": {}, "f:kind": {}, "f:uid": {}}},
+    },
+    "f:spec": {
+        "f:ports": {
+            ".": {},
+            'k:{"port":8080,"protocol":"TCP"}': {".": {}, "f:name": {}, "f:port": {}},
+        },
+        "f:selector": {".": {}, "f:llm.fabric.dev/backend": {}},
+        "f:sessionAffinity": {},
+        "f:type": {},
+        "f:extra": {},
+    },
+}
+# ... and for a server-side apply of it: no defaults, no "." but on list entries, no {}.
+APPLY_FIELDS = {
+    "f:metadata": {
+        "f:annotations": {"f:a": {}},
+        "f:ownerReferences": {'k:{"uid":"u"}': {".": {}, "f:kind": {}, "f:uid": {}}},
+    },
+    "f:spec": {
+        "f:ports": {'k:{"port":8080,"protocol":"TCP"}': {".": {}, "f:name": {}, "f:port": {}}},
+        "f:selector": {"f:llm.fabric.dev/backend": {}},
+        "f:type": {},
+    },
+}
+
+
+def test_applied_fields_drop_what_the_server_defaulted() -> None:
+    assert applied_fields(UPDATE_FIELDS, CREATED_SERVICE) == APPLY_FIELDS
+    # A list entry whose keys the manifest does not hold is not ours to own.
+    other = {"f:spec": {"f:ports": {'k:{"port":9,"protocol":"TCP"}': {".": {}}}}}
+    assert applied_fields(other, CREATED_SERVICE) == {"f:spec": {"f:ports": {}}}
+    assert applied_fields({"f:finalizers": {'v:"a"': {}, 'v:"b"': {}}}, {"finalizers": ["a"]}) == {
+        "f:finalizers": {'v:"a"': {}}
+    }
+
+
+def created(entries: list[dict[str, Any]], version: str = "1") -> Response:
+    obj = {"metadata": {"name": "m", "resourceVersion": version, "managedFields": entries}}
+    return Response(201, json.dumps(obj).encode())
+
+
+ENTRY = {"manager": "fabric-operator", "operation": "Update", "fieldsV1": UPDATE_FIELDS}
+OTHER = {"manager": "kube-controller-manager", "operation": "Update", "fieldsV1": {}}
+
+
+def test_a_create_is_a_post_then_its_fields_are_recorded_as_applied() -> None:
+    k, rest = kube(created([OTHER, ENTRY]), OK)
+    assert k.create(CREATED_SERVICE) == json.loads(OK.data)
+    post, patch = rest.sent
+    assert post["method"] == "POST"
+    assert (
+        post["url"]
+        == "https://api.invalid/api/v1/namespaces/n/services?fieldManager=fabric-operator"
+    )
+    assert post["body"] == CREATED_SERVICE
+    assert patch["method"] == "PATCH"
+    assert patch["headers"]["Content-Type"] == "application/json-patch+json"
+    assert patch["url"].endswith("/api/v1/namespaces/n/services/m?fieldManager=fabric-operator")
+    # Guarded by the entry itself (a controller's status write changes the version).
+    assert patch["body"] == [
+        {"op": "test", "path": "/metadata/managedFields/1/manager", "value": "fabric-operator"},
+        {"op": "test", "path": "/metadata/managedFields/1/operation", "value": "Update"},
+        {
+            "op": "replace",
+            "path": "/metadata/managedFields/1",
+            "value": {**ENTRY, "operation": "Apply", "fieldsV1": APPLY_FIELDS},
+        },
+    ]
+    assert k.request_counts() == {"create services": 1, "patch services": 1}
+
+
+def test_an_entry_that_moved_is_looked_up_again_and_a_failure_fails_nothing() -> None:
+    moved = Response(422, b'{"message": "testing value failed", "details": {}}')
+    fresh = json.dumps({"metadata": {"name": "m", "managedFields": [ENTRY]}}).encode()
+    k, rest = kube(created([ENTRY]), moved, Response(200, fresh), OK)
+    assert k.create(CREATED_SERVICE) == json.loads(OK.data)
+    assert [r["method"] for r in rest.sent] == ["POST", "PATCH", "GET", "PATCH"]
+    assert rest.sent[3]["body"][0]["path"] == "/metadata/managedFields/0/manager"
+    # The child exists whatever happens next: logged, never raised.
+    k, rest = kube(created([ENTRY]), Response(500, b'{"message": "etcd"}', "Internal"))
+    assert k.create(CREATED_SERVICE)["metadata"]["resourceVersion"] == "1"
+    # Nothing to upgrade (an older server, another manager name): nothing more sent.
+    k, rest = kube(created([OTHER]))
+    k.create(CREATED_SERVICE)
+    assert [r["method"] for r in rest.sent] == ["POST"]
+
+
+def test_a_name_taken_is_a_409_from_the_create_and_nothing_else_is_sent() -> None:
+    taken = {"message": 'services "m" already exists', "reason": "AlreadyExists", "code": 409}
+    k, rest = kube(Response(409, json.dumps(taken).encode(), "Conflict"))
+    with pytest.raises(ApiException) as err:
+        k.create(CREATED_SERVICE)
+    assert err.value.status == 409 and [r["method"] for r in rest.sent] == ["POST"]

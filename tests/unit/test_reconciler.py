@@ -13,14 +13,17 @@ import jsonpatch
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from fabric_operator.controller.reconciler import STALE_RECHECK_SECONDS, Reconciler
+from fabric_operator.api.backend import LLMBackend
+from fabric_operator.controller.reconciler import STALE_RECHECK_SECONDS, Reconciler, _ours
 from fabric_operator.controller.store import Store
 
 
 class FakeKube:
     def __init__(self, fail_service_with: int | None = None) -> None:
         self.fail = fail_service_with
-        self.applied: list[str] = []
+        self.applied: list[str] = []  # every child write that is not a list patch
+        self.created: list[str] = []
+        self.calls: list[tuple[str, str]] = []  # (verb, kind) of every child write, in order
         self.statuses: list[dict[str, Any]] = []
         self.events: list[tuple[str, str]] = []
         self.requests: dict[str, int] = {}
@@ -53,11 +56,23 @@ class FakeKube:
     def apply(self, manifest: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
         if manifest["kind"] == "Service" and self.fail:
             raise ApiException(status=self.fail, reason="Internal Server Error")
-        if not force and manifest["kind"] in self.foreign:
-            raise ApiException(status=409, reason="Conflict")
+        if manifest["kind"] in self.foreign:
+            raise AssertionError(f"{manifest['kind']}: applied to someone else's object")
         self.forced.append(force)
         self.applied.append(manifest["kind"])
+        self.calls.append(("apply", manifest["kind"]))
         return self._written(self.merge(copy.deepcopy(manifest)))
+
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        kind = manifest["kind"]
+        if kind == "Service" and self.fail:
+            raise ApiException(status=self.fail, reason="Internal Server Error")
+        self.calls.append(("create", kind))
+        if kind in self.foreign or kind in self.objects:
+            raise ApiException(status=409, reason="AlreadyExists")
+        self.applied.append(kind)
+        self.created.append(kind)
+        return self._written(copy.deepcopy(manifest))
 
     def _written(self, obj: dict[str, Any]) -> dict[str, Any]:
         obj = self.admit(obj)
@@ -71,6 +86,7 @@ class FakeKube:
         self, kind: str, namespace: str, name: str, resource_version: str, ops: list[Any]
     ) -> dict[str, Any]:
         self.patched.append((kind, resource_version, [op["path"] for op in ops]))
+        self.calls.append(("patch", kind))
         if self.patch_fails_with:
             raise ApiException(status=self.patch_fails_with, reason="Conflict")
         current = self.objects[kind]
@@ -198,28 +214,202 @@ def test_remote_backend_with_a_missing_key_secret_is_invalid_and_rechecked() -> 
     assert ("Warning", "InvalidSpec") in kube.events and not kube.deleted
 
 
-def test_a_child_name_taken_by_someone_elses_object_is_left_alone() -> None:
+THEIRS: dict[str, Any] = {
+    "metadata": {
+        "name": "m",
+        "namespace": "n",
+        "uid": "theirs-uid",
+        "labels": {"app": "theirs"},
+        "ownerReferences": [],
+    }
+}
+
+
+@pytest.mark.parametrize("kind", ["Service", "Deployment"])
+def test_a_child_name_taken_by_someone_elses_object_is_left_alone(kind: str) -> None:
+    """Their object is not held (no watch keeps it). The Deployment, written first, meets
+    it with its create (POST): 409; the Service, written after it, is read before anything
+    is written. Either way: found not ours, never written to (FakeKube.apply would raise),
+    and nothing else written either."""
     kube = FakeKube()
-    kube.foreign["Deployment"] = {"metadata": {"name": "m", "ownerReferences": []}}
+    kube.foreign[kind] = copy.deepcopy(THEIRS)
     rec, _ = reconciler(kube)
     assert rec.reconcile("n", "m") == 300.0
-    assert kube.applied == []  # not even the Service: nothing half-applied
+    assert kube.applied == [] and kube.forced == []
+    assert kube.calls == ([("create", "Deployment")] if kind == "Deployment" else [])
     degraded = kube.statuses[-1]["conditions"][2]
     assert (degraded["reason"], kube.events[-1]) == ("NameConflict", ("Warning", "NameConflict"))
-    assert "Deployment m already exists and does not belong" in degraded["message"]
+    assert f"{kind} m already exists and does not belong" in degraded["message"]
+    assert "left alone" in degraded["message"]
+    assert kube.statuses[-1]["phase"] == "Degraded"
+    # Looked at again later: the same refusal, no new event.
+    events = len(kube.events)
+    assert rec.reconcile("n", "m") == 300.0
+    assert kube.applied == [] and len(kube.events) == events
+    assert kube.foreign[kind] == THEIRS  # never touched
 
 
-def test_new_children_are_applied_without_force_seen_ones_with() -> None:
+@pytest.mark.parametrize("kind", ["Deployment", "Service"])
+def test_a_name_taken_between_the_read_and_the_create_is_a_conflict(kind: str) -> None:
+    """The child does not exist when the reconcile reads; someone creates it before the
+    operator's create lands: 409, NameConflict, nothing written to it."""
+    kube = FakeKube()
+    rec, _ = reconciler(kube)
+    real_create = kube.create
+
+    def create_after_them(manifest: dict[str, Any]) -> dict[str, Any]:
+        if manifest["kind"] == kind:
+            kube.foreign[kind] = copy.deepcopy(THEIRS)  # theirs lands first
+        return real_create(manifest)
+
+    kube.create = create_after_them  # type: ignore[method-assign]
+    assert rec.reconcile("n", "m") == 300.0
+    assert kube.calls[-1] == ("create", kind) and kind not in kube.applied
+    assert kube.statuses[-1]["conditions"][2]["reason"] == "NameConflict"
+    assert kube.foreign[kind] == THEIRS
+
+
+def test_a_held_child_of_another_controller_is_not_written_at_all() -> None:
+    """Labelled as ours (so the watch keeps it), but controlled by something else: no
+    request at all, NameConflict."""
+    kube = FakeKube()
+    rec, store = reconciler(kube)
+    other = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "x", "uid": "rs"}
+    store.put("Service", {**_held(OUR_LABELS, [{**other, "controller": True}]), "spec": {}})
+    assert rec.reconcile("n", "m") == 300.0
+    assert kube.calls == []  # nothing written, not even the Deployment
+    degraded = kube.statuses[-1]["conditions"][2]
+    assert degraded["reason"] == "NameConflict" and "Service m" in degraded["message"]
+
+
+def test_a_409_on_a_child_that_is_ours_after_all_is_applied() -> None:
+    """Created by an earlier reconcile whose answer was lost (or not delivered by the watch
+    yet): the create's 409 reads it, finds this backend as its controller, applies."""
+    kube = FakeKube()
+    rec, _ = reconciler(kube)
+    kube.objects["Deployment"] = {
+        "kind": "Deployment",
+        **_held(None, [{"kind": "LLMBackend", "uid": "u", "controller": True}]),
+    }
+    assert rec.reconcile("n", "m") is None
+    assert kube.calls[:2] == [("create", "Deployment"), ("apply", "Deployment")]
+    assert kube.forced[0] is True
+    assert kube.statuses[-1]["conditions"][2]["reason"] == "AsExpected"
+
+
+def test_a_later_child_found_ours_by_the_read_is_applied_not_created() -> None:
+    kube = FakeKube()
+    rec, _ = reconciler(kube)
+    kube.objects["Service"] = {
+        "kind": "Service",
+        **_held(None, [{"kind": "LLMBackend", "uid": "u", "controller": True}]),
+    }
+    assert rec.reconcile("n", "m") is None
+    assert kube.calls == [("create", "Deployment"), ("apply", "Service")]
+
+
+def test_a_409_for_an_object_gone_again_is_retried() -> None:
+    kube = FakeKube()
+    rec, _ = reconciler(kube)
+    kube.foreign["Deployment"] = copy.deepcopy(THEIRS)
+    real_get = kube.get
+
+    def gone(kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        kube.foreign.pop(kind, None)  # deleted after the 409, before the read
+        return real_get(kind, namespace, name)
+
+    kube.get = gone  # type: ignore[method-assign]
+    with pytest.raises(ApiException) as err:
+        rec.reconcile("n", "m")
+    assert err.value.status == 409  # retryable: the queue tries again with backoff
+    degraded = kube.statuses[-1]["conditions"][2]
+    assert degraded["reason"] == "ApplyFailed" and "(retrying)" in degraded["message"]
+
+
+def _held(labels: dict[str, str] | None, owners: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "m",
+            "namespace": "n",
+            "uid": "held",
+            "resourceVersion": "5",
+            "labels": labels or {},
+            "ownerReferences": owners,
+        }
+    }
+
+
+OUR_LABELS = {"app.kubernetes.io/managed-by": "fabric-operator", "llm.fabric.dev/backend": "m"}
+BACKEND_REF = {"apiVersion": "llm.fabric.dev/v1alpha1", "kind": "LLMBackend", "name": "m"}
+
+
+@pytest.mark.parametrize(
+    ("child", "ours"),
+    [
+        (_held(None, [{"kind": "LLMBackend", "uid": "u", "controller": True}]), True),
+        # An earlier backend of this name, deleted; its children not collected yet.
+        (_held(OUR_LABELS, [{**BACKEND_REF, "uid": "old", "controller": True}]), True),
+        (_held(OUR_LABELS, []), True),  # owner reference removed by hand, or orphaned
+        (_held(None, []), False),  # someone else's, unlabelled
+        (_held({"app.kubernetes.io/managed-by": "fabric-operator"}, []), False),  # not m's
+        (
+            _held(OUR_LABELS, [{"kind": "ConfigMap", "name": "m", "uid": "c", "controller": True}]),
+            False,
+        ),
+        (
+            _held(
+                OUR_LABELS,
+                [{**BACKEND_REF, "apiVersion": "other.dev/v1", "uid": "o", "controller": True}],
+            ),
+            False,
+        ),
+        (_held(OUR_LABELS, [{**BACKEND_REF, "name": "x", "uid": "x", "controller": True}]), False),
+        # Only a controller reference counts.
+        (_held(None, [{"kind": "LLMBackend", "uid": "u", "controller": False}]), False),
+    ],
+)
+def test_which_children_are_ours_to_write(child: dict[str, Any], ours: bool) -> None:
+    backend = LLMBackend.from_manifest(BACKEND)
+    assert _ours(child, backend) is ours
+
+
+def test_new_children_are_created_seen_ones_applied_with_force() -> None:
     kube = FakeKube()
     rec, store = reconciler(kube)
     rec.reconcile("n", "m")
-    assert kube.forced == [False, False]
+    assert kube.calls == [("create", "Deployment"), ("create", "Service")]
+    assert kube.forced == []
     dep = store.get("Deployment", "n", "m")
     assert dep is not None
     dep["spec"]["replicas"] = 5  # drift
     store.put("Deployment", dep)  # as the watch delivers it (the store hands out copies)
     rec.reconcile("n", "m")
-    assert kube.forced == [False, False, True]
+    assert kube.calls[-1] == ("apply", "Deployment") and kube.forced == [True]
+
+
+def test_the_network_policy_is_written_before_the_deployment() -> None:
+    """At creation and at every change: no pod serves before its policy exists."""
+    kube = FakeKube()
+    rec, store = reconciler(kube)
+    store.put("LLMBackend", {**BACKEND, "spec": {**BACKEND["spec"], "networkPolicy": {}}})
+    rec.reconcile("n", "m")
+    assert kube.calls == [
+        ("create", "NetworkPolicy"),
+        ("create", "Deployment"),
+        ("create", "Service"),
+    ]
+    for kind, obj in kube.objects.items():
+        store.put(kind, copy.deepcopy(obj))
+    # Another engine: all three change (labels, ports).
+    meta = {**BACKEND["metadata"], "generation": 2, "resourceVersion": "9"}
+    spec = {"engine": "ollama", "model": {"ollama": "llama3.2:1b"}, "networkPolicy": {}}
+    store.put("LLMBackend", {**BACKEND, "metadata": meta, "spec": spec})
+    rec.reconcile("n", "m")
+    assert [k for verb, k in kube.calls[3:] if verb == "apply"] == [
+        "NetworkPolicy",
+        "Deployment",
+        "Service",
+    ]
 
 
 def test_status_counts_container_restarts_of_live_pods() -> None:

@@ -12,6 +12,7 @@ from kopf._cogs.clients import fetching
 from kopf._cogs.structs import references
 
 from fabric_operator.controller import relist
+from fabric_operator.controller.kopfcheck import KopfChangedError
 from fabric_operator.controller.reconciler import BACKEND, Reconciler
 from fabric_operator.controller.relist import Listing
 from fabric_operator.controller.runtime import Controller
@@ -109,14 +110,21 @@ def test_a_failing_subscriber_does_not_stop_the_listing(monkeypatch: pytest.Monk
 
 def test_install_wraps_the_kopf_it_knows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fetching, "fetch_objs", relist._ORIGINAL)
-    assert relist.install() and fetching.fetch_objs is relist.fetch_objs
+    relist.install()
+    assert fetching.fetch_objs is relist.fetch_objs
+
+
+def test_install_refuses_a_kopf_whose_listing_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a warning and a silent fallback: the operator does not start."""
 
     async def changed(*, resource: Any, namespace: Any, settings: Any) -> AsyncIterator[Any]:
         yield None
 
     monkeypatch.setattr(fetching, "fetch_objs", relist._ORIGINAL)
     monkeypatch.setattr(relist, "_ORIGINAL", changed)
-    assert not relist.install() and fetching.fetch_objs is not relist.fetch_objs
+    with pytest.raises(KopfChangedError, match=r"fetch_objs .* has changed.*kopf>=1\.45,<1\.46"):
+        relist.install()
+    assert fetching.fetch_objs is not relist.fetch_objs  # kopf untouched
 
 
 class _Kube:

@@ -635,7 +635,8 @@ def test_no_network_policy_unless_asked() -> None:
 def test_default_network_policy_admits_the_gateway_and_labelled_clients() -> None:
     children = render(backend(spec("vllm", networkPolicy={})))
     policy = children.network_policy
-    assert policy is not None and children.all()[-1] is policy
+    # Applied first: no engine pod serves before its policy exists.
+    assert policy is not None and children.all() == [policy, children.deployment, children.service]
     assert policy["spec"] == {
         "podSelector": {"matchLabels": {"llm.fabric.dev/backend": "m"}},
         "policyTypes": ["Ingress"],
@@ -643,7 +644,11 @@ def test_default_network_policy_admits_the_gateway_and_labelled_clients() -> Non
             {
                 "from": [
                     {
-                        "namespaceSelector": {},
+                        # The gateway's pods in the gateway's namespace only, never a
+                        # pod of another namespace that wears the gateway's label.
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": "default"}
+                        },
                         "podSelector": {
                             "matchLabels": {"app.kubernetes.io/name": "fabric-gateway"}
                         },
@@ -654,6 +659,20 @@ def test_default_network_policy_admits_the_gateway_and_labelled_clients() -> Non
             }
         ],
     }
+
+
+def test_the_gateway_namespace_comes_from_the_operator_config() -> None:
+    config = OperatorConfig.model_validate({"gatewayNamespace": "fabric-system"})
+    policy = render(backend(spec("ollama", networkPolicy={})), config).network_policy
+    assert policy is not None
+    [gateway, clients] = policy["spec"]["ingress"][0]["from"]
+    assert gateway["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "fabric-system"}
+    }
+    assert "namespaceSelector" not in clients  # labelled clients: the backend's namespace
+    # The CLI fills in the operator's own namespace only when the file names none.
+    assert config.with_gateway_namespace("ops").gateway_namespace == "fabric-system"
+    assert OperatorConfig().with_gateway_namespace("ops").gateway_namespace == "ops"
 
 
 def test_network_policy_peers_and_operator_default() -> None:

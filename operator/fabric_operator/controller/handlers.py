@@ -75,9 +75,15 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     settings.networking.error_backoffs = [1, 2, 5, 10]
 
 
-def build_registry() -> kopf.OperatorRegistry:
+def install_kopf_wraps() -> None:
+    """Wrap the kopf internals the operator relies on (idempotent). Raises
+    KopfChangedError if the installed kopf's have another shape."""
     indexgate.install()  # a restart's wait for the indexes, linear in the objects
     relist.install()  # complete listings are told to the controller (`configure`)
+
+
+def build_registry() -> kopf.OperatorRegistry:
+    install_kopf_wraps()
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)

@@ -9,9 +9,9 @@ sleep: N objects cost N² wake-ups (py-spy: most of a restart's CPU; ~15 s of re
 (`is_on() == wanted`), so a change that leaves the state as it was wakes nobody who could
 proceed: notifying only on a change of state is the same behaviour at linear cost.
 
-This replaces three methods of a private kopf class (kopf 1.45); `install` checks their
-shape first and leaves kopf alone if it has changed, so a kopf upgrade can only lose the
-speed, never break the gate. tests/unit/test_indexgate.py pins both.
+This replaces three methods of a private kopf class (kopf 1.45, `kopfcheck`); `install`
+checks their shape first and refuses to start the operator if it has changed (a silent
+fallback would leave restarts quadratic unnoticed). tests/unit/test_indexgate.py pins both.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from kopf._cogs.aiokits import aiotoggles
+
+from fabric_operator.controller.kopfcheck import KopfChangedError
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,13 @@ def _shape_known() -> bool:
     return isinstance(getattr(probe, "_toggles", None), set) and hasattr(probe, "_condition")
 
 
-def install() -> bool:
-    """Replace the methods (idempotent). False, and kopf untouched, if kopf has changed."""
+def install() -> None:
+    """Replace the methods (idempotent). Raises KopfChangedError, kopf untouched, if
+    kopf's ToggleSet has changed."""
     if not _shape_known():
-        log.warning("kopf's ToggleSet has changed: its index gate stays quadratic")
-        return False
+        raise KopfChangedError(
+            "kopf._cogs.aiokits.aiotoggles.ToggleSet (make_toggle, drop_toggle, "
+            "drop_toggles, _toggles, _condition) has changed"
+        )
     for name, fn in _FIXED.items():
         setattr(aiotoggles.ToggleSet, name, fn)
-    return True

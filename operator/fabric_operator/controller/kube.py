@@ -106,6 +106,48 @@ def request(
     return data
 
 
+def applied_fields(fields: Any, sent: Any, *, item: bool = False) -> dict[str, Any]:
+    """The part of a managedFields set (FieldsV1) that an apply of `sent` would own.
+
+    A create records every field of the object as stored, the ones the server defaulted
+    included; owned by an applier, those would be taken out by its next apply (and put
+    back as defaults: a needless write, a Deployment's generation bumped). Keys: `f:NAME`
+    a field, `k:{...}` the list entry with those key values, `v:VALUE` a set member, `.`
+    the node itself. An apply records `.` for list entries only, and no empty map (as
+    measured on v1.20: the set equals the one of an apply of the same manifest)."""
+    out: dict[str, Any] = {}
+    for key, sub in (fields or {}).items():
+        if key == ".":
+            if item:
+                out[key] = sub
+        elif key.startswith("f:") and isinstance(sent, dict) and key[2:] in sent:
+            value = sent[key[2:]]
+            if value != {}:
+                out[key] = applied_fields(sub, value)
+        elif key.startswith(("k:", "v:")) and isinstance(sent, list):
+            try:
+                wanted = json.loads(key[2:])
+            except ValueError:
+                continue
+            if key.startswith("v:"):
+                if wanted in sent:
+                    out[key] = sub
+                continue
+            match = next(
+                (
+                    i
+                    for i in sent
+                    if isinstance(i, dict)
+                    and isinstance(wanted, dict)
+                    and all(i.get(k) == v for k, v in wanted.items())
+                ),
+                None,
+            )
+            if match is not None:
+                out[key] = applied_fields(sub, match, item=True)
+    return out
+
+
 def segment(value: str) -> str:
     """A name or namespace as one URL path segment."""
     return quote(value, safe="")
@@ -170,10 +212,11 @@ class Kube:
             raise
         return True
 
-    def ping(self) -> None:
-        """GET /version: is the API server there? Not counted with the reconcile requests
-        (it is the health report's, on a fixed period, whatever the backends do)."""
-        self.call("GET", "/version", timeout=PING_TIMEOUT)
+    def ping(self) -> dict[str, Any]:
+        """GET /version: is the API server there (and which is it)? Not counted with the
+        reconcile requests (it is the health report's, on a fixed period, whatever the
+        backends do)."""
+        return self.call("GET", "/version", timeout=PING_TIMEOUT)
 
     def request_counts(self) -> dict[str, int]:
         """A copy taken under the lock: worker threads add keys while /metrics reads."""
@@ -188,6 +231,94 @@ class Kube:
         return self._patch(
             "apply", manifest["kind"], manifest["metadata"], body, content_type=APPLY, query=query
         )
+
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Create a child that must not exist yet (POST): 409 AlreadyExists if any object
+        has its name, which is then never written to. An apply would merge into it
+        (another's Service would gain our selector and owner reference).
+
+        A create records its fields as an Update by the field manager, not an Apply: the
+        next apply would share them with that Update entry instead of owning them, and a
+        field the rendering later drops would stay. So the entry is turned into the one an
+        apply of the manifest would have made (what client-go's csaupgrade does for
+        objects created by client-side apply)."""
+        kind, meta = manifest["kind"], manifest["metadata"]
+        resource, path = self._child_path(kind, meta["namespace"], meta["name"])
+        self._count("create", resource)
+        created = self.call(
+            "POST", path.rsplit("/", 1)[0], body=manifest, query=[("fieldManager", FIELD_MANAGER)]
+        )
+        return self._as_applied(kind, created, manifest)
+
+    def _as_applied(
+        self, kind: str, obj: dict[str, Any], manifest: dict[str, Any]
+    ) -> dict[str, Any]:
+        """`obj` with our managedFields entry turned from Update into Apply, restricted
+        to the fields `manifest` sets. Best effort: the child exists either way, so a
+        failure is logged, never raised."""
+        meta = manifest["metadata"]
+        try:
+            return self._upgrade_fields(kind, obj, manifest)
+        except Exception as err:  # urllib3's errors too: nothing here may fail the create
+            detail = api_message(err) if isinstance(err, ApiException) else str(err)
+            log.warning(
+                "%s %s/%s: created, but its fields could not be recorded as applied (%s); "
+                "a field the rendering later drops may stay",
+                kind,
+                meta["namespace"],
+                meta["name"],
+                detail,
+            )
+            return obj
+
+    def _upgrade_fields(
+        self, kind: str, obj: dict[str, Any], manifest: dict[str, Any]
+    ) -> dict[str, Any]:
+        """One JSON patch guarded by tests of that very entry (not of the
+        resourceVersion, which a controller's status write changes at once); tried again
+        on a fresh copy if the entry moved."""
+        meta = manifest["metadata"]
+        for _ in range(3):
+            entries = (obj.get("metadata") or {}).get("managedFields") or []
+            found = [
+                i
+                for i, e in enumerate(entries)
+                if e.get("manager") == FIELD_MANAGER and e.get("operation") == "Update"
+            ]
+            if not found:
+                return obj
+            i = found[0]
+            entry = {
+                **entries[i],
+                "operation": "Apply",
+                "fieldsV1": applied_fields(entries[i].get("fieldsV1"), manifest),
+            }
+            entry.pop("subresource", None)
+            where = f"/metadata/managedFields/{i}"
+            ops: list[dict[str, Any]] = [
+                {"op": "test", "path": f"{where}/manager", "value": FIELD_MANAGER},
+                {"op": "test", "path": f"{where}/operation", "value": "Update"},
+                {"op": "replace", "path": where, "value": entry},
+            ]
+            try:
+                return self._patch(
+                    "patch",
+                    kind,
+                    meta,
+                    ops,
+                    content_type=JSON_PATCH,
+                    query=[("fieldManager", FIELD_MANAGER)],
+                )
+            except ApiException as err:
+                if err.status == 404:
+                    return obj  # deleted meanwhile: its watch event says so
+                if err.status != 422:  # 422: a test failed, the entry moved
+                    raise
+            fresh = self.get(kind, meta["namespace"], meta["name"])
+            if fresh is None:
+                return obj
+            obj = fresh
+        raise ValueError("its managedFields kept changing")
 
     def patch_guarded(
         self, kind: str, namespace: str, name: str, resource_version: str, ops: list[dict[str, Any]]

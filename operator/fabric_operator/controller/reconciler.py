@@ -12,6 +12,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator.api.backend import LLMBackend
+from fabric_operator.api.v1alpha1 import GROUP, KIND
 from fabric_operator.config import OperatorConfig
 from fabric_operator.controller import status as st
 from fabric_operator.controller.diagnose import diagnose
@@ -25,6 +26,7 @@ from fabric_operator.controller.kube import Kube, api_message
 from fabric_operator.controller.lists import list_ops, port_ops, snapshot
 from fabric_operator.controller.store import Store
 from fabric_operator.render import render
+from fabric_operator.render.workload import BACKEND_LABEL, MANAGED_BY
 from fabric_operator.validation import Problem, referenced_secrets, validate
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ FAILED_APPLY_RECHECK_SECONDS = 300.0
 STALE_RECHECK_SECONDS = 2.0
 REASON_NAME_CONFLICT = "NameConflict"
 CHILD_KINDS = frozenset({"Deployment", "Service", "NetworkPolicy"})
+MANAGED_LABEL = "app.kubernetes.io/managed-by"
 
 
 class NameConflictError(Exception):
@@ -211,32 +214,47 @@ class Reconciler:
         stale: list[dict[str, Any]],
         applied: list[tuple[str, dict[str, Any]]],
     ) -> tuple[st.Failure | None, ApiException | None, bool]:
-        """Write each stale child, Deployment first (the likelier one to be refused).
+        """Write each stale child in the rendered order: the NetworkPolicy first, so that
+        no pod serves before its policy exists; the Deployment before the Service, as the
+        likelier to be refused by the API server (no Service is then left without its
+        Deployment). The first refusal stops. Whose each child is, is settled before
+        anything is written (a child the store does not hold, after the first, is read):
+        a name someone else holds is a NameConflict with nothing written (a taken Service
+        never gets our Deployment beside it); only a race (the name taken between that
+        read and the create) stops midway.
 
         A refusal is a Failure; a transient error (busy, conflict, 5xx) is a Failure too,
         so the user sees it, plus the error for the caller to retry. The flag is False
         when a guarded list patch met an object newer than ours: not a failure, the
         newer copy is reconciled next."""
         settled = True
-        for manifest in stale:
-            meta = manifest["metadata"]
-            before = self.store.get(manifest["kind"], meta["namespace"], meta["name"])
-            try:
+        held: dict[str, dict[str, Any] | None] = {}
+        manifest: dict[str, Any] = {}
+        try:
+            for i, manifest in enumerate(stale):
+                meta = manifest["metadata"]
+                kind = manifest["kind"]
+                held[kind] = self.store.get(kind, meta["namespace"], meta["name"])
+                if i and held[kind] is None:
+                    held[kind] = self.kube.get(kind, meta["namespace"], meta["name"])
+                found = held[kind]
+                if found is not None and not _ours(found, backend):
+                    raise _conflict(manifest)
+            for manifest in stale:
+                before = held[manifest["kind"]]
                 result, done = self._write(backend, manifest, before)
-            except NameConflictError as err:
-                return st.Failure(REASON_NAME_CONFLICT, str(err)), None, settled
-            except ApiException as err:
-                message = f"{manifest['kind']} {meta['name']}: {api_message(err)}"
-                if err.status in RETRYABLE:
-                    failure = st.Failure(
-                        st.REASON_APPLY_FAILED, f"{message} (retrying)", retrying=True
-                    )
-                    return failure, err, settled
-                return st.Failure(st.REASON_APPLY_FAILED, message), None, settled
-            settled = settled and done
-            if result is not None:
-                self.store.put(manifest["kind"], result)
-                applied.append((_change(before, manifest), manifest))
+                settled = settled and done
+                if result is not None:
+                    self.store.put(manifest["kind"], result)
+                    applied.append((_change(before, manifest), manifest))
+        except NameConflictError as err:
+            return st.Failure(REASON_NAME_CONFLICT, str(err)), None, settled
+        except ApiException as err:
+            message = f"{manifest['kind']} {manifest['metadata']['name']}: {api_message(err)}"
+            if err.status in RETRYABLE:
+                failure = st.Failure(st.REASON_APPLY_FAILED, f"{message} (retrying)", retrying=True)
+                return failure, err, settled
+            return st.Failure(st.REASON_APPLY_FAILED, message), None, settled
         return None, None, settled
 
     def _write(
@@ -248,7 +266,11 @@ class Reconciler:
         A port edited by hand goes first, or the apply would be refused beside it (two
         ports named "http"). Then the apply if fields differ, then a patch for the lists
         (entries another manager added, the order an apply left): when only lists
-        differed, that patch is the only write."""
+        differed, that patch is the only write.
+
+        A child held but not ours (`_ours`) is never written to: NameConflict."""
+        if before is not None and not _ours(before, backend):
+            raise _conflict(manifest)
         live, wrote = before, None
         if before is not None and needs_apply(manifest, before):
             ops = port_ops(manifest, before)
@@ -315,24 +337,28 @@ class Reconciler:
     def _apply_one(
         self, backend: LLMBackend, manifest: dict[str, Any], before: dict[str, Any] | None
     ) -> dict[str, Any]:
-        """Children we have seen are applied with force (drift is taken back). A child we
-        have not seen is applied without: if another manager owns its fields, the object
-        with that name is someone else's, and it is left alone."""
+        """A child we hold (and that is ours: `_write`) is applied with force: drift is
+        taken back. A child we do not hold is created (POST), never applied: an apply
+        would merge into an object someone else made under that name (another team's
+        Service gains our selector and owner reference, and is then deleted with the
+        backend). A 409 means the name is taken: the object is read, and left alone
+        unless it turns out to be ours (created by an earlier reconcile whose answer was
+        lost, or held by no watch yet)."""
         if before is not None:
             return self.kube.apply(manifest)
         try:
-            return self.kube.apply(manifest, force=False)
+            return self.kube.create(manifest)
         except ApiException as err:
             if err.status != 409:
                 raise
+            taken = err
         meta = manifest["metadata"]
         current = self.kube.get(manifest["kind"], meta["namespace"], meta["name"])
-        if current is not None and not _owned_by(current, backend.uid):
-            raise NameConflictError(
-                f"{manifest['kind']} {meta['name']} already exists and does not belong to "
-                "this LLMBackend; delete or rename it (or rename the LLMBackend)"
-            )
-        return self.kube.apply(manifest)  # ours after all (or gone meanwhile)
+        if current is None:
+            raise taken  # deleted again meanwhile: retried (409 is retryable)
+        if not _ours(current, backend):
+            raise _conflict(manifest)
+        return self.kube.apply(manifest)
 
     def _report(
         self, obj: dict[str, Any], status: dict[str, Any], applied: list[tuple[str, dict[str, Any]]]
@@ -394,6 +420,33 @@ def _restarts(pods: list[dict[str, Any]]) -> int:
         if not (pod.get("metadata") or {}).get("deletionTimestamp")
         for cs in (pod.get("status") or {}).get("containerStatuses") or []
     )
+
+
+def _conflict(manifest: dict[str, Any]) -> NameConflictError:
+    kind, name = manifest["kind"], manifest["metadata"]["name"]
+    return NameConflictError(
+        f"{kind} {name} already exists and does not belong to this LLMBackend; it is left "
+        "alone (not changed, not adopted): delete or rename it, or rename the LLMBackend"
+    )
+
+
+def _ours(child: dict[str, Any], backend: LLMBackend) -> bool:
+    """Whether the operator may write to `child` for `backend`: its controller is this
+    backend, or an earlier LLMBackend of this name (deleted, its children not yet
+    collected: taken over, as a recreated backend always did); or it has no controller
+    and still carries this backend's labels (its owner reference removed by hand, or
+    orphaned on purpose with --cascade=orphan). Anything else, with another controller
+    or without our labels, was made by someone else under the name."""
+    meta = child.get("metadata") or {}
+    controller = next((r for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
+    if controller is not None:
+        return controller.get("uid") == backend.uid or (
+            controller.get("kind") == KIND
+            and str(controller.get("apiVersion") or "").split("/")[0] == GROUP
+            and controller.get("name") == backend.name
+        )
+    labels = meta.get("labels") or {}
+    return labels.get(MANAGED_LABEL) == MANAGED_BY and labels.get(BACKEND_LABEL) == backend.name
 
 
 def _owned_by(child: dict[str, Any], uid: str | None) -> bool:

@@ -10,9 +10,9 @@ its subscribers, once a listing has been read to its end, which objects it held:
 store can then forget the rest (a Deployment deleted while the watch was down would
 otherwise be believed present, and never recreated).
 
-Like `indexgate`, this wraps a private kopf function (kopf 1.45); `install` checks its
-shape first and leaves kopf alone if it has changed (relists then lose their deletions
-again, as without it).
+Like `indexgate`, this wraps a private kopf function (kopf 1.45, `kopfcheck`); `install`
+checks its shape first and refuses to start the operator if it has changed (relists would
+lose their deletions again, unnoticed).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from kopf._cogs.configs import configuration
 from kopf._cogs.helpers import typedefs
 from kopf._cogs.structs import bodies, references
 
+from fabric_operator.controller.kopfcheck import KopfChangedError
 from fabric_operator.controller.store import resource_version
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,12 @@ def _shape_known() -> bool:
     return set(params) == _PARAMETERS and all(p.kind is p.KEYWORD_ONLY for p in params.values())
 
 
-def install() -> bool:
-    """Wrap kopf's listing (idempotent). False, and kopf untouched, if kopf has changed."""
+def install() -> None:
+    """Wrap kopf's listing (idempotent). Raises KopfChangedError, kopf untouched, if
+    kopf's fetch_objs has changed."""
     if not _shape_known():
-        log.warning("kopf's fetch_objs has changed: deletions a relist hides stay unseen")
-        return False
+        raise KopfChangedError(
+            "kopf._cogs.clients.fetching.fetch_objs (an async generator taking settings, "
+            "resource, namespace, logger by keyword) has changed"
+        )
     fetching.fetch_objs = fetch_objs
-    return True

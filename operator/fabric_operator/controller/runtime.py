@@ -7,22 +7,27 @@ import ctypes
 import gc
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL
 from fabric_operator.controller.kube import CHILD_APIS, api_message
-from fabric_operator.controller.reconciler import BACKEND, Reconciler
+from fabric_operator.controller.reconciler import BACKEND, MANAGED_LABEL, Reconciler
 from fabric_operator.controller.relist import Listing
 from fabric_operator.controller.store import Store
 from fabric_operator.controller.workqueue import WorkQueue
-from fabric_operator.render.workload import BACKEND_LABEL, MANAGED_BY
+from fabric_operator.render.workload import (
+    BACKEND_LABEL,
+    DEFAULT_GATEWAY_NAMESPACE,
+    MANAGED_BY,
+    NAMESPACE_NAME_LABEL,
+)
 
-MANAGED_LABEL = "app.kubernetes.io/managed-by"
 # (API group, plural) of each watched resource -> the kind the store holds it as
 KINDS = {
     **{api: kind for kind, api in CHILD_APIS.items()},
@@ -36,6 +41,22 @@ Key = tuple[str, str]  # namespace, name of an LLMBackend
 TRIM_SECONDS = 10.0
 PING_SECONDS = 5.0
 ORPHAN_GRACE_SECONDS = 30.0  # how long the garbage collector gets to delete children first
+# How long a stop waits for the reconciles in flight (their requests time out after 35 s):
+# a Lease is released only once nothing of this replica writes any more.
+DRAIN_SECONDS = 20.0
+T = TypeVar("T")
+
+
+def before_namespace_labels(version: Any) -> bool:
+    """Whether a /version answer is of a Kubernetes that does not label namespaces with
+    kubernetes.io/metadata.name (before 1.21; on by default from 1.21, always from 1.22)."""
+    if not isinstance(version, dict):
+        return False
+    major = re.match(r"\d+", str(version.get("major")))
+    minor = re.match(r"\d+", str(version.get("minor")))  # "20+" on some managed clusters
+    if major is None or minor is None:
+        return False
+    return (int(major.group()), int(minor.group())) < (1, 21)
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -69,6 +90,9 @@ class Controller:
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: set[asyncio.Task[None]] = set()
         self._collections: set[asyncio.Task[None]] = set()
+        # Calls that write, running in threads: a cancelled task leaves its thread running.
+        self._writing: set[asyncio.Future[Any]] = set()
+        self.drained = False  # stopped, and no write in flight any more
         self.orphan_grace = ORPHAN_GRACE_SECONDS
         self.reconciles = 0
         self.errors = 0
@@ -86,10 +110,14 @@ class Controller:
     async def _watch_api_server(self) -> None:
         """Whether the API server answers, for /healthz (which stays 200: a liveness
         failure would only restart the operator into the same outage)."""
+        told = False
         while True:
             try:
-                await asyncio.to_thread(self.reconciler.kube.ping)
+                version = await asyncio.to_thread(self.reconciler.kube.ping)
                 reachable, error = True, None
+                if not told:
+                    told = True
+                    self._tell_namespace_label(version)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # any failure to get an answer is "unreachable"
@@ -103,6 +131,25 @@ class Controller:
             self.api_server["reachable"] = reachable
             self.api_server["lastError"] = error or self.api_server.get("lastError")
             await asyncio.sleep(PING_SECONDS)
+
+    def _tell_namespace_label(self, version: Any) -> None:
+        """Kubernetes before 1.21 does not label namespaces with their name: the default
+        NetworkPolicy then admits the gateway only once the admin has labelled its
+        namespace (it admits nothing else meanwhile). Said once, at start."""
+        if not before_namespace_labels(version):
+            return
+        namespace = self.reconciler.settings.config.gateway_namespace or DEFAULT_GATEWAY_NAMESPACE
+        log.warning(
+            "Kubernetes %s.%s sets no %s label on namespaces: the default NetworkPolicy "
+            "admits the gateway only once its namespace is labelled: kubectl label "
+            "namespace %s %s=%s",
+            version.get("major"),
+            version.get("minor"),
+            NAMESPACE_NAME_LABEL,
+            namespace,
+            NAMESPACE_NAME_LABEL,
+            namespace,
+        )
 
     async def _give_back_memory(self) -> None:
         """After a burst (the initial listing, a mass update) glibc keeps the freed heap;
@@ -127,11 +174,30 @@ class Controller:
         for key in self.store.names(BACKEND):
             self.queue.add(key)
 
-    async def stop(self) -> None:
+    async def stop(self, drain_seconds: float = DRAIN_SECONDS) -> bool:
+        """Stop the workers, then wait for the writes they left in threads (cancelling a
+        task does not stop its thread). True, and `drained`, once none is left."""
         tasks = [*self._tasks, *self._collections]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        writing = set(self._writing)
+        if writing:
+            _done, pending = await asyncio.wait(writing, timeout=drain_seconds)
+            if pending:
+                log.warning("stopping with %d reconcile(s) still running", len(pending))
+                return False
+        self.drained = True
+        return True
+
+    async def _writer(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a thread, tracked until it returns even if the caller is
+        cancelled (see `stop`)."""
+        future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._writing.add(future)
+        future.add_done_callback(self._writing.discard)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+        return await asyncio.shield(future)
 
     def ours(self, kind: str, obj: dict[str, Any]) -> bool:
         """A child labelled as the operator's, or one it held before its labels changed."""
@@ -233,7 +299,7 @@ class Controller:
         if self.leading is not None and not self.leading.is_set():
             return  # a follower writes nothing
         try:
-            kinds = await asyncio.to_thread(self.reconciler.collect_orphans, *key, uid)
+            kinds = await self._writer(self.reconciler.collect_orphans, *key, uid)
         except Exception as err:  # next time, maybe: the garbage collector may yet do it
             detail = api_message(err) if isinstance(err, ApiException) else str(err)
             log.warning("%s/%s: could not collect its children: %s", *key, detail)
@@ -256,7 +322,7 @@ class Controller:
             key = await queue.get()
             started = time.monotonic()
             try:
-                recheck = await asyncio.to_thread(self.reconciler.reconcile, *key)
+                recheck = await self._writer(self.reconciler.reconcile, *key)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # any failure is retried with backoff, never fatal

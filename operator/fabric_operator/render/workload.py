@@ -35,15 +35,19 @@ GPU_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
 
 @dataclass(frozen=True)
 class Children:
-    """Everything an LLMBackend owns, in the order they are applied."""
+    """Everything an LLMBackend owns."""
 
     deployment: Manifest
     service: Manifest
     network_policy: Manifest | None = None
 
     def all(self) -> list[Manifest]:
-        extra = [self.network_policy] if self.network_policy else []
-        return [self.deployment, self.service, *extra]
+        """In the order they are applied (and `fabric-operator render` prints them): the
+        NetworkPolicy first, so that no engine pod serves before its policy exists; then
+        the Deployment, the likelier to be refused by the API server, so that a refusal
+        leaves no Service without its Deployment."""
+        first = [self.network_policy] if self.network_policy else []
+        return [*first, self.deployment, self.service]
 
 
 def selector_labels(backend: LLMBackend) -> dict[str, str]:
@@ -262,12 +266,24 @@ def service(backend: LLMBackend) -> Manifest:
     }
 
 
-GATEWAY_PEER: Manifest = {
-    "namespaceSelector": {},
-    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "fabric-gateway"}},
-}
+GATEWAY_POD_LABELS = {"app.kubernetes.io/name": "fabric-gateway"}
+# Set by the API server on every namespace from Kubernetes 1.21 (NamespaceDefaultLabelName)
+# and kept equal to its name, so it cannot be forged; on 1.20 the admin sets it by hand.
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+# Where the gateway runs when nobody said (`OperatorConfig.gateway_namespace` unset: the
+# CLI sets the operator's own namespace).
+DEFAULT_GATEWAY_NAMESPACE = "default"
 CLIENT_LABEL = "llm.fabric.dev/client"
 CLIENT_PEER: Manifest = {"podSelector": {"matchLabels": {CLIENT_LABEL: "true"}}}
+
+
+def gateway_peer(namespace: str) -> Manifest:
+    """The gateway's pods, in the gateway's namespace only: a pod that carries the
+    gateway's label in any other namespace (a team's own) is not admitted."""
+    return {
+        "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}},
+        "podSelector": {"matchLabels": dict(GATEWAY_POD_LABELS)},
+    }
 
 
 def network_policy(backend: LLMBackend, config: OperatorConfig = DEFAULT) -> Manifest | None:
@@ -279,7 +295,10 @@ def network_policy(backend: LLMBackend, config: OperatorConfig = DEFAULT) -> Man
     peers = (
         [p.model_dump(by_alias=True, exclude_none=True) for p in wanted.from_]
         if wanted is not None and wanted.from_
-        else [dict(GATEWAY_PEER), dict(CLIENT_PEER)]
+        else [
+            gateway_peer(config.gateway_namespace or DEFAULT_GATEWAY_NAMESPACE),
+            dict(CLIENT_PEER),
+        ]
     )
     return {
         "apiVersion": "networking.k8s.io/v1",
