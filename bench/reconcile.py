@@ -31,10 +31,10 @@ from tests.support.fixtures import OperatorProcess
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.crd import crd_manifest
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
-from fabric_operator.controller import metrics
 from fabric_operator.controller.diff import with_bookkeeping
 from fabric_operator.controller.status import compute
 from fabric_operator.localcluster import LocalControlPlane, find_binaries
+from fabric_operator.machinery import metrics
 from fabric_operator.render import render
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,9 +26,12 @@ from fabric_operator.api.crd import crd_yaml
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from fabric_operator.config import OperatorConfig
 from fabric_operator.controller.handlers import build_registry, install_kopf_wraps
-from fabric_operator.controller.kopfcheck import KopfChangedError
 from fabric_operator.controller.kube import Kube
-from fabric_operator.controller.leader import (
+from fabric_operator.controller.reconciler import Reconciler, Settings, new_store
+from fabric_operator.controller.runtime import Controller
+from fabric_operator.localcluster import LocalControlPlane, find_binaries
+from fabric_operator.machinery.kopfcheck import KopfChangedError
+from fabric_operator.machinery.leader import (
     LEASE_SECONDS,
     RENEW_DEADLINE,
     RETRY_PERIOD,
@@ -36,10 +39,7 @@ from fabric_operator.controller.leader import (
     check_durations,
     leader_client,
 )
-from fabric_operator.controller.reconciler import Reconciler, Settings
-from fabric_operator.controller.runtime import Controller
-from fabric_operator.controller.store import Store
-from fabric_operator.localcluster import LocalControlPlane, find_binaries
+from fabric_operator.machinery.store import Store
 from fabric_operator.render import render
 from fabric_operator.validation import validate
 
@@ -65,7 +65,7 @@ def _run_operator(args: argparse.Namespace) -> int:
     _load_config(args.kubeconfig)
     configuration = client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = max(4, args.workers)
-    store = Store()
+    store = new_store()
     kube = Kube(client.ApiClient(configuration))
     reconciler = Reconciler(
         store, kube, Settings(cluster_domain=args.cluster_domain, config=operator_config)

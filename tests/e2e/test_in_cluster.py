@@ -24,8 +24,8 @@ import httpx
 import openai
 import pytest
 
-from fabric_operator.controller import metrics
 from fabric_operator.gateway.routes import KEY_LABEL
+from fabric_operator.machinery import metrics
 from tests.conftest import REPO
 from tests.support.fixtures import temporary_namespace
 from tests.support.kube import Cluster, wait_for

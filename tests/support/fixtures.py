@@ -19,8 +19,8 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator.api.crd import crd_yaml
-from fabric_operator.controller import metrics
 from fabric_operator.localcluster import LocalControlPlane, find_binaries, free_port
+from fabric_operator.machinery import metrics
 from tests.conftest import REPO
 from tests.support.kube import Cluster, add_cpu_node, wait_for
 

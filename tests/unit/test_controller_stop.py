@@ -12,9 +12,8 @@ from typing import cast
 import pytest
 
 from fabric_operator.config import OperatorConfig
-from fabric_operator.controller.reconciler import Reconciler, Settings
+from fabric_operator.controller.reconciler import Reconciler, Settings, new_store
 from fabric_operator.controller.runtime import Controller, before_namespace_labels
-from fabric_operator.controller.store import Store
 
 
 class _Kube:
@@ -46,7 +45,7 @@ def run_stop(drain: float, hold: float) -> tuple[bool, float, SlowReconciler]:
     rec = SlowReconciler()
 
     async def scenario() -> tuple[bool, float]:
-        ctl = Controller(cast(Reconciler, rec), Store(), workers=1)
+        ctl = Controller(cast(Reconciler, rec), new_store(), workers=1)
         await ctl.start()
         assert ctl.queue is not None
         ctl.queue.add(("n", "m"))
@@ -101,7 +100,7 @@ def test_a_120_api_server_is_told_once_how_to_label_the_gateway_namespace(
         settings = Settings(config=OperatorConfig(gatewayNamespace="fabric-system"))
 
     async def scenario() -> None:
-        ctl = Controller(cast(Reconciler, Rec()), Store(), workers=0)
+        ctl = Controller(cast(Reconciler, Rec()), new_store(), workers=0)
         task = asyncio.create_task(ctl._watch_api_server())
         await asyncio.sleep(0.1)
         task.cancel()

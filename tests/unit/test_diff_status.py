@@ -16,9 +16,10 @@ from fabric_operator.controller.diff import (
     needs_apply,
     with_bookkeeping,
 )
+from fabric_operator.controller.reconciler import new_store
 from fabric_operator.controller.status import Failure, compute, invalid_status, transitions
-from fabric_operator.controller.store import Store
-from fabric_operator.controller.workqueue import WorkQueue
+from fabric_operator.machinery.store import Store
+from fabric_operator.machinery.workqueue import WorkQueue
 from fabric_operator.render import render
 
 LLAMA = {"engine": "llamacpp", "model": {"url": "https://h.invalid/m.gguf"}}
@@ -354,7 +355,7 @@ def obj(rv: str | None, name: str = "m", ns: str = "ns", tag: str = "") -> dict[
 
 
 def test_store_keeps_the_newest_version() -> None:
-    store = Store()
+    store = new_store()
     store.put("Deployment", obj("10", tag="a"))
     store.put("Deployment", obj("9", tag="older"))
     assert store.get("Deployment", "ns", "m") == obj("10", tag="a")
@@ -367,7 +368,7 @@ def test_store_keeps_the_newest_version() -> None:
 
 
 def test_store_keys_and_delete() -> None:
-    store = Store()
+    store = new_store()
     store.put("Deployment", obj("1"))
     store.put("Service", obj("1"))
     store.put("Deployment", obj("1", name="n"))
@@ -476,7 +477,7 @@ def test_drop_cancels_timers_and_backoff() -> None:
 
 
 def test_store_keeps_pods_without_their_spec() -> None:
-    store = Store()
+    store = new_store()
     pod = {
         "metadata": {"name": "p", "namespace": "n", "labels": {"llm.fabric.dev/backend": "b"}},
         "spec": {"containers": [{"name": "engine", "image": "x"}]},

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from kopf._cogs.aiokits import aiotoggles
 
-from fabric_operator.controller import indexgate
-from fabric_operator.controller.kopfcheck import KopfChangedError
+from fabric_operator.machinery import indexgate
+from fabric_operator.machinery.kopfcheck import KopfChangedError
 
 ORIGINAL = indexgate._ORIGINAL
 

@@ -14,7 +14,8 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from fabric_operator.controller.kube import Kube, applied_fields, apply_body
+from fabric_operator.controller.kube import Kube
+from fabric_operator.machinery.rest import applied_fields, apply_body
 
 
 @dataclass

@@ -17,8 +17,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from fabric_operator.controller import leader
-from fabric_operator.controller.leader import LeaderElector, check_durations, leader_client
+from fabric_operator.machinery import leader
+from fabric_operator.machinery.leader import LeaderElector, check_durations, leader_client
 
 LEASE, DEADLINE, RETRY = 2.0, 1.0, 0.2
 

@@ -14,8 +14,13 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator.api.backend import LLMBackend
-from fabric_operator.controller.reconciler import STALE_RECHECK_SECONDS, Reconciler, _ours
-from fabric_operator.controller.store import Store
+from fabric_operator.controller.reconciler import (
+    STALE_RECHECK_SECONDS,
+    Reconciler,
+    _ours,
+    new_store,
+)
+from fabric_operator.machinery.store import Store
 
 
 class FakeKube:
@@ -129,7 +134,7 @@ BACKEND: dict[str, Any] = {
 
 
 def reconciler(kube: FakeKube) -> tuple[Reconciler, Store]:
-    store = Store()
+    store = new_store()
     store.put("LLMBackend", dict(BACKEND))
     return Reconciler(store, kube), store  # type: ignore[arg-type]
 

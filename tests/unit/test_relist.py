@@ -11,13 +11,12 @@ import pytest
 from kopf._cogs.clients import fetching
 from kopf._cogs.structs import references
 
-from fabric_operator.controller import relist
-from fabric_operator.controller.kopfcheck import KopfChangedError
-from fabric_operator.controller.reconciler import BACKEND, Reconciler
-from fabric_operator.controller.relist import Listing
+from fabric_operator.controller.reconciler import BACKEND, Reconciler, new_store
 from fabric_operator.controller.runtime import Controller
-from fabric_operator.controller.store import Store
-from fabric_operator.controller.workqueue import WorkQueue
+from fabric_operator.machinery import relist
+from fabric_operator.machinery.kopfcheck import KopfChangedError
+from fabric_operator.machinery.relist import Listing
+from fabric_operator.machinery.workqueue import WorkQueue
 
 DEPLOYMENTS = references.Resource("apps", "v1", "deployments", namespaced=True)
 
@@ -29,7 +28,7 @@ def obj(name: str, rv: str, ns: str = "n", owner: str | None = None) -> dict[str
 
 
 def test_what_a_listing_lacks_is_gone_unless_newer_or_out_of_its_scope() -> None:
-    store = Store()
+    store = new_store()
     store.put("Deployment", obj("listed", "10"))
     store.put("Deployment", obj("gone", "11"))
     store.put("Deployment", obj("written-since", "31"))  # write-through after the listing
@@ -148,7 +147,7 @@ class _Reconciler:
 
 def test_a_relisting_forgets_children_and_backends_deleted_unseen() -> None:
     async def run() -> None:
-        store = Store()
+        store = new_store()
         ctl = Controller(cast(Reconciler, _Reconciler()), store)
         ctl.queue = WorkQueue()
         store.put(BACKEND, obj("m", "5"))
@@ -180,7 +179,7 @@ def test_a_relisting_forgets_children_and_backends_deleted_unseen() -> None:
 def test_a_forgotten_backend_has_its_children_collected_after_the_grace_period() -> None:
     async def run(leading: asyncio.Event | None) -> list[tuple[str, str, str]]:
         rec = _Reconciler()
-        ctl = Controller(cast(Reconciler, rec), Store(), leading=leading)
+        ctl = Controller(cast(Reconciler, rec), new_store(), leading=leading)
         ctl.queue = WorkQueue()
         ctl.orphan_grace = 0.05
         gone = obj("m", "9")

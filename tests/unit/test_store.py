@@ -9,10 +9,10 @@ from typing import Any, cast
 import kopf
 
 from fabric_operator.controller.handlers import shed
-from fabric_operator.controller.reconciler import BACKEND, Reconciler
+from fabric_operator.controller.reconciler import BACKEND, Reconciler, new_store
 from fabric_operator.controller.runtime import Controller
-from fabric_operator.controller.store import LAST_APPLIED, Store
-from fabric_operator.controller.workqueue import WorkQueue
+from fabric_operator.machinery.store import LAST_APPLIED, Store
+from fabric_operator.machinery.workqueue import WorkQueue
 
 LABELS = {"app.kubernetes.io/managed-by": "fabric-operator", "llm.fabric.dev/backend": "m"}
 
@@ -35,7 +35,7 @@ def child(name: str = "m", rv: str = "5", labels: dict[str, str] | None = None) 
 
 
 def test_store_hands_out_copies_without_what_is_never_read() -> None:
-    store = Store()
+    store = new_store()
     original = child()
     store.put("Deployment", original)
     held = store.get("Deployment", "n", "m")
@@ -52,7 +52,7 @@ def test_store_hands_out_copies_without_what_is_never_read() -> None:
 
 
 def test_store_round_trips_any_text() -> None:
-    store = Store()
+    store = new_store()
     obj = child()
     obj["spec"]["args"] = ["ünïcödé ✓", "\ud83d", "😀", 'quote " and \\ backslash', "\x00"]
     store.put("Deployment", obj)
@@ -61,7 +61,7 @@ def test_store_round_trips_any_text() -> None:
 
 
 def test_store_follows_a_child_that_changes_owner() -> None:
-    store = Store()
+    store = new_store()
     store.put("Pod", child(rv="1"))
     store.put("Pod", child(rv="2", labels={"llm.fabric.dev/backend": "other"}))
     assert store.owned("Pod", "n", "m") == []
@@ -93,7 +93,7 @@ class _Reconciler:
 
 
 def controller() -> tuple[Controller, Store]:
-    store = Store()
+    store = new_store()
     ctl = Controller(cast(Reconciler, _Reconciler()), store)
     ctl.queue = WorkQueue()
     return ctl, store
@@ -135,7 +135,7 @@ def test_index_stores_children_then_the_event_only_queues_their_backend() -> Non
 
 def test_a_new_leader_queues_stored_backends_only_once_the_listings_are_in() -> None:
     async def run() -> None:
-        store = Store()
+        store = new_store()
         leading = asyncio.Event()
         ctl = Controller(cast(Reconciler, _Reconciler()), store, leading=leading)
         ctl.queue = WorkQueue()
@@ -158,7 +158,7 @@ def with_uid(obj: dict[str, Any], uid: str) -> dict[str, Any]:
 
 
 def test_a_deletion_forgets_only_the_object_it_names() -> None:
-    store = Store()
+    store = new_store()
     store.put("Deployment", with_uid(child(rv="9"), "new"))
     assert not store.delete("Deployment", "n", "m", "old")  # the old one's late DELETED
     assert store.has("Deployment", "n", "m") and store.owned("Deployment", "n", "m")
@@ -203,7 +203,7 @@ class _GoneKube:
 
 def test_a_missed_deletion_forgets_only_the_backend_it_asked_about() -> None:
     async def run(recreated: bool) -> tuple[bool, int]:
-        store = Store()
+        store = new_store()
         rec = _Reconciler()
         rec.kube = _GoneKube(store) if recreated else _Gone()  # type: ignore[assignment]
         ctl = Controller(cast(Reconciler, rec), store)

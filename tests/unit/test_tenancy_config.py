@@ -13,8 +13,7 @@ from pydantic import ValidationError
 
 from fabric_operator import cli
 from fabric_operator.config import OperatorConfig
-from fabric_operator.controller.reconciler import Reconciler, Settings
-from fabric_operator.controller.store import Store
+from fabric_operator.controller.reconciler import Reconciler, Settings, new_store
 from fabric_operator.remotehosts import DEFAULT_HOSTS
 from fabric_operator.validation import validate
 from tests.unit.test_reconciler import BACKEND, FakeKube
@@ -120,7 +119,7 @@ def test_the_host_is_not_checked_for_engine_backends() -> None:
 
 def test_a_refused_remote_backend_is_invalid_with_one_warning_and_no_route() -> None:
     kube = FakeKube()
-    store = Store()
+    store = new_store()
     obj = copy.deepcopy(BACKEND)
     obj["spec"] = {"engine": "remote", "remote": {"baseURL": "https://evil.example/v1"}}
     store.put("LLMBackend", obj)

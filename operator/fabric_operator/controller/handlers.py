@@ -12,10 +12,10 @@ from typing import Any
 import kopf
 
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
-from fabric_operator.controller import indexgate, metrics, relist
 from fabric_operator.controller.reconciler import BACKEND
 from fabric_operator.controller.runtime import Controller
-from fabric_operator.controller.store import LAST_APPLIED
+from fabric_operator.machinery import indexgate, metrics, relist
+from fabric_operator.machinery.store import LAST_APPLIED
 from fabric_operator.render.workload import MANAGED_BY
 
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}

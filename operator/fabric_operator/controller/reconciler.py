@@ -22,9 +22,10 @@ from fabric_operator.controller.diff import (
     needs_write,
     with_bookkeeping,
 )
-from fabric_operator.controller.kube import Kube, api_message
+from fabric_operator.controller.kube import Kube
 from fabric_operator.controller.lists import list_ops, port_ops, snapshot
-from fabric_operator.controller.store import Store
+from fabric_operator.machinery.rest import api_message
+from fabric_operator.machinery.store import Store
 from fabric_operator.render import render
 from fabric_operator.render.workload import BACKEND_LABEL, MANAGED_BY
 from fabric_operator.validation import Problem, referenced_secrets, validate
@@ -43,6 +44,13 @@ STALE_RECHECK_SECONDS = 2.0
 REASON_NAME_CONFLICT = "NameConflict"
 CHILD_KINDS = frozenset({"Deployment", "Service", "NetworkPolicy"})
 MANAGED_LABEL = "app.kubernetes.io/managed-by"
+
+
+def new_store() -> Store:
+    """The watch store as this controller reads it: children and pods found by the
+    backend their BACKEND_LABEL names, pods held without their spec (only diagnose reads
+    pods, and only their metadata and status)."""
+    return Store(BACKEND_LABEL, specless=("Pod",))
 
 
 class NameConflictError(Exception):

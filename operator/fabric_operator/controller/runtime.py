@@ -16,11 +16,12 @@ from typing import Any, TypeVar
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL
-from fabric_operator.controller.kube import CHILD_APIS, api_message
+from fabric_operator.controller.kube import CHILD_APIS
 from fabric_operator.controller.reconciler import BACKEND, MANAGED_LABEL, Reconciler
-from fabric_operator.controller.relist import Listing
-from fabric_operator.controller.store import Store
-from fabric_operator.controller.workqueue import WorkQueue
+from fabric_operator.machinery.relist import Listing
+from fabric_operator.machinery.rest import api_message
+from fabric_operator.machinery.store import Store
+from fabric_operator.machinery.workqueue import WorkQueue
 from fabric_operator.render.workload import (
     BACKEND_LABEL,
     DEFAULT_GATEWAY_NAMESPACE,

@@ -23,7 +23,7 @@ from typing import Any
 
 from kopf._cogs.aiokits import aiotoggles
 
-from fabric_operator.controller.kopfcheck import KopfChangedError
+from fabric_operator.machinery.kopfcheck import KopfChangedError
 
 log = logging.getLogger(__name__)
 

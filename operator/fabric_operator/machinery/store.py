@@ -20,8 +20,6 @@ import zlib
 from collections.abc import Collection
 from typing import Any, NamedTuple
 
-from fabric_operator.render.workload import BACKEND_LABEL
-
 Key = tuple[str, str, str]  # kind, namespace, name
 
 
@@ -37,9 +35,8 @@ def _version(obj: dict[str, Any]) -> int | None:
     return resource_version((obj.get("metadata") or {}).get("resourceVersion"))
 
 
-def _owner(obj: dict[str, Any]) -> str | None:
-    # Children and pods carry their LLMBackend's name in this label.
-    owner = ((obj.get("metadata") or {}).get("labels") or {}).get(BACKEND_LABEL)
+def _owner(obj: dict[str, Any], label: str) -> str | None:
+    owner = ((obj.get("metadata") or {}).get("labels") or {}).get(label)
     return str(owner) if owner else None
 
 
@@ -84,9 +81,15 @@ def _decode(data: bytes) -> dict[str, Any]:
 
 
 class Store:
-    def __init__(self) -> None:
+    """Objects by (kind, namespace, name), and by the owner named in their `owner_label`
+    (an owner's pods without scanning them all). Objects of a kind in `specless` are held
+    without their spec, for a controller that reads only their metadata and status."""
+
+    def __init__(self, owner_label: str, *, specless: Collection[str] = ()) -> None:
+        self.owner_label = owner_label
+        self.specless = frozenset(specless)
         self._objects: dict[Key, _Held] = {}
-        # (kind, namespace, backend) -> names: a backend's pods without scanning them all.
+        # (kind, namespace, owner) -> names
         self._owned: dict[Key, set[str]] = {}
         self._lock = threading.Lock()
 
@@ -98,11 +101,11 @@ class Store:
     def put(self, kind: str, obj: dict[str, Any]) -> None:
         """Keep `obj` (slimmed) unless the store already holds a newer version of it."""
         obj = slim(obj)
-        if kind == "Pod":  # only diagnose reads pods, and only their metadata and status
+        if kind in self.specless:
             obj = {k: v for k, v in obj.items() if k != "spec"}
         _, namespace, name = self.key(kind, obj)
         key = (kind, _own(namespace), _own(name))  # a held key keeps its own strings
-        owner = _owner(obj)
+        owner = _owner(obj, self.owner_label)
         new = _Held(_version(obj), _own(owner) if owner else None, _encode(obj))
         with self._lock:
             held = self._objects.get(key)
@@ -138,10 +141,10 @@ class Store:
                 self._disown(kind, namespace, held.owner, name)
             return True
 
-    def owned(self, kind: str, namespace: str, backend: str) -> list[dict[str, Any]]:
-        """Objects of `kind` labelled as belonging to the LLMBackend `backend`."""
+    def owned(self, kind: str, namespace: str, owner: str) -> list[dict[str, Any]]:
+        """Objects of `kind` whose `owner_label` names `owner`."""
         with self._lock:
-            names = self._owned.get((kind, namespace, backend), set())
+            names = self._owned.get((kind, namespace, owner), set())
             held = [self._objects.get((kind, namespace, n)) for n in sorted(names)]
         return [_decode(h.data) for h in held if h is not None]
 

@@ -28,6 +28,6 @@ class KopfChangedError(RuntimeError):
         super().__init__(
             f"kopf {installed()} is not the kopf {CHECKED}.x this operator was checked "
             f"against: {what}. Install kopf>={CHECKED},<1.46 (the version pyproject.toml "
-            "pins), or check the wraps in fabric_operator/controller/indexgate.py and "
+            "pins), or check the wraps in fabric_operator/machinery/indexgate.py and "
             "relist.py against the new kopf first."
         )

@@ -37,7 +37,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from fabric_operator.controller.kube import api_message, request, segment
+from fabric_operator.machinery.rest import api_message, request, segment
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from kopf._cogs.configs import configuration
 from kopf._cogs.helpers import typedefs
 from kopf._cogs.structs import bodies, references
 
-from fabric_operator.controller.kopfcheck import KopfChangedError
-from fabric_operator.controller.store import resource_version
+from fabric_operator.machinery.kopfcheck import KopfChangedError
+from fabric_operator.machinery.store import resource_version
 
 log = logging.getLogger(__name__)
 
