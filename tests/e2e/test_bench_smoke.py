@@ -54,7 +54,9 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
         "cpu",
     }
     # Counts, not times: these are exact and must hold on any machine.
-    assert 2 <= results["throughput"]["5"]["requests_per_backend"] <= 4
+    # NetworkPolicy, Deployment and Service: a create and its managedFields patch each,
+    # then one status write: 7 (a retried managedFields patch would make it more).
+    assert results["throughput"]["5"]["requests_per_backend"] == 7
     assert results["restart"]["requests"] == 0
     assert results["restart"]["writes_apiserver"] == 0
     assert results["idle"]["requests"] == 0

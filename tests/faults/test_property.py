@@ -433,7 +433,9 @@ def generate(n: int, draw_seed: int) -> list[Case]:
 
 # --- outcomes ----------------------------------------------------------------------------
 
-FREE_FORM = re.compile(r"\.affinity|\.valueFrom")
+# An apply names the field (spec.template.spec.affinity); a create's decoder its Go type
+# (v1.PodSpec.Affinity).
+FREE_FORM = re.compile(r"\.affinity|\.valueFrom", re.IGNORECASE)
 # None today. Fixed since, and no longer excused: characters beyond U+FFFF broke every
 # apply (test_strange_values.py::test_characters_beyond_the_bmp_reach_the_children);
 # Service annotations were measured in characters, not bytes
