@@ -237,13 +237,16 @@ def test_killed_upstream_falls_back_but_never_mid_stream(
 ) -> None:
     primary, _, gw = pair
     body = {"model": "m", "stream": True, **CHAT}
+    received = b""
     with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=10) as r:
         assert r.headers["x-fabric-backend"] == "ns/p"
         chunks = r.iter_raw()
-        first = next(chunks)
+        received += next(chunks)
         threading.Timer(0.3, primary.kill).start()
-        rest = b"".join(chunks)  # ends when the upstream dies; nothing from the spare
-    received = first + rest
+        # Cut when the upstream dies, and cut for the client too: never a clean end.
+        with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+            for chunk in chunks:
+                received += chunk
     assert b"primary-0" in received and b"spare" not in received
     assert b"data: [DONE]" not in received
     print(f"stream cut after {received.count(b'data:')} events, no fallback mid-stream")

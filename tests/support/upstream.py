@@ -2,6 +2,17 @@
 tests and benchmarks. Deterministic answers, so a stream can be compared byte for byte.
 
     python -m tests.support.upstream --port 8001 --name a [--status 503] [--key K]
+
+For robustness tests it can also misbehave and say what it saw:
+
+- `--events FILE`: one JSON line per request (`request`), per answer ended (`completed`),
+  per client that went away before its answer ended (`disconnected`, with the chunks
+  sent): how a test sees that the gateway cancelled a request, without sleeping.
+- `--break-after N`: a stream breaks off after N chunks (the connection is closed).
+- `--raw MODE`: not uvicorn but a bare TCP server, answering /v1/models and otherwise:
+  `hang` reads the request and never answers (`closed` once the peer hangs up);
+  `garbage` answers bytes that are no HTTP; `bad-status` a status line of 799;
+  `bad-header` a header value with a control character.
 """
 
 from __future__ import annotations
@@ -64,10 +75,43 @@ def stream_chunks(name: str, model: str, pieces: int) -> list[bytes]:
     return out
 
 
+class Events:
+    """Appends one JSON line per event to a file (or does nothing without one)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def wait_event(path: Path, event: str, count: int = 1, timeout: float = 5.0) -> list[float]:
+    """Until the file holds `count` events of that name; the times they were written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        times = [e["time"] for e in read_events(path) if e["event"] == event]
+        if len(times) >= count:
+            return times
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} {event!r} events not in {path} within {timeout}s")
+        time.sleep(0.01)
+
+
 class Upstream:
     def __init__(self, args: argparse.Namespace) -> None:
         self.name, self.status, self.key = args.name, args.status, args.key
         self.delay, self.pieces, self.gap = args.delay, args.pieces, args.gap
+        # Optional: tests.support.tenancy builds its arguments without them.
+        self.break_after: int | None = getattr(args, "break_after", None)
+        self.events = Events(getattr(args, "events", None))
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,6 +122,35 @@ class Upstream:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        if not self.events.path or scope["path"] == "/v1/models":  # not the probe
+            return await self.answer(scope, body, send, [0])
+        # Listen for the client while answering: its going away cancels the answer.
+        self.events("request", path=scope["path"])
+        task, sent, done, gone = asyncio.current_task(), [0], [False], [False]
+        assert task is not None
+
+        async def watch() -> None:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not done[0]:
+                gone[0] = True
+                self.events("disconnected", path=scope["path"], chunks=sent[0])
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self.answer(scope, body, send, sent)
+            done[0] = True
+            self.events("completed", path=scope["path"], chunks=sent[0])
+        except asyncio.CancelledError:
+            if not gone[0]:
+                raise
+            task.uncancel()
+        finally:
+            done[0] = True
+            watcher.cancel()
+        return None
+
+    async def answer(self, scope: dict[str, Any], body: bytes, send: Send, sent: list[int]) -> None:
         headers = dict(scope["headers"])
         seen = headers.get(b"authorization", b"").decode()
         extra = [(b"x-upstream", self.name.encode()), (b"x-seen-authorization", seen.encode())]
@@ -100,12 +173,63 @@ class Upstream:
             start = [(b"content-type", b"text/event-stream"), *extra]
             await send({"type": "http.response.start", "status": 200, "headers": start})
             for piece in stream_chunks(self.name, model, self.pieces):
+                if sent[0] == self.break_after:
+                    self.events("broke", path=path, chunks=sent[0])
+                    raise BrokenOnPurposeError  # uvicorn closes the connection mid-answer
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
+                sent[0] += 1
                 if self.gap:
                     await asyncio.sleep(self.gap)
             await send({"type": "http.response.body", "body": b""})
             return None
         return await _send(send, 200, chat_answer(self.name, model), extra)
+
+
+class BrokenOnPurposeError(Exception):
+    """--break-after: raised out of the app mid-answer, so uvicorn closes the connection."""
+
+
+RAW_ANSWERS = {
+    "garbage": b"HELLO THERE\r\n\r\n",
+    "bad-status": b"HTTP/1.1 799 Weird\r\ncontent-length: 2\r\n\r\nok",
+    "bad-header": b"HTTP/1.1 200 OK\r\nx-odd: a\x01b\r\ncontent-length: 2\r\n\r\nok",
+}
+_MODELS = b'{"object": "list", "data": []}'
+MODELS_ANSWER = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    + f"content-length: {len(_MODELS)}\r\n\r\n".encode()
+    + _MODELS
+)
+
+
+async def serve_raw(host: str, port: int, mode: str, events: Events) -> None:
+    """A bare TCP server that misbehaves as `mode` says (see the module's doc)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ", 2)[1].decode()
+            for line in head.lower().split(b"\r\n"):
+                if line.startswith(b"content-length:"):
+                    await reader.readexactly(int(line.split(b":", 1)[1]))
+            if path == "/v1/models":
+                writer.write(MODELS_ANSWER)
+            elif mode == "hang":
+                events("request", path=path)
+                await reader.read()  # until the peer hangs up; never an answer
+                events("closed", path=path)
+            else:
+                events("request", path=path)
+                writer.write(RAW_ANSWERS[mode])
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host, port)
+    async with server:
+        await server.serve_forever()
 
 
 async def _send(send: Send, status: int, data: Any, extra: list[tuple[bytes, bytes]]) -> None:
@@ -126,7 +250,13 @@ def main() -> None:
     p.add_argument("--delay", type=float, default=0.0, help="seconds before answering")
     p.add_argument("--pieces", type=int, default=5, help="content chunks of a stream")
     p.add_argument("--gap", type=float, default=0.0, help="seconds between stream chunks")
+    p.add_argument("--events", help="append what happened to this file (JSON lines)")
+    p.add_argument("--break-after", type=int, help="break a stream off after N chunks")
+    p.add_argument("--raw", choices=["hang", *RAW_ANSWERS], help="misbehave as a bare server")
     args = p.parse_args()
+    if args.raw:
+        asyncio.run(serve_raw(args.host, args.port, args.raw, Events(args.events)))
+        return
     uvicorn.run(
         Upstream(args),
         host=args.host,
@@ -169,6 +299,7 @@ def wait_http(
 class Process:
     proc: subprocess.Popen[bytes]
     url: str  # base URL, ending in /v1 for upstreams
+    events: Path | None = None  # what an upstream started with `events=` saw
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -186,21 +317,27 @@ class Process:
 
 @contextlib.contextmanager
 def upstream(
-    name: str, *args: str, host: str = "127.0.0.1", port: int = 0, enter: list[str] | None = None
+    name: str,
+    *args: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    enter: list[str] | None = None,
+    events: Path | None = None,
 ) -> Iterator[Process]:
     """The fake upstream as its own process, stopped at exit; `enter` runs it in another
-    network namespace (tests.support.testhost)."""
+    network namespace (tests.support.testhost); `events`: the file it records to."""
     port = port or free_port(host)
+    more = ["--events", str(events)] if events is not None else []
     proc = subprocess.Popen(
         [
             *(enter or []),
             *(sys.executable, "-m", "tests.support.upstream"),
-            *("--host", host, "--port", str(port), "--name", name, *args),
+            *("--host", host, "--port", str(port), "--name", name, *args, *more),
         ],
         cwd=REPO,
         env=dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'operator'}"),
     )
-    p = Process(proc, f"http://{host}:{port}/v1")
+    p = Process(proc, f"http://{host}:{port}/v1", events)
     try:
         wait_http(f"{p.url}/models", proc)
         yield p

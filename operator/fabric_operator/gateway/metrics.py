@@ -1,4 +1,15 @@
-"""The gateway's Prometheus metrics, by model and tenant (never by key)."""
+"""The gateway's Prometheus metrics, by model and tenant (never by key).
+
+No label takes a value a client writes, so no client can make series without end:
+
+- `model`: a model that routed for the caller's key (its candidates exist and its key may
+  use it); `unknown` for any other name a request carried, `-` when none was read (a
+  refusal before the body, /v1/models). Models are the LLMBackends' (or the file's).
+- `tenant`: the key's name, `namespace/secret-name` (or the file's name), `-` without a
+  known key; `backend`, `from_backend`, `to_backend`: backend ids of the snapshot.
+- `code`: the status answered; an upstream's passes through only if it is 200 to 599.
+- `reason`, `stage`: fixed sets, listed with each metric.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 # Buckets from 1 ms (a cached answer) to 10 min (a long generation).
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 600)
+UNKNOWN = "unknown"  # the model label of a request whose model did not route for its key
+NONE = "-"  # no model, tenant or backend (yet)
 
 
 class GatewayMetrics:
@@ -13,13 +26,14 @@ class GatewayMetrics:
         kw = {"registry": registry} if registry is not None else {}
         self.requests = Counter(
             "fabric_gateway_requests",
-            "Requests answered, by model, tenant, backend that answered and HTTP status.",
+            "Requests answered, by model (routed ones only, else 'unknown' or '-'), tenant, "
+            "backend that answered and HTTP status.",
             ["model", "tenant", "backend", "code"],
             **kw,  # type: ignore[arg-type]
         )
         self.latency = Histogram(
             "fabric_gateway_request_duration_seconds",
-            "Time from the request to the last byte of the answer.",
+            "Time from the request to the last byte of the answer (routed requests).",
             ["model", "tenant"],
             buckets=BUCKETS,
             **kw,  # type: ignore[arg-type]
@@ -33,8 +47,10 @@ class GatewayMetrics:
         )
         self.upstream_errors = Counter(
             "fabric_gateway_upstream_errors",
-            "Upstream attempts that failed: unreachable, timeout, no_ready_endpoint, or the "
-            "HTTP status (429, 5xx).",
+            "Upstream attempts that failed: unreachable, timeout (no first byte in time), "
+            "saturated (no free connection in time), bad_response (not HTTP we can pass "
+            "on), no_ready_endpoint, the HTTP status (429, 5xx); and answers that broke "
+            "after they began: broken, idle_timeout.",
             ["backend", "reason"],
             **kw,  # type: ignore[arg-type]
         )
@@ -42,5 +58,19 @@ class GatewayMetrics:
             "fabric_gateway_fallbacks",
             "Requests passed on from one backend to the next.",
             ["model", "from_backend", "to_backend"],
+            **kw,  # type: ignore[arg-type]
+        )
+        self.client_disconnects = Counter(
+            "fabric_gateway_client_disconnects",
+            "Clients that went away before their answer ended; the upstream request was "
+            "cancelled (its connection closed).",
+            ["backend"],
+            **kw,  # type: ignore[arg-type]
+        )
+        self.unexpected_errors = Counter(
+            "fabric_gateway_unexpected_errors",
+            "Errors the gateway did not expect (a bug): answered with a 502 "
+            "(stage=before_answer) or by closing the connection (stage=mid_answer).",
+            ["stage"],
             **kw,  # type: ignore[arg-type]
         )

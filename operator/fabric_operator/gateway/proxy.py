@@ -3,19 +3,42 @@ answer through byte for byte, fall back before the first byte if the upstream fa
 
 Plain ASGI rather than a framework: five routes, and the request path is the product, so
 every step on it is visible here.
+
+What a request may cost the gateway, in order:
+
+- Refused before its body is read: no or an unknown key (401), a Content-Length over the
+  limit (413), over its key's rate limit (429). The answer then says `connection: close`
+  and uvicorn closes the connection, so the unread body is never read, nor drained.
+- A body that grows over the limit while it is read (chunked): 413, the rest unread.
+- A backend is tried only with a free slot for its upstream (`upstream.Slots`); a full
+  one is waited for up to `pool_timeout`, then the next candidate (or a 503) follows.
+- Until the first byte of an answer nothing has reached the client, so a backend that
+  does not answer in time (`fallback_timeout` when there is another candidate, else
+  `first_byte_timeout`), refuses, answers garbage, 429 or 5xx is passed over.
+- Once an answer began it is passed on to its end; if the upstream breaks off or goes
+  silent for `idle_timeout`, the client's connection is closed without the end of the
+  answer (no final chunk), so the client sees it cut rather than complete.
+- A client that goes away cancels the upstream request: its connection is closed, which
+  an engine takes as the end of the request (it stops generating).
+- Anything unexpected is logged (the error's type and where, never its message, the key
+  or the body), counted, and answered with an OpenAI-shaped 502, or, once the answer
+  began, by closing the connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
+import re
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fabric_operator.gateway.metrics import GatewayMetrics
+from fabric_operator.gateway.metrics import NONE, UNKNOWN, GatewayMetrics
 from fabric_operator.gateway.ratelimit import RateLimiter
 from fabric_operator.gateway.routes import Backend, Tenant
 from fabric_operator.gateway.sources import Source
@@ -24,8 +47,13 @@ from fabric_operator.gateway.upstream import (
     BrokenAnswerError,
     Client,
     Response,
+    SlotKey,
+    Slots,
+    Timeouts,
+    UpstreamBadResponseError,
     UpstreamTimeoutError,
     UpstreamUnreachableError,
+    slot_key,
 )
 
 Scope = dict[str, Any]
@@ -51,9 +79,29 @@ HOP_BY_HOP = frozenset(
     }
 )
 PASSED_REQUEST_HEADERS = frozenset({b"accept", b"x-request-id", b"user-agent"})
-MAX_BODY = 32 * 1024 * 1024
+MIB = 1024 * 1024
 BACKEND_HEADER = b"x-fabric-backend"
 JSON = [(b"content-type", b"application/json")]
+CLOSE = (b"connection", b"close")
+# What an upstream's header may hold to be passed on: names are RFC 9110 tokens, values
+# have no control characters but tab. uvicorn refuses the rest, after it has marked the
+# answer started, when nothing else could be answered any more.
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_BAD_HEADER_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+WATCH_AFTER = 0.05  # seconds into forwarding when the client's disconnect is listened for
+MODEL_LOGGED = 100  # characters of a requested model name the access log keeps
+
+
+class UpstreamSaturatedError(Exception):
+    """No slot of the backend's upstreams came free within the pool timeout."""
+
+
+ATTEMPT_FAILURES = (
+    UpstreamTimeoutError,
+    UpstreamSaturatedError,
+    UpstreamUnreachableError,
+    UpstreamBadResponseError,
+)
 
 
 class HTTPError(Exception):
@@ -76,16 +124,35 @@ class HTTPError(Exception):
         return json.dumps({"error": error}).encode()
 
 
+class AnswerAbortedError(Exception):
+    """Raised out of the application once an answer began and cannot be completed:
+    uvicorn then closes the connection without ending the answer (for a chunked one, no
+    final empty chunk), so the client sees it cut. Logged by the gateway itself; the
+    server's own "Exception in ASGI application" is left out (`QuietAborts`)."""
+
+
+class QuietAborts(logging.Filter):
+    """For uvicorn's error logger: drop its traceback of an AnswerAbortedError."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, AnswerAbortedError)
+
+
 @dataclass
 class Outcome:
     """What one request did, for the access log and the metrics."""
 
-    model: str = "-"
-    tenant: str = "-"
-    backend: str = "-"
+    model: str = NONE  # the metrics label: a routed model, UNKNOWN, or NONE
+    asked: str | None = None  # the model the body named, for the log
+    tenant: str = NONE
+    backend: str = NONE
     status: int = 0
     ttfb: float | None = None
     tried: list[str] = field(default_factory=list)
+    started: bool = False  # the answer's status and headers were sent
+    body_unread: bool = False  # a request body the gateway has not read (all of)
+    aborted: str | None = None  # why the answer was cut: client_disconnected, broken, ...
 
 
 @dataclass
@@ -100,15 +167,62 @@ class Call:
     send: Send
     outcome: Outcome
     start: float
+    task: asyncio.Task[Any]  # the request's
+    receive: Receive
+    done: bool = False  # the answer ended (or failed): a disconnect no longer matters
+    client_left: bool = False
+    listening: asyncio.Future[Message] | None = None  # for the client's disconnect
+    slot: SlotKey = ""  # of the upstream tried, while it is
+    answer_headers: list[tuple[bytes, bytes]] | None = None  # to pass on (`_unpassable`)
+
+    def listen(self) -> None:
+        """With the body read, the server's next message is the client's disconnect,
+        which cancels the request's task (and so the upstream request, wherever it is).
+        Listening takes a task of its own, which would cost a tenth of a short
+        request's time, so it starts only once a request has taken WATCH_AFTER: one
+        answered sooner has had nothing worth cancelling."""
+        if not self.done:
+            self.listening = asyncio.ensure_future(self.receive())
+            self.listening.add_done_callback(self._heard)
+
+    def _heard(self, message: asyncio.Future[Message]) -> None:
+        if self.done or message.cancelled() or message.exception() is not None:
+            return
+        if message.result().get("type") == "http.disconnect":
+            self.client_left = True
+            self.task.cancel()
 
 
 @dataclass
 class Settings:
-    timeout: float = 600.0  # before the upstream's first byte (and between bytes)
+    """Limits of the request path; `server.add_flags` has a flag for each.
+
+    An LLM answer's first byte may be long in coming: a non-streaming answer's status
+    line comes only once the whole answer is generated, and an engine may be loading
+    the model. So the wait for the first byte is long where nothing else could answer
+    (`first_byte_timeout`, 10 min as before, also `--timeout`), and short where another
+    backend could (`fallback_timeout`): a hung backend with a fallback costs its
+    requests 30 s, and one without keeps them no longer than the client would wait (the
+    OpenAI clients' own default is 600 s). Once an answer began, `idle_timeout` bounds
+    the silence between its chunks: tokens come every few ms, but a reasoning model may
+    think for minutes between them. `max_per_upstream` is vLLM's usual `max_num_seqs`
+    (256 sequences in flight per engine): more would mostly queue in the engine.
+    """
+
+    first_byte_timeout: float = 600.0  # when no other candidate remains
+    fallback_timeout: float = 30.0  # when another could answer instead
     connect_timeout: float = 5.0
-    max_connections: int = 1000
+    idle_timeout: float = 300.0  # between chunks of an answer that began
+    pool_timeout: float = 10.0  # waiting for a free slot of a saturated upstream
+    max_per_upstream: int = 256  # requests in flight per upstream (replica URL)
+    max_body: int = 32 * MIB
     access_log: bool = True
     client: str = "aiohttp"  # or httpx: see fabric_operator.gateway.upstream
+
+    def first_byte(self, last: bool) -> float:
+        if last:
+            return self.first_byte_timeout
+        return min(self.fallback_timeout, self.first_byte_timeout)
 
 
 class Gateway:
@@ -119,7 +233,8 @@ class Gateway:
         self.settings = settings or Settings()
         self.limiter = RateLimiter()
         st = self.settings
-        self.client: Client = CLIENTS[st.client](st.timeout, st.connect_timeout, st.max_connections)
+        self.slots = Slots(st.max_per_upstream)
+        self.client: Client = CLIENTS[st.client](Timeouts(st.connect_timeout, st.idle_timeout))
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -127,36 +242,54 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        path, method = scope["path"], scope["method"]
+        path = scope["path"]
         start = time.perf_counter()
         outcome = Outcome()
         try:
-            if path in FORWARDED:
-                if method != "POST":
-                    raise HTTPError(405, f"{path} takes POST", "invalid_request_error", "405")
-                await self._forward(scope, receive, send, outcome, start)
-            elif path == "/v1/models" and method == "GET":
-                await self._models(scope, send, outcome)
-            elif path == "/healthz":
-                await _json(send, 200, {"status": "ok", **self.source.status()})
+            if not await self._route(scope, receive, send, outcome, start):
                 return
-            elif path == "/readyz":
-                ready = self.source.ready
-                await _json(send, 200 if ready else 503, {"ready": ready, **self.source.status()})
-                return
-            else:
-                raise HTTPError(404, f"no route {method} {path}", "invalid_request_error", "404")
         except HTTPError as err:
-            outcome.status = err.status
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": err.status,
-                    "headers": [*JSON, *err.headers],
-                }
+            await self._refuse(send, outcome, err)
+        except AnswerAbortedError:
+            self._record(outcome, path, time.perf_counter() - start)
+            raise
+        except Exception as err:
+            self._unexpected(err, outcome, path)
+            if outcome.started:
+                self._record(outcome, path, time.perf_counter() - start)
+                raise AnswerAbortedError("unexpected error") from None
+            failed = HTTPError(
+                502,
+                "the gateway failed on this request (the error is logged)",
+                "server_error",
+                "internal_error",
             )
-            await send({"type": "http.response.body", "body": err.body()})
+            await self._refuse(send, outcome, failed)
         self._record(outcome, path, time.perf_counter() - start)
+
+    async def _route(
+        self, scope: Scope, receive: Receive, send: Send, outcome: Outcome, start: float
+    ) -> bool:
+        """Answer the request; False for what is neither logged nor counted (probes)."""
+        path, method = scope["path"], scope["method"]
+        if path in FORWARDED:
+            if method != "POST":
+                outcome.body_unread = _body_framing(scope)[1]
+                raise HTTPError(405, f"{path} takes POST", "invalid_request_error", "405")
+            await self._forward(scope, receive, send, outcome, start)
+        elif path == "/v1/models" and method == "GET":
+            await self._models(scope, send, outcome)
+        elif path == "/healthz":
+            await _json(send, 200, {"status": "ok", **self.source.status()})
+            return False
+        elif path == "/readyz":
+            ready = self.source.ready
+            await _json(send, 200 if ready else 503, {"ready": ready, **self.source.status()})
+            return False
+        else:
+            outcome.body_unread = _body_framing(scope)[1]
+            raise HTTPError(404, f"no route {method} {path}", "invalid_request_error", "404")
+        return True
 
     # ---- the parts of a request --------------------------------------------------------
 
@@ -183,21 +316,38 @@ class Gateway:
             for model, backend in self.source.snapshot.models_for(tenant)
         ]
         outcome.status = 200
+        outcome.started = True
         await _json(send, 200, {"object": "list", "data": data})
 
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, outcome: Outcome, start: float
     ) -> None:
+        st = self.settings
+        length, outcome.body_unread = _body_framing(scope)
+        # Refusals that need no body come before it is read.
         tenant = self._tenant(scope)
         outcome.tenant = tenant.name
-        body = await _read_body(receive)
+        if length is not None and length > st.max_body:
+            raise _too_large(st.max_body)
+        if tenant.rpm is not None:
+            wait = self.limiter.take(tenant.id, tenant.rpm)
+            if wait > 0:
+                raise HTTPError(
+                    429,
+                    f"tenant '{tenant.name}' is over its limit of {tenant.rpm} requests per minute",
+                    "rate_limit_error",
+                    "rate_limit_exceeded",
+                    [(b"retry-after", str(math.ceil(wait)).encode())],
+                )
+        body = await _read_body(receive, st.max_body)
+        outcome.body_unread = False
         payload = _parse(body)
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             raise HTTPError(
                 400, "'model' is required (a string)", "invalid_request_error", "missing_model"
             )
-        outcome.model = model
+        outcome.asked, outcome.model = model[:MODEL_LOGGED], UNKNOWN
         candidates = self.source.snapshot.candidates(tenant, model)
         if not candidates:
             raise HTTPError(
@@ -214,26 +364,45 @@ class Gateway:
                 "permission_error",
                 "model_not_allowed",
             )
-        if tenant.rpm is not None:
-            wait = self.limiter.take(tenant.id, tenant.rpm)
-            if wait > 0:
-                raise HTTPError(
-                    429,
-                    f"tenant '{tenant.name}' is over its limit of {tenant.rpm} requests per minute",
-                    "rate_limit_error",
-                    "rate_limit_exceeded",
-                    [(b"retry-after", str(math.ceil(wait)).encode())],
-                )
+        outcome.model = model  # routed for this key: a label the snapshot bounds
         headers = [(k, v) for k, v in scope["headers"] if k in PASSED_REQUEST_HEADERS]
         headers.append((b"content-type", b"application/json"))
-        call = Call(model, payload, body, headers, scope["path"][3:], send, outcome, start)
-        await self._try(candidates, call)
+        task = asyncio.current_task()
+        assert task is not None
+        call = Call(
+            model, payload, body, headers, scope["path"][3:], send, outcome, start, task, receive
+        )
+        await self._watching_the_client(candidates, call)
+
+    async def _watching_the_client(self, candidates: tuple[Backend, ...], call: Call) -> None:
+        """Try the candidates while listening for the client (`Call.listen`)."""
+        task = call.task
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER, call.listen)
+        try:
+            await self._try(candidates, call)
+        except asyncio.CancelledError:
+            if not call.client_left:
+                raise
+            task.uncancel()
+            outcome = call.outcome
+            outcome.aborted = "client_disconnected"
+            if not outcome.started:
+                outcome.status = 499
+            self.metrics.client_disconnects.labels(outcome.tried[-1]).inc()
+        finally:
+            call.done = True
+            timer.cancel()
+            if call.listening is not None:
+                call.listening.cancel()
 
     async def _try(self, candidates: tuple[Backend, ...], call: Call) -> None:
         """Each candidate in turn until one answers with something other than 429/5xx; the
         last one's answer goes through whatever it is."""
+        st = self.settings
         failure: HTTPError | None = None
-        last = len(candidates) - 1
+        last = len(candidates) - 1  # the last candidate with an upstream to try
+        while last >= 0 and not candidates[last].urls:
+            last -= 1
         outcome, model = call.outcome, call.model
         for i, backend in enumerate(candidates):
             if outcome.tried:
@@ -252,96 +421,241 @@ class Gateway:
             if backend.upstream_model and backend.upstream_model != model:
                 content = json.dumps({**call.payload, "model": backend.upstream_model}).encode()
             headers = [*call.headers, *backend.header_bytes]
+            wait = st.first_byte(i >= last)
             try:
-                response = await self._post(backend, call.suffix, content, headers)
-            except UpstreamTimeoutError:
-                self.metrics.upstream_errors.labels(backend.id, "timeout").inc()
-                failure = HTTPError(
-                    504,
-                    f"upstream {backend.id} did not answer within {self.settings.timeout:g}s",
-                    "upstream_error",
-                    "upstream_timeout",
-                )
+                response = await self._post(backend, call, content, headers, wait)
+            except ATTEMPT_FAILURES as err:
+                failure = self._failed(backend, err, wait)
                 continue
-            except UpstreamUnreachableError as err:
-                self.metrics.upstream_errors.labels(backend.id, "unreachable").inc()
-                failure = HTTPError(
-                    502,
-                    f"upstream {backend.id} is unreachable ({err})",
-                    "upstream_error",
-                    "upstream_unreachable",
-                )
-                continue
-            if response.status in RETRYABLE:
-                self.metrics.upstream_errors.labels(backend.id, str(response.status)).inc()
-                if i < last:
-                    await response.close()
+            try:
+                why = _unpassable(response, call)
+                if why is not None:
+                    await response.abort()
+                    failure = self._failed(backend, UpstreamBadResponseError(why), wait)
                     continue
-            await self._pass_through(response, backend, call)
-            return
+                if response.status in RETRYABLE:
+                    self.metrics.upstream_errors.labels(backend.id, str(response.status)).inc()
+                    if i < last:
+                        await response.close()
+                        continue
+                await self._pass_through(response, backend, call)
+                return
+            finally:
+                self.slots.release(call.slot)
         assert failure is not None
         raise failure
 
+    def _failed(self, backend: Backend, err: Exception, wait: float) -> HTTPError:
+        """Count an attempt that got no answer to pass on, and the error it would be."""
+        st, which = self.settings, backend.id
+        if isinstance(err, UpstreamTimeoutError):
+            reason = "timeout"
+            error = HTTPError(
+                504,
+                f"upstream {which} sent no answer within {wait:g}s",
+                "upstream_error",
+                "upstream_timeout",
+            )
+        elif isinstance(err, UpstreamSaturatedError):
+            reason = "saturated"
+            error = HTTPError(
+                503,
+                f"upstream {which} is saturated ({st.max_per_upstream} requests in flight; "
+                f"none ended within {st.pool_timeout:g}s)",
+                "service_unavailable",
+                "upstream_saturated",
+                [(b"retry-after", b"1")],
+            )
+        elif isinstance(err, UpstreamBadResponseError):
+            reason = "bad_response"
+            error = HTTPError(
+                502,
+                f"upstream {which} answered with something that is not HTTP the gateway "
+                f"can pass on ({err})",
+                "upstream_error",
+                "upstream_bad_response",
+            )
+        else:
+            reason = "unreachable"
+            error = HTTPError(
+                502,
+                f"upstream {which} is unreachable ({err})",
+                "upstream_error",
+                "upstream_unreachable",
+            )
+        self.metrics.upstream_errors.labels(which, reason).inc()
+        return error
+
     async def _post(
-        self, backend: Backend, suffix: str, content: bytes, headers: list[tuple[bytes, bytes]]
+        self,
+        backend: Backend,
+        call: Call,
+        content: bytes,
+        headers: list[tuple[bytes, bytes]],
+        first_byte: float,
     ) -> Response:
-        """One backend: a replica that refuses the connection (it died before the
-        Endpoints said so) is skipped for the next ready one; nothing was sent yet."""
-        for attempt in range(len(backend.urls)):
+        """One backend, with a slot of one of its upstreams held (`call.slot`, which the
+        caller releases): the next in round-robin order with a free slot, else the next,
+        waited for. A replica that refuses the connection (it died before the Endpoints
+        said so) is skipped for the next one; nothing was sent yet."""
+        slots, ident = self.slots, backend.id
+        urls = backend.urls
+        if len(urls) > 1:
+            i = urls.index(backend.pick())
+            urls = urls[i:] + urls[:i]
+            urls = tuple(u for u in urls if slots.free(slot_key(ident, u))) or urls[:1]
+        for attempt, url in enumerate(urls):
+            slot = slot_key(ident, url)
+            if not slots.take(slot) and not await slots.wait(slot, self.settings.pool_timeout):
+                raise UpstreamSaturatedError
             try:
-                return await self.client.post(backend.pick() + suffix, content, headers)
+                response = await self.client.post(url + call.suffix, content, headers, first_byte)
             except UpstreamUnreachableError:
-                if attempt == len(backend.urls) - 1:
+                slots.release(slot)
+                if attempt == len(urls) - 1:
                     raise
-                self.metrics.upstream_errors.labels(backend.id, "unreachable").inc()
+                self.metrics.upstream_errors.labels(ident, "unreachable").inc()
+                continue
+            except BaseException:
+                slots.release(slot)
+                raise
+            call.slot = slot
+            return response
         raise AssertionError("unreachable: a backend without URLs is skipped before")
 
     async def _pass_through(self, response: Response, backend: Backend, call: Call) -> None:
-        """The upstream's status, headers and body, chunk by chunk as they arrive."""
+        """The upstream's status, headers and body, chunk by chunk as they arrive; an
+        answer that breaks off is cut off for the client too (AnswerAbortedError)."""
         send, outcome = call.send, call.outcome
         outcome.backend, outcome.status = backend.id, response.status
-        headers = [(k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP]
+        outcome.ttfb = time.perf_counter() - call.start
+        headers = call.answer_headers or []
         headers.append((BACKEND_HEADER, backend.id.encode()))
+        complete = False
         try:
+            outcome.started = True
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
             )
             async for chunk in response.body():
-                if outcome.ttfb is None:
-                    outcome.ttfb = time.perf_counter() - call.start
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            complete = True
         except BrokenAnswerError as err:
-            # Too late to fall back or to answer otherwise: end the answer where it broke.
-            log.warning("upstream %s broke off its answer: %s", backend.id, err)
+            reason = "idle_timeout" if err.idle else "broken"
+            self.metrics.upstream_errors.labels(backend.id, reason).inc()
+            outcome.aborted = reason
+            log.warning(
+                "upstream %s broke off its answer (%s): the client's connection is closed",
+                backend.id,
+                err,
+            )
+            raise AnswerAbortedError(reason) from None
         finally:
-            await response.close()
+            if complete:
+                await response.close()
+            else:
+                await response.abort()  # the upstream sees its request cancelled
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _refuse(self, send: Send, outcome: Outcome, err: HTTPError) -> None:
+        """An error of the gateway's own; with a body left unread, the connection is
+        closed after it (uvicorn does on `connection: close`) rather than read on."""
+        if outcome.started:
+            raise AnswerAbortedError(err.code) from err
+        outcome.status = err.status
+        body = err.body()
+        headers = [*JSON, (b"content-length", b"%d" % len(body)), *err.headers]
+        if outcome.body_unread:
+            headers.append(CLOSE)
+        outcome.started = True
+        await send({"type": "http.response.start", "status": err.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _unexpected(self, err: Exception, outcome: Outcome, path: str) -> None:
+        """Log and count an error nobody expected: its type and where it was raised,
+        never its message, which may quote a key or the request."""
+        stage = "mid_answer" if outcome.started else "before_answer"
+        self.metrics.unexpected_errors.labels(stage).inc()
+        where = [
+            f"{frame.filename}:{frame.lineno} in {frame.name}"
+            for frame in traceback.extract_tb(err.__traceback__)
+        ]
+        log.error(
+            "unexpected %s on %s (%s)",
+            type(err).__name__,
+            path,
+            "the connection is closed" if outcome.started else "answered 502",
+            extra={
+                "fields": {
+                    "path": path,
+                    "error": type(err).__qualname__,
+                    "where": where,
+                    "stage": stage,
+                    "tenant": outcome.tenant,
+                    "tried": outcome.tried,
+                }
+            },
+        )
 
     def _record(self, outcome: Outcome, path: str, elapsed: float) -> None:
         m = self.metrics
         m.requests.labels(outcome.model, outcome.tenant, outcome.backend, str(outcome.status)).inc()
-        if outcome.model != "-":
+        if outcome.model not in (NONE, UNKNOWN):
             m.latency.labels(outcome.model, outcome.tenant).observe(elapsed)
             if outcome.ttfb is not None:
                 m.ttfb.labels(outcome.model, outcome.tenant).observe(outcome.ttfb)
         if self.settings.access_log:
-            log.info(
-                "%s %s",
-                path,
-                outcome.status,
-                extra={
-                    "fields": {
-                        "path": path,
-                        "status": outcome.status,
-                        "model": outcome.model,
-                        "tenant": outcome.tenant,
-                        "backend": outcome.backend,
-                        "tried": outcome.tried,
-                        "ms": round(elapsed * 1000, 2),
-                        "ttfb_ms": round(outcome.ttfb * 1000, 2) if outcome.ttfb else None,
-                    }
-                },
-            )
+            fields: dict[str, Any] = {
+                "path": path,
+                "status": outcome.status,
+                "model": outcome.asked or NONE,
+                "tenant": outcome.tenant,
+                "backend": outcome.backend,
+                "tried": outcome.tried,
+                "ms": round(elapsed * 1000, 2),
+                "ttfb_ms": round(outcome.ttfb * 1000, 2) if outcome.ttfb else None,
+            }
+            if outcome.aborted:
+                fields["aborted"] = outcome.aborted
+            log.info("%s %s", path, outcome.status, extra={"fields": fields})
+
+
+def _unpassable(response: Response, call: Call) -> str | None:
+    """Why an upstream's answer cannot be passed on as it is (None: it can, and its
+    headers to pass on are in `call.answer_headers`)."""
+    if not 200 <= response.status <= 599:
+        return f"status {response.status}"
+    passed: list[tuple[bytes, bytes]] = []
+    call.answer_headers = passed
+    for name, value in response.headers:
+        if not name or name.translate(None, _TOKEN):  # what is left is not a token
+            return "a header name that is not a token"
+        if _BAD_HEADER_VALUE.search(value):
+            return "a control character in a header value"
+        if name.lower() not in HOP_BY_HOP:
+            passed.append((name, value))
+    return None
+
+
+def _too_large(limit: int) -> HTTPError:
+    return HTTPError(
+        413,
+        f"request body over {limit / MIB:g} MiB",
+        "invalid_request_error",
+        "body_too_large",
+    )
+
+
+def _body_framing(scope: Scope) -> tuple[int | None, bool]:
+    """(Content-Length if given, whether a body is coming)."""
+    length: int | None = None
+    chunked = False
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            length = int(value)  # the HTTP parser took digits only
+        elif name == b"transfer-encoding":
+            chunked = True
+    return length, chunked or bool(length)
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -355,7 +669,7 @@ def _bearer(scope: Scope) -> str | None:
     return None
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -364,13 +678,8 @@ async def _read_body(receive: Receive) -> bytes:
             raise HTTPError(499, "client went away", "invalid_request_error", "disconnected")
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY:
-            raise HTTPError(
-                413,
-                f"request body over {MAX_BODY // (1024 * 1024)} MiB",
-                "invalid_request_error",
-                "body_too_large",
-            )
+        if size > limit:
+            raise _too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
@@ -391,5 +700,7 @@ def _parse(body: bytes) -> dict[str, Any]:
 
 
 async def _json(send: Send, status: int, data: Any) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": JSON})
-    await send({"type": "http.response.body", "body": json.dumps(data).encode()})
+    body = json.dumps(data).encode()
+    headers = [*JSON, (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
