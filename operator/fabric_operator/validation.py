@@ -124,6 +124,8 @@ POD_FIELDS = (
     "service",
     "strategy",
     "networkPolicy",
+    "autoscaling",
+    "routing",
 )
 
 
@@ -164,11 +166,35 @@ def check_fallback(backend: LLMBackend) -> Iterator[Problem]:
         yield Problem("spec.fallback", "lists a backend more than once")
 
 
+def check_autoscaling(backend: LLMBackend) -> Iterator[Problem]:
+    """What the schema cannot say about spec.autoscaling: rules across its fields. With it
+    set, spec.replicas belongs to the autoscaler (so a replicas outside the bounds is not
+    an error: the autoscaler moves it inside)."""
+    spec = backend.spec
+    scaling = spec.autoscaling
+    if scaling is None or spec.engine == Engine.REMOTE:
+        return  # a remote backend's autoscaling is refused by check_remote
+    where = "spec.autoscaling"
+    if scaling.min_replicas > scaling.max_replicas:
+        yield Problem(
+            f"{where}.minReplicas",
+            f"{scaling.min_replicas} is more than maxReplicas ({scaling.max_replicas})",
+        )
+    after = scaling.fallback_after_seconds
+    if after is not None and not spec.fallback:
+        yield Problem(
+            f"{where}.fallbackAfterSeconds",
+            "sends held requests to spec.fallback, which is empty; list a backend there "
+            "or remove fallbackAfterSeconds",
+        )
+
+
 def check_spec(backend: LLMBackend) -> Iterator[Problem]:
     spec = backend.spec
     engine = spec.engine
     gpus = spec.gpu_count
     yield from check_fallback(backend)
+    yield from check_autoscaling(backend)
     if engine == Engine.REMOTE or spec.remote is not None:
         yield from check_remote(backend)
         return

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from fabric_operator.api.crd import crd_manifest, crd_yaml
+from fabric_operator.api.v1alpha1 import LLMBackendSpec
 from fabric_operator.cli import main
 from tests.conftest import REPO
 
@@ -64,7 +65,7 @@ def test_schema_validates_what_it_can() -> None:
     assert props["fallback"]["maxItems"] == 8
     assert props["replicas"] == {
         "default": 1,
-        "description": "Number of engine replicas.",
+        "description": LLMBackendSpec.model_fields["replicas"].description,
         "maximum": 1000,
         "minimum": 0,
         "type": "integer",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import fabric_operator.autoscaler
 import fabric_operator.machinery
 
 MACHINERY = Path(fabric_operator.machinery.__file__).parent
@@ -39,3 +40,21 @@ def test_machinery_imports_nothing_of_the_operator_outside_itself() -> None:
         and not name.startswith("fabric_operator.machinery")
     }
     assert not upward, upward
+
+
+# The autoscaler's decision is pure, so that every rule is tested with a fake clock.
+PURE_AUTOSCALER = ("policy.py", "window.py")
+IO_MODULES = ("kubernetes", "kopf", "aiohttp", "httpx", "asyncio", "socket", "time")
+
+
+def test_the_autoscaling_decision_does_no_io() -> None:
+    package = Path(fabric_operator.autoscaler.__file__).parent
+    found = {
+        f"{name}: {module}"
+        for name in PURE_AUTOSCALER
+        for module in imported(package / name)
+        if module.split(".")[0] in IO_MODULES
+        or module.startswith(("fabric_operator.controller", "fabric_operator.machinery"))
+        or module.startswith("fabric_operator.gateway")
+    }
+    assert not found, found

@@ -115,6 +115,21 @@ PRINTER_COLUMNS = [
     _column("Engine", ".spec.engine", desc="Inference server"),
     _column("Model", ".status.servedModelName", desc="Name clients pass as model"),
     _column("Ready", ".status.ready", desc="Ready/desired replicas"),
+    # Wide only, next to Ready: most backends are not autoscaled, and the default view
+    # stays one line on a terminal.
+    _column(
+        "Desired",
+        ".status.autoscaling.desiredReplicas",
+        kind="integer",
+        priority=1,
+        desc="Replicas the autoscaler wants",
+    ),
+    _column(
+        "Scaling",
+        ".status.autoscaling.reason",
+        priority=1,
+        desc="Why the autoscaler wants them",
+    ),
     _column("Status", ".status.phase", desc="Summary of the conditions"),
     _column("Endpoint", ".status.endpoint", desc="OpenAI-compatible base URL"),
     _column("Age", ".metadata.creationTimestamp", kind="date"),

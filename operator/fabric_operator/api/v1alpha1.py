@@ -435,6 +435,93 @@ class LocalObjectReference(Model):
     name: str = Field(description="Name of the referenced object.", min_length=1)
 
 
+class Autoscaling(Model):
+    """Replicas that follow demand: requests in flight and held at the gateway, per replica."""
+
+    min_replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="Fewest replicas. 0 scales to zero after scaleDownDelaySeconds without "
+        "requests: no GPU is held while idle, and the first request waits at the gateway "
+        "(holdTimeoutSeconds) while a pod starts.",
+    )
+    max_replicas: int = Field(
+        ge=1,
+        le=1000,
+        description="Most replicas: the cap on what demand may cost. At least minReplicas.",
+    )
+    target_requests: int = Field(
+        default=4,
+        ge=1,
+        le=10000,
+        description="Concurrent requests (in flight plus held at the gateway) one replica is "
+        "meant to serve; the autoscaler keeps demand / replicas near it. Set it to the batch "
+        "an engine serves without its latency suffering.",
+    )
+    scale_down_delay_seconds: int = Field(
+        default=300,
+        ge=0,
+        le=86400,
+        description="How long demand must stay below what the current replicas serve before "
+        "they are removed (and, with minReplicas 0, how long without any request before "
+        "scaling to zero): a model takes minutes to load, so a short lull must not cost a "
+        "cold start. Scale-up never waits.",
+    )
+    hold_timeout_seconds: int = Field(
+        default=600,
+        ge=1,
+        le=3600,
+        description="How long the gateway holds a request while the backend is at zero or "
+        "has no ready pod, before answering 503 with Retry-After (or sending it to "
+        "spec.fallback). Cover the time a pod takes to start and load the model.",
+    )
+    max_held_requests: int = Field(
+        default=100,
+        ge=0,
+        le=100000,
+        description="Most requests the gateway holds for this backend at once; more get 503 "
+        "with Retry-After (or spec.fallback) at once, so a burst at zero cannot pile up "
+        "without bound. 0 holds none.",
+    )
+    fallback_after_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        le=3600,
+        description="Send a held request to spec.fallback (e.g. a remote provider) after this "
+        "many seconds instead of letting it wait for a pod to start; 0 sends it at once. "
+        "Needs spec.fallback. Unset: held requests wait for a pod.",
+    )
+
+
+class RoutingStrategy(StrEnum):
+    """How the gateway picks a ready pod for each request."""
+
+    LEAST_IN_FLIGHT = "LeastInFlight"
+    PREFIX_AFFINITY = "PrefixAffinity"
+
+
+class Routing(Model):
+    """How the gateway spreads requests over the ready pods of this backend."""
+
+    strategy: RoutingStrategy = Field(
+        default=RoutingStrategy.LEAST_IN_FLIGHT,
+        description="LeastInFlight: the pod with the fewest requests in flight, which keeps "
+        "latency even. PrefixAffinity: the same conversation prefix goes to the same pod "
+        "(consistent hashing with bounded loads), so the engine's prompt cache is reused and "
+        "the time to first token drops; a pod above its share of the load is skipped.",
+    )
+    prefix_characters: int = Field(
+        default=2048,
+        ge=64,
+        le=65536,
+        description="PrefixAffinity: how many characters of the conversation, system prompt "
+        "included, key the affinity. Long enough that conversations sharing only a short "
+        "opener do not land on one pod; short enough that later turns of one conversation "
+        "keep the same key.",
+    )
+
+
 class LLMBackendSpec(Model):
     """Desired state of an LLM inference backend."""
 
@@ -470,7 +557,14 @@ class LLMBackendSpec(Model):
         pattern=r"^\S+$",
         description="Name clients pass as `model`; defaults to metadata.name.",
     )
-    replicas: int = Field(default=1, ge=0, le=1000, description="Number of engine replicas.")
+    replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="Number of engine replicas. With spec.autoscaling set, the autoscaler "
+        "owns it: it writes its decision here, and a manual change (kubectl scale) lasts "
+        "only until its next decision; change spec.autoscaling instead.",
+    )
     image: str | None = Field(
         default=None,
         min_length=1,
@@ -523,6 +617,16 @@ class LLMBackendSpec(Model):
         default=None,
         description="A NetworkPolicy that admits only the listed clients to the engine port "
         "(the operator's default applies when unset: off unless configured).",
+    )
+    autoscaling: Autoscaling | None = Field(
+        default=None,
+        description="Scale replicas with demand, to zero if minReplicas is 0 (every engine "
+        "but remote). Unset: spec.replicas is fixed.",
+    )
+    routing: Routing | None = Field(
+        default=None,
+        description="How the gateway picks a pod for each request (every engine but remote). "
+        "Unset: LeastInFlight.",
     )
     strategy: Strategy | None = Field(
         default=None,
@@ -601,6 +705,55 @@ class Phase(StrEnum):
     CREATE_CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
 
 
+class ScalingReason(StrEnum):
+    """Why the autoscaler wants the replicas it wants (status.autoscaling.reason)."""
+
+    SCALED_TO_ZERO = "ScaledToZero"
+    SCALING_UP = "ScalingUp"
+    SCALING_DOWN = "ScalingDown"
+    STABLE = "Stable"
+    AT_MAXIMUM = "AtMaximum"
+    HOLDING = "Holding"
+
+
+class AutoscalingStatus(Model):
+    """What the autoscaler decided and why; also its memory across operator restarts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    desired_replicas: int | None = Field(
+        default=None, description="Replicas the autoscaler wants (it writes spec.replicas)."
+    )
+    reason: str | None = Field(
+        default=None,
+        description=f"Why: {', '.join(ScalingReason)}.",
+    )
+    message: str | None = Field(
+        default=None,
+        description="Details, e.g. 14 requests in flight, target 4/replica.",
+    )
+    demand: int | None = Field(
+        default=None,
+        description="Requests in flight plus held, summed over the gateway replicas, at the "
+        "last decision.",
+    )
+    last_scale_time: str | None = Field(
+        default=None,
+        description="When the autoscaler last changed the replicas (RFC 3339); a restarted "
+        "operator keeps the replicas it set at least scaleDownDelaySeconds from then.",
+        json_schema_extra={"format": "date-time"},
+    )
+    last_demand_time: str | None = Field(
+        default=None,
+        description="When a request was last in flight or held (RFC 3339); scaling to zero "
+        "counts scaleDownDelaySeconds from it, across operator restarts.",
+        json_schema_extra={"format": "date-time"},
+    )
+    gateways: int | None = Field(
+        default=None, description="Gateway replicas whose counts the last decision summed."
+    )
+
+
 class LLMBackendStatus(Model):
     """Observed state of an LLMBackend, written by the operator."""
 
@@ -629,6 +782,9 @@ class LLMBackendStatus(Model):
     )
     selector: str | None = Field(
         default=None, description="Label selector of the pods (for the scale subresource)."
+    )
+    autoscaling: AutoscalingStatus | None = Field(
+        default=None, description="The autoscaler's decision (with spec.autoscaling set)."
     )
     conditions: list[Condition] | None = Field(
         default=None,

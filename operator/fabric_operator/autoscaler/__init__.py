@@ -1,0 +1,1 @@
+"""The autoscaler: pure decisions (window, policy) apart from the code that feeds them."""
