@@ -43,6 +43,7 @@ def gateway(
     )
     p = Process(proc, f"http://127.0.0.1:{port}")
     p.metrics_url = f"http://127.0.0.1:{metrics}/metrics"  # type: ignore[attr-defined]
+    p.load_url = f"http://127.0.0.1:{metrics}/load"  # type: ignore[attr-defined]
     try:
         wait_http(p.url + ready_path, proc, timeout=30, need_ok=True)
         yield p

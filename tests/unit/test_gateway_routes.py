@@ -23,6 +23,7 @@ from fabric_operator.gateway.ratelimit import RateLimiter
 from fabric_operator.gateway.routes import (
     ALL,
     Backend,
+    Hold,
     KeyEntry,
     Snapshot,
     Tenant,
@@ -77,7 +78,8 @@ def test_local_backend_routes_to_its_pods_with_its_key() -> None:
     assert b is not None
     assert (b.id, b.model, b.remote, b.fallback) == ("ns/q", "qwen", False, ("ns/gpt",))
     assert b.namespace == "ns"
-    assert {b.pick() for _ in range(4)} == set(ready_urls(ENDPOINTS))  # round robin
+    assert b.urls == ready_urls(ENDPOINTS)
+    assert (b.hold, b.affinity) == (None, None)  # not autoscaled: nothing held; least in flight
     assert b.headers() == {"authorization": "Bearer sk-engine"}
 
 
@@ -638,3 +640,21 @@ def test_the_admins_namespace_is_never_guessed(
     monkeypatch.setattr(server, "SERVICE_ACCOUNT_NAMESPACE", tmp_path / "namespace")
     assert server.gateway_namespace(None) == "fabric-system"
     assert server.gateway_namespace("flag") == "flag"
+
+
+def test_an_autoscaled_backend_holds_and_a_prefix_affinity_one_says_how_much_prefix() -> None:
+    spec = {
+        **LOCAL,
+        "fallback": ["gpt"],
+        "autoscaling": {"minReplicas": 0, "maxReplicas": 2, "fallbackAfterSeconds": 5},
+        "routing": {"strategy": "PrefixAffinity", "prefixCharacters": 512},
+    }
+    b = backend_from_object(llmb("q", spec), None, None)
+    assert b is not None
+    assert b.urls == ()
+    assert b.hold == Hold(timeout=600.0, most=100, fallback_after=5.0)
+    assert b.affinity == 512
+    least = backend_from_object(
+        llmb("q", {**LOCAL, "routing": {"strategy": "LeastInFlight"}}), None, None
+    )
+    assert least is not None and least.affinity is None

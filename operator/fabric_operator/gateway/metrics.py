@@ -13,7 +13,13 @@ No label takes a value a client writes, so no client can make series without end
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from fabric_operator.gateway.load import Load
 
 # Buckets from 1 ms (a cached answer) to 10 min (a long generation).
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 600)
@@ -67,6 +73,22 @@ class GatewayMetrics:
             ["backend"],
             **kw,  # type: ignore[arg-type]
         )
+        self.routing = Counter(
+            "fabric_gateway_routing_decisions",
+            "Pods picked for a backend with more than one ready pod, by how: "
+            "least_in_flight, affinity (the prefix's own pod), affinity_spilled (its own "
+            "pod was over the load bound).",
+            ["backend", "decision"],
+            **kw,  # type: ignore[arg-type]
+        )
+        self.held = Counter(
+            "fabric_gateway_held_requests",
+            "Requests held for an autoscaled backend without a ready pod, by how the hold "
+            "ended: served, timeout (then a fallback or 503), over_cap (not held: 503 or a "
+            "fallback at once), gone (the backend was deleted).",
+            ["backend", "outcome"],
+            **kw,  # type: ignore[arg-type]
+        )
         self.unexpected_errors = Counter(
             "fabric_gateway_unexpected_errors",
             "Errors the gateway did not expect (a bug): answered with a 502 "
@@ -74,3 +96,30 @@ class GatewayMetrics:
             ["stage"],
             **kw,  # type: ignore[arg-type]
         )
+
+
+class LoadCollector(Collector):
+    """In flight and held per backend, read from the proxy's counters at scrape time
+    (nothing more on the request path)."""
+
+    def __init__(self, load: Load) -> None:
+        self.load = load
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        in_flight = GaugeMetricFamily(
+            "fabric_gateway_in_flight_requests",
+            "Requests this replica has in flight to each backend.",
+            labels=["backend"],
+        )
+        held = GaugeMetricFamily(
+            "fabric_gateway_held_requests_now",
+            "Requests this replica holds for each backend without a ready pod.",
+            labels=["backend"],
+        )
+        backends = self.load.report()["backends"]
+        assert isinstance(backends, dict)
+        for ident, counts in backends.items():
+            in_flight.add_metric([ident], counts["inFlight"])
+            held.add_metric([ident], counts["held"])
+        yield in_flight
+        yield held

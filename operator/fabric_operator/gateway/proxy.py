@@ -28,6 +28,7 @@ What a request may cost the gateway, in order:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -38,6 +39,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabric_operator.gateway import balance
+from fabric_operator.gateway.load import Load
 from fabric_operator.gateway.metrics import NONE, UNKNOWN, GatewayMetrics
 from fabric_operator.gateway.ratelimit import RateLimiter
 from fabric_operator.gateway.routes import Backend, Tenant
@@ -153,6 +156,7 @@ class Outcome:
     started: bool = False  # the answer's status and headers were sent
     body_unread: bool = False  # a request body the gateway has not read (all of)
     aborted: str | None = None  # why the answer was cut: client_disconnected, broken, ...
+    held: float | None = None  # seconds held while the backend had no ready pod
 
 
 @dataclass
@@ -234,6 +238,8 @@ class Gateway:
         self.limiter = RateLimiter()
         st = self.settings
         self.slots = Slots(st.max_per_upstream)
+        self.load = Load()
+        self._turn = itertools.count()  # least in flight's tie-break, across snapshots
         self.client: Client = CLIENTS[st.client](Timeouts(st.connect_timeout, st.idle_timeout))
 
     async def aclose(self) -> None:
@@ -400,50 +406,64 @@ class Gateway:
         last one's answer goes through whatever it is."""
         st = self.settings
         failure: HTTPError | None = None
-        last = len(candidates) - 1  # the last candidate with an upstream to try
-        while last >= 0 and not candidates[last].urls:
+        last = len(candidates) - 1  # the last candidate with an upstream to try (or hold)
+        while last >= 0 and not (candidates[last].urls or candidates[last].hold):
             last -= 1
         outcome, model = call.outcome, call.model
-        for i, backend in enumerate(candidates):
+        for i, candidate in enumerate(candidates):
             if outcome.tried:
-                self.metrics.fallbacks.labels(model, outcome.tried[-1], backend.id).inc()
-            outcome.tried.append(backend.id)
-            if not backend.urls:
-                self.metrics.upstream_errors.labels(backend.id, "no_ready_endpoint").inc()
-                failure = HTTPError(
-                    503,
-                    f"upstream {backend.id} has no ready replica",
-                    "service_unavailable",
-                    "upstream_unavailable",
-                )
+                self.metrics.fallbacks.labels(model, outcome.tried[-1], candidate.id).inc()
+            outcome.tried.append(candidate.id)
+            backend: Backend | None = candidate
+            if not candidate.urls:
+                backend = await self._hold(candidate, call) if candidate.hold else None
+            if backend is None:
+                failure = self._unavailable(candidate)
                 continue
             content = call.body
             if backend.upstream_model and backend.upstream_model != model:
                 content = json.dumps({**call.payload, "model": backend.upstream_model}).encode()
             headers = [*call.headers, *backend.header_bytes]
             wait = st.first_byte(i >= last)
+            self.load.enter(backend.id)
             try:
-                response = await self._post(backend, call, content, headers, wait)
-            except ATTEMPT_FAILURES as err:
-                failure = self._failed(backend, err, wait)
-                continue
-            try:
-                why = _unpassable(response, call)
-                if why is not None:
-                    await response.abort()
-                    failure = self._failed(backend, UpstreamBadResponseError(why), wait)
+                try:
+                    response = await self._post(backend, call, content, headers, wait)
+                except ATTEMPT_FAILURES as err:
+                    failure = self._failed(backend, err, wait)
                     continue
-                if response.status in RETRYABLE:
-                    self.metrics.upstream_errors.labels(backend.id, str(response.status)).inc()
-                    if i < last:
-                        await response.close()
+                try:
+                    why = _unpassable(response, call)
+                    if why is not None:
+                        await response.abort()
+                        failure = self._failed(backend, UpstreamBadResponseError(why), wait)
                         continue
-                await self._pass_through(response, backend, call)
-                return
+                    if response.status in RETRYABLE:
+                        self.metrics.upstream_errors.labels(backend.id, str(response.status)).inc()
+                        if i < last:
+                            await response.close()
+                            continue
+                    await self._pass_through(response, backend, call)
+                    return
+                finally:
+                    self.slots.release(call.slot)
             finally:
-                self.slots.release(call.slot)
+                self.load.leave(backend.id)
         assert failure is not None
         raise failure
+
+    def _unavailable(self, backend: Backend) -> HTTPError:
+        """A backend with no ready pod (and none came while its request was held)."""
+        self.metrics.upstream_errors.labels(backend.id, "no_ready_endpoint").inc()
+        held = backend.hold is not None
+        return HTTPError(
+            503,
+            f"upstream {backend.id} has no ready replica"
+            + (" (the request was held while it scales up; try again)" if held else ""),
+            "service_unavailable",
+            "upstream_unavailable",
+            [(b"retry-after", b"10")] if held else [],
+        )
 
     def _failed(self, backend: Backend, err: Exception, wait: float) -> HTTPError:
         """Count an attempt that got no answer to pass on, and the error it would be."""
@@ -495,15 +515,13 @@ class Gateway:
         first_byte: float,
     ) -> Response:
         """One backend, with a slot of one of its upstreams held (`call.slot`, which the
-        caller releases): the next in round-robin order with a free slot, else the next,
-        waited for. A replica that refuses the connection (it died before the Endpoints
+        caller releases): the best by its routing (`_order`) with a free slot, else the
+        best, waited for. A replica that refuses the connection (it died before the Endpoints
         said so) is skipped for the next one; nothing was sent yet."""
         slots, ident = self.slots, backend.id
-        urls = backend.urls
+        urls = self._order(backend, call)
         if len(urls) > 1:
-            i = urls.index(backend.pick())
-            urls = urls[i:] + urls[:i]
-            urls = tuple(u for u in urls if slots.free(slot_key(ident, u))) or urls[:1]
+            urls = [u for u in urls if slots.free(slot_key(ident, u))] or urls[:1]
         for attempt, url in enumerate(urls):
             slot = slot_key(ident, url)
             if not slots.take(slot) and not await slots.wait(slot, self.settings.pool_timeout):
@@ -522,6 +540,60 @@ class Gateway:
             call.slot = slot
             return response
         raise AssertionError("unreachable: a backend without URLs is skipped before")
+
+    def _order(self, backend: Backend, call: Call) -> list[str]:
+        """The backend's ready URLs, best first: by prefix affinity if it asks for it,
+        else fewest in flight (this replica's count, the slots held)."""
+        urls, ident = backend.urls, backend.id
+        if len(urls) == 1:
+            return list(urls)
+
+        def in_flight(url: str) -> int:
+            return self.slots.in_flight(slot_key(ident, url))
+
+        if backend.affinity is not None:
+            key = balance.prefix_key(call.payload, backend.affinity)
+            order, own = balance.by_prefix(urls, key, in_flight)
+            self.metrics.routing.labels(ident, "affinity" if own else "affinity_spilled").inc()
+            return order
+        self.metrics.routing.labels(ident, "least_in_flight").inc()
+        return balance.least_in_flight(urls, in_flight, next(self._turn))
+
+    async def _hold(self, backend: Backend, call: Call) -> Backend | None:
+        """Wait for a ready pod of an autoscaled backend that has none; the backend as
+        the snapshot then has it, or None when the hold ends without one (timed out,
+        over its cap, the backend gone). Counted as held meanwhile: demand the
+        autoscaler sees, which is what scales a backend at zero up."""
+        hold, ident = backend.hold, backend.id
+        assert hold is not None
+        if self.load.held(ident) >= hold.most:
+            self.metrics.held.labels(ident, "over_cap").inc()
+            return None
+        wait = hold.timeout
+        if hold.fallback_after is not None:
+            wait = min(wait, hold.fallback_after)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        self.load.hold(ident)
+        try:
+            while True:
+                fresh = self.source.snapshot.by_id.get(ident)
+                if fresh is None:
+                    self.metrics.held.labels(ident, "gone").inc()
+                    return None
+                if fresh.urls:
+                    self.metrics.held.labels(ident, "served").inc()
+                    call.outcome.held = loop.time() - (deadline - wait)
+                    return fresh
+                changed = self.source.changed()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await changed.wait()
+                except TimeoutError:
+                    self.metrics.held.labels(ident, "timeout").inc()
+                    return None
+        finally:
+            self.load.unhold(ident)
 
     async def _pass_through(self, response: Response, backend: Backend, call: Call) -> None:
         """The upstream's status, headers and body, chunk by chunk as they arrive; an
@@ -617,6 +689,8 @@ class Gateway:
             }
             if outcome.aborted:
                 fields["aborted"] = outcome.aborted
+            if outcome.held is not None:
+                fields["held_ms"] = round(outcome.held * 1000, 2)
             log.info("%s %s", path, outcome.status, extra={"fields": fields})
 
 

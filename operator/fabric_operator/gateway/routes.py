@@ -31,7 +31,6 @@ import binascii
 import fnmatch
 import functools
 import hashlib
-import itertools
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -42,7 +41,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from fabric_operator.api.backend import LLMBackend
-from fabric_operator.api.v1alpha1 import Provider
+from fabric_operator.api.v1alpha1 import Provider, Routing, RoutingStrategy
 from fabric_operator.remotehosts import RemoteHosts
 from fabric_operator.render.engine import PORT_NAME
 
@@ -59,6 +58,18 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
+@dataclass(frozen=True)
+class Hold:
+    """What the gateway does with a request for an autoscaled backend that has no ready
+    pod (at zero, or its pods still starting): holds it, as demand the autoscaler sees,
+    until a pod is ready, for `timeout` seconds at most (`fallback_after` when the
+    backend has a fallback to send it to instead), and at most `most` at once."""
+
+    timeout: float
+    most: int
+    fallback_after: float | None = None
+
+
 @dataclass
 class Backend:
     """One LLMBackend as a route target: where to send requests and with which key."""
@@ -72,15 +83,12 @@ class Backend:
     fallback: tuple[str, ...] = ()  # backend ids, tried in order
     remote: bool = False
     namespace: str = ""  # whose backend it is (default: the id's part before "/")
-    _next: itertools.count[int] = field(default_factory=itertools.count, repr=False)
+    hold: Hold | None = None  # autoscaled: requests wait while no pod is ready
+    affinity: int | None = None  # PrefixAffinity: characters of the key; else least in flight
 
     def __post_init__(self) -> None:
         if not self.namespace:
             self.namespace = namespace_of(self.id)
-
-    def pick(self) -> str:
-        """Round-robin over the ready upstreams (the caller checks there is one)."""
-        return self.urls[next(self._next) % len(self.urls)]
 
     @functools.cached_property
     def header_bytes(self) -> list[tuple[bytes, bytes]]:
@@ -320,6 +328,18 @@ def backend_from_object(
         urls = (own,) if own else ()
     else:
         urls = ready_urls(endpoints)
+    scaling = spec.autoscaling
+    hold = None
+    if scaling is not None:
+        hold = Hold(
+            timeout=float(scaling.hold_timeout_seconds),
+            most=scaling.max_held_requests,
+            fallback_after=(
+                float(scaling.fallback_after_seconds)
+                if scaling.fallback_after_seconds is not None and fallback
+                else None
+            ),
+        )
     return Backend(
         id=ident,
         model=backend.served_model_name,
@@ -327,7 +347,16 @@ def backend_from_object(
         api_key=secret_value,
         fallback=fallback,
         namespace=backend.namespace,
+        hold=hold,
+        affinity=affinity(spec.routing),
     )
+
+
+def affinity(routing: Routing | None) -> int | None:
+    """Characters of the prefix key under PrefixAffinity; None: least in flight."""
+    if routing is None or routing.strategy != RoutingStrategy.PREFIX_AFFINITY:
+        return None
+    return routing.prefix_characters
 
 
 def name_taken(obj: Mapping[str, Any]) -> bool:

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, cast
 
 import uvicorn
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fabric_operator.config import host_pattern_error
+from fabric_operator.gateway import opsserver
 from fabric_operator.gateway.kubewatch import ApiClient
-from fabric_operator.gateway.metrics import GatewayMetrics
+from fabric_operator.gateway.metrics import GatewayMetrics, LoadCollector
 from fabric_operator.gateway.proxy import MIB, Gateway, QuietAborts, Settings
 from fabric_operator.gateway.routes import DEFAULT_KEY_SELECTOR
 from fabric_operator.gateway.sources import FileSource, KubeSource, Source
@@ -124,7 +125,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metrics-address",
         default="0.0.0.0:9090",
-        help="host:port of the Prometheus /metrics endpoint (empty: off)",
+        help="host:port of the platform's port: Prometheus /metrics and the autoscaler's "
+        "/load (empty: off)",
     )
     p.add_argument(
         "--config",
@@ -312,9 +314,6 @@ async def _serve(args: argparse.Namespace) -> int:
             gateway_namespace=admin,
             remote_hosts=hosts,
         )
-    if args.metrics_address:
-        host, port = _split(args.metrics_address)
-        start_http_server(port, host)
     gateway = Gateway(
         source,
         GatewayMetrics(),
@@ -330,6 +329,10 @@ async def _serve(args: argparse.Namespace) -> int:
             client=args.upstream_client,
         ),
     )
+    ops = None
+    if args.metrics_address:
+        REGISTRY.register(LoadCollector(gateway.load))
+        ops = await opsserver.start(gateway.load, *_split(args.metrics_address))
     host, port = _split(args.address)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -359,6 +362,8 @@ async def _serve(args: argparse.Namespace) -> int:
         watching.cancel()
         await asyncio.gather(watching, return_exceptions=True)
         await gateway.aclose()
+        if ops is not None:
+            await ops.cleanup()
         if api is not None:
             await api.close()
     return 0

@@ -21,7 +21,13 @@ import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION, Provider
+from fabric_operator.api.v1alpha1 import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    Provider,
+    Routing,
+)
 from fabric_operator.gateway.kubewatch import ApiClient, ObjectKey, Resource, Watch, slim
 from fabric_operator.gateway.routes import (
     ALL,
@@ -30,6 +36,7 @@ from fabric_operator.gateway.routes import (
     KeyEntry,
     Snapshot,
     Tenant,
+    affinity,
     backend_from_object,
     build_snapshot,
     build_tenants,
@@ -54,7 +61,26 @@ class Source:
     """Holds the current snapshot; `run` keeps it current until cancelled."""
 
     def __init__(self) -> None:
-        self.snapshot = Snapshot()
+        self._snapshot = Snapshot()
+        self._next: asyncio.Event | None = None
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @snapshot.setter
+    def snapshot(self, value: Snapshot) -> None:
+        self._snapshot = value
+        if self._next is not None:
+            self._next.set()  # wakes what `changed` handed out: held requests
+            self._next = None
+
+    def changed(self) -> asyncio.Event:
+        """Set when the next snapshot replaces this one (an Endpoints change: a pod
+        became ready), so a held request waits without polling."""
+        if self._next is None:
+            self._next = asyncio.Event()
+        return self._next
 
     @property
     def ready(self) -> bool:
@@ -87,6 +113,9 @@ class FileBackend(_FileModel):
         min_length=1,
         description="Whose backend it is (default: the id's part before '/', else "
         "'default'): tenants reach the backends of the namespaces they are granted.",
+    )
+    routing: Routing | None = Field(
+        default=None, description="As an LLMBackend's spec.routing: how a URL is picked."
     )
 
     @property
@@ -152,6 +181,7 @@ class FileSource(Source):
                 provider=str(b.provider),
                 fallback=tuple(b.fallback),
                 namespace=b.space,
+                affinity=affinity(b.routing),
             )
             for b in cfg.backends
         ]

@@ -1,0 +1,90 @@
+"""Requests in flight and held per backend: what this gateway replica tells the
+operator's autoscaler (`GET /load` on the metrics port).
+
+The one demand signal every engine has (Ollama exports no queue metric) is the gateway's
+own count, and a held request is demand too: at zero replicas it is all there is. The
+operator sums the replicas' counts; a watch stream gets a line as soon as anything
+changes, so a request held at zero scales its backend up within a second, not a tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncGenerator
+
+HEARTBEAT_SECONDS = 1.0
+MIN_GAP_SECONDS = 0.05  # lines of a watch stream at most 20 a second under load
+
+
+class Load:
+    def __init__(self, gateway: str | None = None) -> None:
+        self.gateway = gateway or socket.gethostname()
+        self._in_flight: dict[str, int] = {}
+        self._held: dict[str, int] = {}
+        self._watchers: set[asyncio.Event] = set()
+
+    def enter(self, backend: str) -> None:
+        self._in_flight[backend] = self._in_flight.get(backend, 0) + 1
+        self._changed()
+
+    def leave(self, backend: str) -> None:
+        _down(self._in_flight, backend)
+        self._changed()
+
+    def hold(self, backend: str) -> None:
+        self._held[backend] = self._held.get(backend, 0) + 1
+        self._changed()
+
+    def unhold(self, backend: str) -> None:
+        _down(self._held, backend)
+        self._changed()
+
+    def in_flight(self, backend: str) -> int:
+        return self._in_flight.get(backend, 0)
+
+    def held(self, backend: str) -> int:
+        return self._held.get(backend, 0)
+
+    def report(self) -> dict[str, object]:
+        """The /load document: backends with nothing in flight or held are left out."""
+        names = sorted(self._in_flight.keys() | self._held.keys())
+        return {
+            "gateway": self.gateway,
+            "backends": {
+                n: {"inFlight": self._in_flight.get(n, 0), "held": self._held.get(n, 0)}
+                for n in names
+            },
+        }
+
+    def _changed(self) -> None:
+        for event in self._watchers:
+            event.set()
+
+    async def watch(self) -> AsyncGenerator[bytes, None]:
+        """NDJSON lines: the report at once, then on each change (no more often than
+        MIN_GAP_SECONDS) and at least every HEARTBEAT_SECONDS, so a reader knows a
+        silent stream from a quiet gateway."""
+        event = asyncio.Event()
+        self._watchers.add(event)
+        try:
+            while True:
+                event.clear()
+                yield json.dumps(self.report()).encode() + b"\n"
+                await asyncio.sleep(MIN_GAP_SECONDS)
+                try:
+                    async with asyncio.timeout(HEARTBEAT_SECONDS):
+                        await event.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            self._watchers.discard(event)
+
+
+def _down(counts: dict[str, int], backend: str) -> None:
+    left = counts.get(backend, 0) - 1
+    if left > 0:
+        counts[backend] = left
+    else:
+        counts.pop(backend, None)
