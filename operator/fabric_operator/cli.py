@@ -24,6 +24,9 @@ from kubernetes.client.exceptions import ApiException
 from fabric_operator import __version__
 from fabric_operator.api.crd import crd_yaml
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+from fabric_operator.autoscaler.discovery import Gateways
+from fabric_operator.autoscaler.loop import Autoscaler
+from fabric_operator.autoscaler.signal import Signal
 from fabric_operator.config import OperatorConfig
 from fabric_operator.controller.handlers import build_registry, install_kopf_wraps
 from fabric_operator.controller.kube import Kube
@@ -42,6 +45,8 @@ from fabric_operator.machinery.leader import (
 from fabric_operator.machinery.store import Store
 from fabric_operator.render import render
 from fabric_operator.validation import validate
+
+log = logging.getLogger(__name__)
 
 
 def _load_operator_config(path: str | None) -> OperatorConfig:
@@ -95,6 +100,7 @@ async def _operate(
     leading = elector.leading if elector else None
     controller = Controller(reconciler, store, workers=args.workers, leading=leading)
     controller.orphan_grace = args.orphan_grace
+    controller.companions.append(_autoscaler(args, controller, reconciler, store))
     electing = asyncio.create_task(elector.run()) if elector else None
     try:
         await kopf.operator(
@@ -118,6 +124,27 @@ async def _operate(
         # cleanup, on SIGTERM): a follower takes over at its next look, not a lease later.
         if elector is not None and controller.drained:
             await elector.release()
+
+
+def _autoscaler(
+    args: argparse.Namespace, controller: Controller, reconciler: Reconciler, store: Store
+) -> Autoscaler:
+    """The autoscaler loop, fed by the gateways' load streams: the URLs given, else the
+    gateway pods of the configured gateway namespace (and no other)."""
+    config = reconciler.settings.config
+    signal = Signal()
+    gateways = Gateways(
+        signal,
+        urls=args.gateway_load_url,
+        namespace=config.gateway_namespace or _own_namespace(),
+        kubeconfig=args.kubeconfig,
+    )
+    autoscaler = Autoscaler(
+        store, reconciler.kube, signal, gateways, config=config, write=controller.write
+    )
+    signal.on_change = autoscaler.demand_changed
+    log.info("autoscaler: %s (while a backend has spec.autoscaling)", gateways.describe())
+    return autoscaler
 
 
 def _identity() -> Identity:
@@ -327,6 +354,15 @@ def _add_operator_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         default=RETRY_PERIOD,
         help=f"seconds between two tries to renew or take the Lease (default {RETRY_PERIOD:.0f})",
+    )
+    p.add_argument(
+        "--gateway-load-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a gateway replica's load endpoint (http://HOST:PORT/load; repeatable) for the "
+        "autoscaler, instead of discovering the gateway pods of the gateway namespace "
+        "(out-of-cluster runs and tests)",
     )
     p.add_argument(
         "--orphan-grace",

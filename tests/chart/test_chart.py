@@ -120,6 +120,7 @@ def test_chart_versions_follow_the_package() -> None:
 EXPECTED_RULES = {
     ("llm.fabric.dev", "llmbackends"): {"get", "list", "watch"},
     ("llm.fabric.dev", "llmbackends/status"): {"patch"},
+    ("llm.fabric.dev", "llmbackends/scale"): {"patch"},  # the autoscaler's replicas
     ("llm.fabric.dev", "llmbackends/finalizers"): {"update"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
@@ -154,16 +155,37 @@ def test_rbac_cluster_scope_is_exactly_what_the_operator_uses(helm: Path) -> Non
 def test_rbac_namespace_scope_gives_one_role_per_namespace(helm: Path) -> None:
     docs = template(helm, *CUSTOM)
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
-    roles = by_kind(docs, "Role")
+    roles = [r for r in by_kind(docs, "Role") if not r["metadata"]["name"].endswith("-pods")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert all(rules(r) == EXPECTED_RULES for r in roles)
     assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == [
+        "ops",  # the gateway pods' (below)
         "team-a",
         "team-b",
     ]
     [deployment] = by_kind(docs, "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a,team-b" in args and "--workers=8" in args
+
+
+def test_the_autoscaler_may_list_gateway_pods_in_the_release_namespace_only(helm: Path) -> None:
+    """Namespaced, the operator's Roles are in the served namespaces; the gateway's pods
+    (whose load the autoscaler reads) are in the release's: a Role there for pods alone."""
+    docs = template(helm, *CUSTOM)
+    [role] = [r for r in by_kind(docs, "Role") if r["metadata"]["name"].endswith("-gateway-pods")]
+    assert role["metadata"]["namespace"] == "ops"
+    assert rules(role) == {("", "pods"): {"list", "watch"}}
+    [binding] = [
+        b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"].endswith("-gateway-pods")
+    ]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["namespace"] == "ops"
+    # Serving the release namespace too, or cluster-wide, its Role already has pods.
+    served = template(helm, "--set", "watch.namespaces={team-a,ops}")
+    assert not [r for r in by_kind(served, "Role") if r["metadata"]["name"].endswith("-pods")]
+    assert not [
+        r for r in by_kind(template(helm), "Role") if r["metadata"]["name"].endswith("-pods")
+    ]
 
 
 def test_operator_pod_is_hardened(helm: Path) -> None:

@@ -667,3 +667,47 @@ def test_children_are_left_to_a_backend_of_the_same_name_or_another_owner() -> N
     kube.objects["Deployment"]["metadata"]["ownerReferences"][0]["uid"] = "new-uid"
     assert rec.collect_orphans("n", "m", "u") == ["Service"]
     assert kube.deleted == [("Service", "service-uid")]
+
+
+AUTOSCALING_STATUS = {
+    "desiredReplicas": 2,
+    "reason": "Stable",
+    "message": "3 requests in flight, target 2/replica",
+    "lastScaleTime": "2026-12-01T10:00:00Z",
+}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {},  # an engine backend
+        {"resources": {"gpu": {"count": -1}}},  # an invalid one (the whole status is kept)
+        REMOTE_SPEC,
+    ],
+)
+def test_the_status_patch_leaves_the_autoscalers_status_alone(spec: dict[str, Any]) -> None:
+    """status.autoscaling is the autoscaler's: a merge patch naming it would null it (or
+    put an older copy back over a newer one)."""
+    kube = FakeKube()
+    store = new_store()
+    obj = copy.deepcopy(BACKEND)
+    obj["spec"].update(spec)
+    obj["status"] = {"phase": "Pending", "autoscaling": dict(AUTOSCALING_STATUS)}
+    store.put("LLMBackend", obj)
+    Reconciler(store, kube).reconcile("n", "m")  # type: ignore[arg-type]
+    assert kube.statuses, "a status was written"
+    assert all("autoscaling" not in patch for patch in kube.statuses), kube.statuses
+
+
+def test_a_status_differing_only_in_autoscaling_is_not_written() -> None:
+    kube = FakeKube()
+    rec, store = reconciler(kube)
+    rec.reconcile("n", "m")
+    written = kube.statuses[-1]
+    obj = store.get("LLMBackend", "n", "m")
+    assert obj is not None
+    obj["status"] = {**written, "autoscaling": dict(AUTOSCALING_STATUS)}
+    obj["metadata"]["resourceVersion"] = "99"
+    store.put("LLMBackend", obj)
+    rec.reconcile("n", "m")
+    assert len(kube.statuses) == 1

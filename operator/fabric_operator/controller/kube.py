@@ -31,6 +31,7 @@ from fabric_operator.machinery.rest import (
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "fabric-operator"
+AUTOSCALER_MANAGER = "fabric-autoscaler"
 PING_TIMEOUT = 3.0
 # Child kind -> (its API group, "" for the core group; resource); all are at version v1
 CHILD_APIS = {
@@ -262,6 +263,33 @@ class Kube:
         self._count("patch", "llmbackends/status")
         path = self._backend_path(namespace, name) + "/status"
         return self.call("PATCH", path, body={"status": status}, content_type=MERGE)
+
+    def scale(self, namespace: str, name: str, replicas: int) -> dict[str, Any]:
+        """Set spec.replicas through the scale subresource (as `kubectl scale` and an HPA
+        do: no other field of the spec is touched). Returns the Scale."""
+        self._count("patch", "llmbackends/scale")
+        path = self._backend_path(namespace, name) + "/scale"
+        return self.call(
+            "PATCH",
+            path,
+            body={"spec": {"replicas": replicas}},
+            content_type=MERGE,
+            query=[("fieldManager", AUTOSCALER_MANAGER)],
+        )
+
+    def patch_autoscaling(
+        self, namespace: str, name: str, autoscaling: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Merge status.autoscaling only (the reconciler's status patches leave it out)."""
+        self._count("patch", "llmbackends/status")
+        path = self._backend_path(namespace, name) + "/status"
+        return self.call(
+            "PATCH",
+            path,
+            body={"status": {"autoscaling": autoscaling}},
+            content_type=MERGE,
+            query=[("fieldManager", AUTOSCALER_MANAGER)],
+        )
 
     def secret_keys(self, namespace: str, name: str) -> set[str] | None:
         """The keys a Secret holds, or None when there is no such Secret. Values are

@@ -43,6 +43,8 @@ FAILED_APPLY_RECHECK_SECONDS = 300.0
 STALE_RECHECK_SECONDS = 2.0
 REASON_NAME_CONFLICT = "NameConflict"
 CHILD_KINDS = frozenset({"Deployment", "Service", "NetworkPolicy"})
+# Status keys another writer owns (the autoscaler loop), which the reconciler leaves alone.
+FOREIGN_STATUS = frozenset({"autoscaling"})
 MANAGED_LABEL = "app.kubernetes.io/managed-by"
 
 
@@ -373,7 +375,10 @@ class Reconciler:
     ) -> None:
         """Events for what changed, then the status if it differs from the stored one."""
         meta = obj["metadata"]
-        previous = obj.get("status") or {}
+        # status.autoscaling is the autoscaler's: neither compared nor patched (a merge
+        # patch naming it would null it, or put back an older copy over a newer one).
+        previous = _own_status(obj.get("status") or {})
+        status = _own_status(status)
         stamp = st.now()
         by_reason: dict[str, list[str]] = {}
         for reason, manifest in applied:
@@ -407,6 +412,10 @@ class Reconciler:
                 status.get("phase"),
                 status.get("ready"),
             )
+
+
+def _own_status(status: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in status.items() if k not in FOREIGN_STATUS}
 
 
 def _change(before: dict[str, Any] | None, manifest: dict[str, Any]) -> str:

@@ -11,13 +11,14 @@ import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL
 from fabric_operator.controller.kube import CHILD_APIS
 from fabric_operator.controller.reconciler import BACKEND, MANAGED_LABEL, Reconciler
+from fabric_operator.machinery.metrics import Sample
 from fabric_operator.machinery.relist import Listing
 from fabric_operator.machinery.rest import api_message
 from fabric_operator.machinery.store import Store
@@ -72,6 +73,18 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
+class Companion(Protocol):
+    """A leader-only loop beside the reconcile workers (the autoscaler): it runs once the
+    Lease is held and every index is filled, hears of every LLMBackend event, and adds
+    its own metric samples."""
+
+    async def run(self) -> None: ...
+
+    def backend_changed(self, namespace: str, name: str) -> None: ...
+
+    def samples(self) -> list[Sample]: ...
+
+
 class Controller:
     def __init__(
         self,
@@ -79,9 +92,11 @@ class Controller:
         store: Store,
         workers: int = 4,
         leading: asyncio.Event | None = None,
+        companions: list[Companion] | None = None,
     ) -> None:
         self.reconciler, self.store = reconciler, store
         self.workers = workers
+        self.companions = list(companions or [])
         # With leader election, workers wait for the Lease; watches fill the store meanwhile.
         self.leading = leading
         self.queue: WorkQueue[Key] | None = None
@@ -107,6 +122,22 @@ class Controller:
             self._tasks.append(asyncio.create_task(self._resync_on_leading()))
         self._tasks.append(asyncio.create_task(self._give_back_memory()))
         self._tasks.append(asyncio.create_task(self._watch_api_server()))
+        self._tasks += [asyncio.create_task(self._accompany(c)) for c in self.companions]
+
+    async def _accompany(self, companion: Companion) -> None:
+        """A companion runs where the workers do: on the leader, once the store is filled."""
+        if self.leading is not None:
+            await self.leading.wait()
+        await self.listed.wait()
+        await companion.run()
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a thread, waited for by `stop` before the Lease is released:
+        how companions write."""
+        return await self._writer(fn, *args)
+
+    def samples(self) -> list[Sample]:
+        return [s for c in self.companions for s in c.samples()]
 
     async def _watch_api_server(self) -> None:
         """Whether the API server answers, for /healthz (which stays 200: a liveness
@@ -256,6 +287,8 @@ class Controller:
             key = (namespace, name)
             if deleted and not self.store.has(BACKEND, namespace, name):
                 self._forgotten(key, meta.get("uid"))  # (not if a new one took the name)
+            for companion in self.companions:
+                companion.backend_changed(namespace, name)
         else:
             # Children carry their backend's name (and label; the name survives relabelling).
             owner = (meta.get("labels") or {}).get(BACKEND_LABEL) or name

@@ -8,15 +8,52 @@ the metric names and help texts are the operator's.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from aiohttp import web
 
 
+class Sample(NamedTuple):
+    """One sample of a metric family a component of the controller adds (the autoscaler)."""
+
+    name: str
+    type: str  # gauge or counter
+    help: str
+    labels: tuple[tuple[str, str], ...]
+    value: float
+
+
 class Healthy(Protocol):
-    """What the metrics are read from: the controller's health report."""
+    """What the metrics are read from: the controller's health report, and the samples
+    of its other parts."""
 
     def health(self) -> dict[str, Any]: ...
+
+    def samples(self) -> list[Sample]: ...
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def sample_lines(samples: list[Sample]) -> list[str]:
+    """Samples in the text format, HELP and TYPE once per family, families in order."""
+    lines: list[str] = []
+    told: set[str] = set()
+    for sample in samples:
+        if sample.name not in told:
+            told.add(sample.name)
+            lines += [
+                f"# HELP {sample.name} {sample.help}",
+                f"# TYPE {sample.name} {sample.type}",
+            ]
+        labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sample.labels)
+        lines.append(
+            f"{sample.name}{{{labels}}} {sample.value:g}"
+            if labels
+            else f"{sample.name} {sample.value:g}"
+        )
+    return lines
 
 
 def exposition(controller: Healthy) -> str:
@@ -49,6 +86,7 @@ def exposition(controller: Healthy) -> str:
         lines.append(
             f'fabric_operator_api_requests_total{{verb="{verb}",resource="{resource}"}} {count}'
         )
+    lines += sample_lines(controller.samples())
     return "\n".join(lines) + "\n"
 
 
