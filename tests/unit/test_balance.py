@@ -6,7 +6,9 @@ import asyncio
 import json
 from collections import Counter
 
-from fabric_operator.gateway import balance
+from aiohttp.test_utils import TestClient, TestServer
+
+from fabric_operator.gateway import balance, opsserver
 from fabric_operator.gateway.load import Load
 
 URLS = tuple(f"http://10.0.0.{i}:8080/v1" for i in range(1, 5))
@@ -122,3 +124,29 @@ def test_a_watch_gets_a_line_at_once_on_a_change_and_a_heartbeat_when_quiet() ->
     assert lines[1]["backends"] == {"ns/b": {"inFlight": 0, "held": 1}}
     assert lines[2] == lines[1]
     assert woke < 0.5  # a change is a line at once, not at the next heartbeat (1 s)
+
+
+def test_load_streams_are_capped_and_a_closed_one_frees_its_place() -> None:
+    async def scenario() -> tuple[int, int, int]:
+        load = Load("gw")
+        async with TestClient(TestServer(opsserver.app(load), host="127.0.0.1")) as client:
+            streams = []
+            for _ in range(opsserver.MAX_WATCHERS):
+                resp = await client.get("/load", params={"watch": "1"})
+                await resp.content.readline()  # the first line: the stream is open
+                streams.append(resp)
+            refused = await client.get("/load", params={"watch": "1"})
+            plain = await client.get("/load")  # a one-off report is never refused
+            streams.pop().close()
+            for _ in range(100):  # until the server has seen the stream go
+                if load.watchers < opsserver.MAX_WATCHERS:
+                    break
+                await asyncio.sleep(0.05)
+                load.hold("x")  # a change makes the server write, and find it closed
+            again = await client.get("/load", params={"watch": "1"})
+            status = again.status
+            for r in [*streams, again]:
+                r.close()
+            return refused.status, plain.status, status
+
+    assert asyncio.run(scenario()) == (503, 200, 200)

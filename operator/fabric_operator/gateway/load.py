@@ -58,6 +58,10 @@ class Load:
             },
         }
 
+    @property
+    def watchers(self) -> int:
+        return len(self._watchers)
+
     def _changed(self) -> None:
         for event in self._watchers:
             event.set()

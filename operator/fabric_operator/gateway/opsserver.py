@@ -11,6 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fabric_operator.gateway.load import Load
 
+MAX_WATCHERS = 16
+
 
 def app(load: Load) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
@@ -19,6 +21,14 @@ def app(load: Load) -> web.Application:
     async def load_report(request: web.Request) -> web.StreamResponse:
         if request.query.get("watch") not in ("1", "true"):
             return web.json_response(load.report())
+        if load.watchers >= MAX_WATCHERS:
+            # Every change wakes every stream: whoever reaches this port cannot make
+            # that cost grow without bound (the operators' leader needs one).
+            return web.json_response(
+                {"error": f"{MAX_WATCHERS} load streams open already"},
+                status=503,
+                headers={"retry-after": "5"},
+            )
         response = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
         await response.prepare(request)
         # Closed at once when the reader goes (the write fails), not when collected:
