@@ -8,10 +8,14 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import httpx
+import pytest
 from kubernetes.client.exceptions import ApiException
 
-from fabric_operator.autoscaler.loop import Autoscaler, status_worth_writing
+from fabric_operator.autoscaler.discovery import Gateways
+from fabric_operator.autoscaler.loop import OVERRIDE_WARN_SECONDS, Autoscaler, status_worth_writing
 from fabric_operator.autoscaler.signal import Demand, Report, Signal
+from fabric_operator.autoscaler.streams import Streams
 from fabric_operator.controller.reconciler import new_store
 from fabric_operator.machinery import metrics
 from fabric_operator.machinery.store import Store
@@ -313,3 +317,113 @@ def test_what_makes_a_status_worth_writing() -> None:
         with_time, {**old, "lastDemandTime": "2027-01-01T00:00:09Z"}, 60
     )
     assert status_worth_writing(with_time, {**old, "lastDemandTime": "2027-01-01T00:00:10Z"}, 60)
+
+
+# -- review of issue 16: what a missing gateway, a failing start or a fight must not do ---
+
+
+def test_a_gateway_replica_not_counted_blocks_scale_down_but_not_up() -> None:
+    """A second gateway replica is known but its stream fails (refused: its 16 watch
+    slots taken by whoever reaches the port; or down): its held requests are missing
+    from the sum, so nothing is scaled away on that sum; once it reports, it is."""
+    h = Harness(backend(replicas=1, scaleDownDelaySeconds=3))
+    h.signal.expect({"u0", "u1"})  # what Streams.set_urls tells it
+
+    def step(in_flight: int, *, both: bool) -> None:
+        h.load(in_flight=in_flight)
+        if both:
+            h.signal.update("u1", Report("gw-1", {}))
+        h.step(1.0)
+        if h.writer.of("scale"):
+            h.echo(h.writer.of("scale")[-1][2])  # the watch delivers each write
+
+    for _ in range(70):  # past the stable window and the delay; only u0 reports
+        step(0, both=False)
+    assert h.writer.of("scale") == []
+    assert h.signal.gateways == 1
+    for _ in range(6):  # a partial sum still scales up
+        step(6, both=False)
+    assert h.writer.of("scale")[-1][2] >= 2
+    for _ in range(100):  # u1 reports at last: the sum is whole (and panic is over)
+        step(0, both=True)
+    assert h.writer.of("scale")[-1] == ("scale", "b", 0)
+
+
+def test_streams_tell_the_signal_which_sources_to_expect() -> None:
+    async def run() -> None:
+        signal = Signal()
+        streams = Streams(signal, transport=httpx.MockTransport(lambda _r: httpx.Response(503)))
+        streams.set_urls({"http://10.0.0.1:9090/load", "http://10.0.0.2:9090/load"})
+        assert signal.partial
+        signal.update("http://10.0.0.1:9090/load", Report("gw-0", {}))
+        assert signal.partial
+        signal.update("http://10.0.0.2:9090/load", Report("gw-1", {}))
+        assert not signal.partial
+        streams.set_urls({"http://10.0.0.1:9090/load"})
+        assert not signal.partial
+        await streams.close()
+        assert not signal.partial
+
+    asyncio.run(run())
+
+
+class FailingSources(Sources):
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def start(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("no kubeconfig")
+        await super().start()
+
+
+def test_sources_that_fail_to_start_are_tried_again_and_the_loop_goes_on() -> None:
+    h = Harness(backend(replicas=0))
+    h.scaler.sources = h.sources = FailingSources(2)
+    h.step()
+    h.step(1.0)
+    assert h.sources.started == 0
+    h.step(1.0)
+    assert h.sources.started == 1
+    h.load(held=1)
+    h.step(1.0)
+    assert h.writer.of("scale") == [("scale", "b", 1)]
+
+
+def test_gateways_left_half_started_by_a_failure_start_again() -> None:
+    gateways = Gateways(Signal(), namespace="gw", kubeconfig="/nonexistent/kubeconfig")
+
+    async def run() -> None:
+        for _ in range(2):
+            with pytest.raises(Exception):  # noqa: B017 - kubernetes' ConfigException
+                await gateways.start()
+            assert not gateways.running
+        await gateways.stop()
+
+    asyncio.run(run())
+
+
+def test_a_fight_over_spec_replicas_is_warned_again_with_a_count() -> None:
+    """An HPA or a GitOps self-heal setting spec.replicas back again and again: the
+    autoscaler wins each round, and the fight is said again (not once, then silently)."""
+    h = Harness(backend(replicas=1))
+    h.load(in_flight=2)
+    h.step()
+    for round_ in range(5):
+        h.writer.version += 10
+        h.echo(3)  # the other writer
+        h.step(1.0)
+        assert h.writer.of("scale")[-1] == ("scale", "b", 1), round_
+        h.echo(1)
+        h.step(1.0)
+    warnings = [c for c in h.writer.of("event") if c[2] == "ReplicasOverridden"]
+    assert len(warnings) == 1
+    h.step(OVERRIDE_WARN_SECONDS)
+    h.writer.version += 10
+    h.echo(3)
+    h.step(1.0)
+    warnings = [c for c in h.writer.of("event") if c[2] == "ReplicasOverridden"]
+    assert len(warnings) == 2 and "set to 3 (5 times)" in warnings[1][3]
+    assert not [c for c in h.writer.of("event") if c[2].startswith("Scaled")]

@@ -130,12 +130,15 @@ class Gateways:
 
         if self.streams is not None:
             return
+        # The API client first: if it cannot be made (no kubeconfig), nothing is left
+        # half started, and the next `start` tries again.
+        api = None if self.static else ApiClient(self.kubeconfig)
         self.streams = Streams(self.signal)
-        if self.static:
+        if api is None:
             self.streams.set_urls(self.static)
             return
-        self._api = ApiClient(self.kubeconfig)
-        pods = GatewayPods(self._api, self.namespace, self.streams.set_urls)
+        self._api = api
+        pods = GatewayPods(api, self.namespace, self.streams.set_urls)
         self._watching = asyncio.create_task(pods.run())
 
     async def stop(self) -> None:

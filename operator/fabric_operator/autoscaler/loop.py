@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -53,6 +53,10 @@ TICK_SECONDS = 1.0
 MESSAGE_SECONDS = 2.0
 DEMAND_TIME_SECONDS = 10.0
 OVERRIDDEN = "ReplicasOverridden"
+# A writer that keeps setting spec.replicas back (an HPA, a GitOps sync with self-heal)
+# fights the autoscaler: the Warning is repeated, with a count, at most this often, so
+# the fight is never silent after its first round and never an Event per write.
+OVERRIDE_WARN_SECONDS = 600.0
 T = TypeVar("T")
 Key = tuple[str, str]
 
@@ -106,6 +110,8 @@ class Tracked:
     expected: int | None = None  # spec.replicas as this process wrote or agreed to it
     written_version: int | None = None  # resourceVersion its last scale write made
     warned: int | None = None  # the overriding spec.replicas already reported
+    warned_at: float = float("-inf")  # when (wall clock, as `now`)
+    overrides: int = 0  # overrides set back since that Warning
     status: dict[str, Any] = field(default_factory=dict)  # status.autoscaling as written
     status_at: float = float("-inf")  # monotonic time of that write
     demand: int = 0
@@ -141,6 +147,7 @@ def plan(
     ready: int,
     now: float,
     since_status: float,
+    partial: bool = False,
 ) -> Plan:
     """Observe and decide for one backend; what to write. Pure but for `tracked.state`,
     which the decision updates."""
@@ -167,6 +174,7 @@ def plan(
         current_replicas=current,
         ready_replicas=ready,
         held=demand.held if gateways else 0,
+        partial=partial,
     )
     tracked.demand = demand.total if gateways else 0
     out = Plan(decision=decision)
@@ -175,15 +183,21 @@ def plan(
         if decision.desired != current:
             out.direction = "up" if decision.desired > current else "down"
             out.events.append(scale_event(current, decision.desired, decision.message))
-        if overridden and tracked.warned != replicas:
+        if overridden:
+            tracked.overrides += 1
+        if overridden and (
+            tracked.warned != replicas or now - tracked.warned_at >= OVERRIDE_WARN_SECONDS
+        ):
             out.overridden = replicas
+            times = "" if tracked.overrides <= 1 else f" ({tracked.overrides} times)"
             out.events.append(
                 (
                     "Warning",
                     OVERRIDDEN,
-                    f"spec.replicas was set to {replicas}, but it is owned by "
+                    f"spec.replicas was set to {replicas}{times}, but it is owned by "
                     f"spec.autoscaling: set back to {decision.desired}. Change "
-                    "spec.autoscaling (minReplicas, maxReplicas) instead, or remove it.",
+                    "spec.autoscaling (minReplicas, maxReplicas) instead, or remove it "
+                    "(or stop what keeps setting it: an HPA, a GitOps sync).",
                 )
             )
     elif decision.desired == replicas and not stale:
@@ -220,6 +234,7 @@ class Autoscaler:
         self._wake = asyncio.Event()
         self._acting: set[asyncio.Task[None]] = set()
         self._sourcing = False
+        self._source_error: str | None = None
 
     # -- what wakes the loop -------------------------------------------------------------
 
@@ -265,22 +280,46 @@ class Autoscaler:
         self._wake.clear()
         dirty, self._dirty = self._dirty, set()
         keys = dirty | set(self.tracked) if everything else dirty
-        objects = {key: obj for key in keys if (obj := self._refresh(key)) is not None}
+        objects: dict[Key, dict[str, Any]] = {}
+        for key in keys:
+            with self._surviving(key):
+                if (obj := self._refresh(key)) is not None:
+                    objects[key] = obj
         await self._source(bool(self.tracked))
         self.signal.expire()
         for key, obj in objects.items():
             tracked = self.tracked.get(key)
             if tracked is None or tracked.busy or tracked.policy is None:
                 continue
-            self._decide(key, tracked, obj)
+            with self._surviving(key):
+                self._decide(key, tracked, obj)
+
+    @contextlib.contextmanager
+    def _surviving(self, key: Key) -> Iterator[None]:
+        """One backend that cannot be decided (an object the code did not foresee) is
+        logged and skipped: the loop, which every other backend needs, goes on (its task
+        ending would stop all autoscaling, silently, until the operator restarts)."""
+        try:
+            yield
+        except Exception:
+            log.exception("%s/%s: autoscaler decision failed; skipped", *key)
 
     async def _source(self, needed: bool) -> None:
-        if needed and not self._sourcing:
-            self._sourcing = True
-            await self.sources.start()
-        elif not needed and self._sourcing:
-            self._sourcing = False
-            await self.sources.stop()
+        try:
+            if needed and not self._sourcing:
+                self._sourcing = True
+                await self.sources.start()
+            elif not needed and self._sourcing:
+                self._sourcing = False
+                await self.sources.stop()
+        except Exception as err:  # tried again at the next round (said once)
+            self._sourcing = not needed
+            why = f"{type(err).__name__}: {str(err)[:200]}"
+            level = logging.DEBUG if why == self._source_error else logging.WARNING
+            self._source_error = why
+            log.log(level, "autoscaler: gateway load sources failed: %s; trying again", why)
+        else:
+            self._source_error = None
 
     def _refresh(self, key: Key) -> dict[str, Any] | None:
         """The backend as the store holds it, if autoscaled; tracked (or forgotten)."""
@@ -325,6 +364,7 @@ class Autoscaler:
             ready=self._ready(key),
             now=self.clock(),
             since_status=self.monotonic() - tracked.status_at,
+            partial=self.signal.partial,
         )
         if out.scale_to is None and out.status is None:
             return
@@ -355,7 +395,8 @@ class Autoscaler:
                     out.scale_to,
                 )
                 if out.overridden is not None:
-                    tracked.warned = out.overridden
+                    tracked.warned, tracked.warned_at = out.overridden, self.clock()
+                    tracked.overrides = 0
                 step = "events"
                 stamp = format_time(self.clock())
                 for type_, reason, message in out.events:

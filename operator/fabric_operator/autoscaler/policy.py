@@ -16,6 +16,8 @@ times), so every rule below is tested with a fake clock. The rules:
 - Held requests ask for one replica at once (scale from zero), and while a pod is still
   starting with requests held for it, nothing is scaled down (it would be the pod they
   wait for).
+- A sum that misses a gateway replica (its stream failed or was refused) scales up but
+  never down: the requests it misses may be held for the very pods it would remove.
 - A fresh state (operator restart, new leader) scales up but not down until it has
   observed a full stable window; what it restores from status keeps the last scale's
   replicas for scaleDownDelaySeconds from when they were set.
@@ -189,10 +191,13 @@ def decide(
     current_replicas: int,
     ready_replicas: int,
     held: int,
+    partial: bool = False,
 ) -> Decision:
     """The replicas wanted now, given the readings `state` has observed, the replicas the
     backend has (spec.replicas and the ready ones) and the requests held at the gateways.
-    Updates `state` (panic, scale-down memory, desired, last scale time)."""
+    `partial`: some gateway replica is not counted, so the readings are a lower bound:
+    nothing is scaled down. Updates `state` (panic, scale-down memory, desired, last
+    scale time)."""
     current, ready = current_replicas, ready_replicas
     stable_wants = replicas_for(state.window.average(now, STABLE_WINDOW), policy.target)
     panic_wants = replicas_for(state.window.average(now, PANIC_WINDOW), policy.target)
@@ -214,7 +219,7 @@ def decide(
 
     fresh = state.started is None or now - state.started < STABLE_WINDOW
     starting_with_held = ready < current and held > 0
-    floor = current if fresh or panic or starting_with_held else 0
+    floor = current if fresh or panic or starting_with_held or partial else 0
     desired = min(max(wanted, floor, policy.min_replicas), policy.max_replicas)
 
     demand = int(state.window.latest or 0)

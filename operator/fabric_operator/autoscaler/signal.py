@@ -86,6 +86,19 @@ class Signal:
         self._latest: dict[str, tuple[float, Report]] = {}  # source -> (when, report)
         self._sum: dict[str, Demand] = {}
         self._gateways = 0
+        self._expected: frozenset[str] = frozenset()  # sources that should be reporting
+
+    def expect(self, sources: set[str] | frozenset[str]) -> None:
+        """The sources there are now (the gateway pods found, the URLs given): one of
+        them without a current report makes the sum `partial`."""
+        self._expected = frozenset(sources)
+
+    @property
+    def partial(self) -> bool:
+        """Some gateway replica is known but not counted (its stream failed, was refused
+        or went silent): the sum then misses its requests, so it is a lower bound, good
+        for scaling up but not down (held requests there would be scaled away)."""
+        return bool(self._expected - self._latest.keys())
 
     @property
     def gateways(self) -> int:

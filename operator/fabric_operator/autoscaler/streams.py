@@ -56,6 +56,7 @@ class Streams:
     def set_urls(self, urls: Iterable[str]) -> None:
         """Stream from exactly these URLs (new ones start, gone ones stop and drop)."""
         wanted = set(urls)
+        self.signal.expect(wanted)
         for url in self.urls - wanted:
             self._tasks.pop(url).cancel()
             self.signal.drop(url)
