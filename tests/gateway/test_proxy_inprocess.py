@@ -21,7 +21,14 @@ from fabric_operator.gateway import server
 from fabric_operator.gateway.metrics import GatewayMetrics
 from fabric_operator.gateway.proxy import AnswerAbortedError, Gateway, QuietAborts, Settings
 from fabric_operator.gateway.ratelimit import RateLimiter
-from fabric_operator.gateway.routes import Backend, Snapshot, Tenant, build_snapshot, key_digest
+from fabric_operator.gateway.routes import (
+    Backend,
+    Hold,
+    Snapshot,
+    Tenant,
+    build_snapshot,
+    key_digest,
+)
 from fabric_operator.gateway.sources import Source
 from fabric_operator.gateway.upstream import (
     CLIENTS,
@@ -493,3 +500,69 @@ def test_a_lingering_close_sends_a_fin_then_closes_and_forgets_its_timer() -> No
         assert tls.calls == ["close"]
 
     asyncio.run(scenario())
+
+
+def held_snapshot(*, urls: tuple[str, ...] = (), key: bool = True) -> Snapshot:
+    """Two autoscaled backends without a ready pod (held requests wait for one)."""
+    hold = Hold(timeout=30.0, most=10)
+    return build_snapshot(
+        [
+            Backend(id="ns/a", model="a", urls=urls, hold=hold),
+            Backend(id="ns/b", model="b", urls=(), hold=hold),
+        ],
+        {key_digest(KEY): TENANT} if key else {},
+    )
+
+
+def test_held_requests_have_a_cap_over_all_backends() -> None:
+    async def scenario() -> tuple[int, float, int]:
+        gateway = Gateway(
+            source(held_snapshot()), GatewayMetrics(CollectorRegistry()), Settings(max_held=1)
+        )
+        first = asyncio.ensure_future(call(gateway, {"model": "a", "messages": []}))
+        while gateway.load.held_total < 1:
+            await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        second = await call(gateway, {"model": "b", "messages": []})  # another backend
+        took = loop.time() - began
+        first.cancel()
+        return second[0]["status"], took, gateway.load.held("ns/b")
+
+    status, took, held_b = asyncio.run(scenario())
+    assert status == 503 and took < 1.0  # refused at once: the gateway's cap is reached
+    assert held_b == 0
+
+
+def test_a_key_revoked_while_its_request_is_held_is_not_served() -> None:
+    """The pod comes, but the key is gone by then: the request is not sent to it."""
+
+    async def scenario() -> tuple[int, str]:
+        src = source(held_snapshot())
+        gateway = Gateway(src, GatewayMetrics(CollectorRegistry()))
+        held = asyncio.ensure_future(call(gateway, {"model": "a", "messages": []}))
+        while gateway.load.held("ns/a") < 1:
+            await asyncio.sleep(0.01)
+        # A ready pod (nothing listens there: were it tried, the answer would be a 502).
+        src.snapshot = held_snapshot(urls=("http://127.0.0.1:9/v1",), key=False)
+        start, body = await asyncio.wait_for(held, 10)
+        return start["status"], json.loads(body["body"])["error"]["code"]
+
+    assert asyncio.run(scenario()) == (503, "upstream_unavailable")
+
+
+def test_a_held_request_is_woken_by_the_next_snapshot_and_sent_to_its_pod() -> None:
+    """The same path with the key still valid reaches the pod (here: nothing listens,
+    so the gateway's own 502 proves the request was sent there)."""
+
+    async def scenario() -> tuple[int, str]:
+        src = source(held_snapshot())
+        gateway = Gateway(src, GatewayMetrics(CollectorRegistry()))
+        held = asyncio.ensure_future(call(gateway, {"model": "a", "messages": []}))
+        while gateway.load.held("ns/a") < 1:
+            await asyncio.sleep(0.01)
+        src.snapshot = held_snapshot(urls=("http://127.0.0.1:9/v1",))
+        start, body = await asyncio.wait_for(held, 10)
+        return start["status"], json.loads(body["body"])["error"]["code"]
+
+    assert asyncio.run(scenario()) == (502, "upstream_unreachable")

@@ -309,8 +309,8 @@ def test_metrics_per_backend_and_direction() -> None:
 def test_what_makes_a_status_worth_writing() -> None:
     old = {"reason": "Stable", "desiredReplicas": 2, "message": "m", "demand": 3}
     assert status_worth_writing(old, {**old, "reason": "ScalingUp"}, 0.1)
-    assert not status_worth_writing(old, {**old, "message": "n"}, 0.5)
-    assert status_worth_writing(old, {**old, "message": "n"}, 2.0)
+    assert not status_worth_writing(old, {**old, "message": "n"}, 9.5)
+    assert status_worth_writing(old, {**old, "message": "n"}, 10.0)
     with_time = {**old, "lastDemandTime": "2027-01-01T00:00:00Z"}
     assert status_worth_writing(old, with_time, 0.1)
     assert not status_worth_writing(

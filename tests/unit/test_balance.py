@@ -126,12 +126,12 @@ def test_a_watch_gets_a_line_at_once_on_a_change_and_a_heartbeat_when_quiet() ->
     assert woke < 0.5  # a change is a line at once, not at the next heartbeat (1 s)
 
 
-def test_load_streams_are_capped_and_a_closed_one_frees_its_place() -> None:
+def test_load_streams_per_peer_are_capped_and_a_closed_one_frees_its_place() -> None:
     async def scenario() -> tuple[int, int, int]:
         load = Load("gw")
         async with TestClient(TestServer(opsserver.app(load), host="127.0.0.1")) as client:
             streams = []
-            for _ in range(opsserver.MAX_WATCHERS):
+            for _ in range(opsserver.MAX_PER_PEER):
                 resp = await client.get("/load", params={"watch": "1"})
                 await resp.content.readline()  # the first line: the stream is open
                 streams.append(resp)
@@ -139,7 +139,7 @@ def test_load_streams_are_capped_and_a_closed_one_frees_its_place() -> None:
             plain = await client.get("/load")  # a one-off report is never refused
             streams.pop().close()
             for _ in range(100):  # until the server has seen the stream go
-                if load.watchers < opsserver.MAX_WATCHERS:
+                if load.watchers < opsserver.MAX_PER_PEER:
                     break
                 await asyncio.sleep(0.05)
                 load.hold("x")  # a change makes the server write, and find it closed

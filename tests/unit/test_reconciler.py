@@ -669,6 +669,37 @@ def test_children_are_left_to_a_backend_of_the_same_name_or_another_owner() -> N
     assert kube.deleted == [("Service", "service-uid")]
 
 
+def test_an_invalid_backend_drops_what_an_earlier_one_of_its_name_left_not_its_own() -> None:
+    """Deleted and created again, invalid: the earlier backend's children are orphans
+    (the garbage collector would delete them), not this one's to keep running."""
+    kube = FakeKube()
+    rec, store = reconciler(kube)
+    rec.reconcile("n", "m")
+    assert set(kube.objects) == {"Deployment", "Service"}
+    store.put(
+        "LLMBackend",
+        {
+            **BACKEND,
+            "metadata": {**BACKEND["metadata"], "uid": "u2"},
+            "spec": {**BACKEND["spec"], "resources": {"gpu": {"count": -1}}},
+        },
+    )
+    rec.reconcile("n", "m")
+    assert sorted(kube.deleted) == [("Deployment", "deployment-uid"), ("Service", "service-uid")]
+    assert None not in kube.delete_versions  # with preconditions
+    assert not store.has("Deployment", "n", "m") and not kube.objects
+    # Its own children, when it becomes invalid later, stay: an edit is no deletion.
+    kube2 = FakeKube()
+    rec2, store2 = reconciler(kube2)
+    rec2.reconcile("n", "m")
+    store2.put(
+        "LLMBackend",
+        {**BACKEND, "spec": {**BACKEND["spec"], "resources": {"gpu": {"count": -1}}}},
+    )
+    rec2.reconcile("n", "m")
+    assert kube2.deleted == [] and set(kube2.objects) == {"Deployment", "Service"}
+
+
 AUTOSCALING_STATUS = {
     "desiredReplicas": 2,
     "reason": "Stable",

@@ -49,8 +49,9 @@ TICK_SECONDS = 1.0
 # status.autoscaling: reason, desired replicas, scale time and the gateways counted are
 # written at once; a message or demand that alone changed at most this often;
 # lastDemandTime only when it moved this far (steady load would otherwise write every
-# second).
-MESSAGE_SECONDS = 2.0
+# second). Each status write is also a watch event every gateway replica rebuilds its
+# routes on, so a message that only follows the load waits 10 s.
+MESSAGE_SECONDS = 10.0
 DEMAND_TIME_SECONDS = 10.0
 OVERRIDDEN = "ReplicasOverridden"
 # A writer that keeps setting spec.replicas back (an HPA, a GitOps sync with self-heal)

@@ -87,6 +87,7 @@ class Reconciler:
         previous = obj.get("status") or {}
         backend, problems = validate(obj, self.settings.config)
         if backend is None:
+            self._drop_older(namespace, name, obj["metadata"].get("uid"))
             unparsable = st.Failure(st.REASON_INVALID, _join(problems))
             generation = obj["metadata"].get("generation")
             self._report(obj, st.invalid_status(generation, unparsable, previous), [])
@@ -118,7 +119,9 @@ class Reconciler:
         )
         applied: list[tuple[str, dict[str, Any]]] = []
         transient: ApiException | None = None
-        if failure is None:
+        if failure is not None:
+            self._drop_older(namespace, name, backend.uid)
+        else:
             failure, transient, settled = self._apply(backend, stale, applied)
             if failure is not None:
                 recheck = FAILED_APPLY_RECHECK_SECONDS
@@ -162,6 +165,8 @@ class Reconciler:
         failure = st.Failure(st.REASON_INVALID, _join(problems)) if problems else None
         if failure is None:
             self._prune(backend, keep=set())
+        else:
+            self._drop_older(backend.namespace, backend.name, backend.uid)
         self._report(obj, st.remote_status(backend, failure, previous), [])
         return recheck
 
@@ -173,6 +178,29 @@ class Reconciler:
             if child is not None and _owned_by(child, backend.uid):
                 self.kube.delete(kind, backend.namespace, backend.name, child["metadata"]["uid"])
                 self.store.delete(kind, backend.namespace, backend.name)
+
+    def _drop_older(self, namespace: str, name: str, uid: str | None) -> None:
+        """Delete the children an earlier LLMBackend of this name left, when this one
+        (`uid`) is invalid and so will not take them over: their owner is gone, the
+        garbage collector would delete them too (and with it off, or behind, they would
+        run on under a backend that does not want them). Checked on a fresh copy,
+        deleted with preconditions; this backend's own children stay as they are."""
+        for kind in sorted(CHILD_KINDS):
+            held = self.store.get(kind, namespace, name)
+            if held is None or not _older(held, name, uid):
+                continue
+            current = self.kube.get(kind, namespace, name)
+            if current is None or not _older(current, name, uid):
+                continue
+            meta = current["metadata"]
+            self.kube.delete(kind, namespace, name, meta["uid"], meta.get("resourceVersion"))
+            self.store.delete(kind, namespace, name)
+            log.info(
+                "%s/%s: deleted the %s an earlier LLMBackend of this name left",
+                namespace,
+                name,
+                kind,
+            )
 
     def collect_orphans(self, namespace: str, name: str, uid: str) -> list[str]:
         """Delete the children that outlived their LLMBackend (`uid`, deleted a while ago),
@@ -454,16 +482,29 @@ def _ours(child: dict[str, Any], backend: LLMBackend) -> bool:
     and still carries this backend's labels (its owner reference removed by hand, or
     orphaned on purpose with --cascade=orphan). Anything else, with another controller
     or without our labels, was made by someone else under the name."""
-    meta = child.get("metadata") or {}
-    controller = next((r for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
+    controller = _controller(child)
     if controller is not None:
-        return controller.get("uid") == backend.uid or (
-            controller.get("kind") == KIND
-            and str(controller.get("apiVersion") or "").split("/")[0] == GROUP
-            and controller.get("name") == backend.name
-        )
-    labels = meta.get("labels") or {}
+        return controller.get("uid") == backend.uid or _older(child, backend.name, backend.uid)
+    labels = (child.get("metadata") or {}).get("labels") or {}
     return labels.get(MANAGED_LABEL) == MANAGED_BY and labels.get(BACKEND_LABEL) == backend.name
+
+
+def _controller(child: dict[str, Any]) -> dict[str, Any] | None:
+    refs = (child.get("metadata") or {}).get("ownerReferences") or []
+    return next((r for r in refs if r.get("controller")), None)
+
+
+def _older(child: dict[str, Any], name: str, uid: str | None) -> bool:
+    """Controlled by an earlier LLMBackend named `name` (not by the one of `uid`, nor by
+    anything else)."""
+    controller = _controller(child)
+    return (
+        controller is not None
+        and controller.get("uid") != uid
+        and controller.get("kind") == KIND
+        and str(controller.get("apiVersion") or "").split("/")[0] == GROUP
+        and controller.get("name") == name
+    )
 
 
 def _owned_by(child: dict[str, Any], uid: str | None) -> bool:

@@ -32,7 +32,7 @@ def _point(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=64)  # ~1 MiB a 64-pod ring; sets of pods change rarely
 def ring(urls: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """Sorted ring points and the pod each belongs to; a pod joining or leaving moves
     only the keys of its own points. Cached per set of pods (a snapshot's tuple)."""
@@ -61,21 +61,18 @@ def by_prefix(
     loads = {u: load(u) for u in urls}
     cap = max(1, math.ceil((sum(loads.values()) + 1) / len(urls) * bound))
     start = bisect.bisect(points, _point(key)) % len(points)
-    order: list[str] = []
-    seen: set[str] = set()
-    i = start
-    while len(order) < len(urls):
-        url = owners[i]
-        if url not in seen:
-            seen.add(url)
-            order.append(url)
-        i = (i + 1) % len(points)
-    within = [u for u in order if loads[u] + 1 <= cap]
-    first = order[0]
-    if within:
-        rest = [u for u in order if u not in within]
-        return within + rest, within[0] == first
-    return sorted(order, key=loads.__getitem__), False
+    own = owners[start]
+    if loads[own] + 1 <= cap:
+        first = own
+    else:  # clockwise to the first pod within the bound; each pod's points are many
+        first = own
+        for i in range(start + 1, start + len(points)):
+            url = owners[i % len(points)]
+            if loads[url] + 1 <= cap:
+                first = url
+                break
+    rest = sorted((u for u in urls if u != first), key=loads.__getitem__)
+    return [first, *rest], first == own
 
 
 def prefix_key(payload: Mapping[str, Any], characters: int) -> bytes:
@@ -85,13 +82,16 @@ def prefix_key(payload: Mapping[str, Any], characters: int) -> bytes:
     conversations with one opener but different system prompts do not share it. A
     completion's prompt is its own start. Images and other non-text parts add nothing."""
     parts: list[str] = []
+    size = 0  # kept as it grows: a request of many tiny messages costs linear time
     messages = payload.get("messages")
     if isinstance(messages, list):
         for message in messages:
             if not isinstance(message, Mapping):
                 continue
-            parts.append(f"{message.get('role', '')}\x1f{_text(message.get('content'))}\x1e")
-            if message.get("role") == "user" or sum(map(len, parts)) >= characters:
+            part = f"{message.get('role', '')}\x1f{_text(message.get('content'))}\x1e"
+            parts.append(part)
+            size += len(part)
+            if message.get("role") == "user" or size >= characters:
                 break
     else:
         prompt = payload.get("prompt")

@@ -23,6 +23,8 @@ class Load:
         self.gateway = gateway or socket.gethostname()
         self._in_flight: dict[str, int] = {}
         self._held: dict[str, int] = {}
+        self._lingering: dict[str, int] = {}  # holds that ended less than a second ago
+        self.held_total = 0
         self._watchers: set[asyncio.Event] = set()
 
     def enter(self, backend: str) -> None:
@@ -35,10 +37,21 @@ class Load:
 
     def hold(self, backend: str) -> None:
         self._held[backend] = self._held.get(backend, 0) + 1
+        self.held_total += 1
         self._changed()
 
-    def unhold(self, backend: str) -> None:
+    def unhold(self, backend: str, linger: float = 0.0) -> None:
+        """No longer held; still reported (not counted against caps) for `linger`
+        seconds, so that a hold shorter than a report's gap is seen all the same."""
         _down(self._held, backend)
+        self.held_total -= 1
+        if linger > 0:
+            self._lingering[backend] = self._lingering.get(backend, 0) + 1
+            asyncio.get_running_loop().call_later(linger, self._unlinger, backend)
+        self._changed()
+
+    def _unlinger(self, backend: str) -> None:
+        _down(self._lingering, backend)
         self._changed()
 
     def in_flight(self, backend: str) -> int:
@@ -49,11 +62,14 @@ class Load:
 
     def report(self) -> dict[str, object]:
         """The /load document: backends with nothing in flight or held are left out."""
-        names = sorted(self._in_flight.keys() | self._held.keys())
+        names = sorted(self._in_flight.keys() | self._held.keys() | self._lingering.keys())
         return {
             "gateway": self.gateway,
             "backends": {
-                n: {"inFlight": self._in_flight.get(n, 0), "held": self._held.get(n, 0)}
+                n: {
+                    "inFlight": self._in_flight.get(n, 0),
+                    "held": self._held.get(n, 0) + self._lingering.get(n, 0),
+                }
                 for n in names
             },
         }

@@ -91,6 +91,7 @@ CLOSE = (b"connection", b"close")
 # answer started, when nothing else could be answered any more.
 _TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _BAD_HEADER_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+HELD_SHOWN_SECONDS = 1.0  # a held request stays on /load at least this long
 WATCH_AFTER = 0.05  # seconds into forwarding when the client's disconnect is listened for
 MODEL_LOGGED = 100  # characters of a requested model name the access log keeps
 
@@ -177,6 +178,8 @@ class Call:
     client_left: bool = False
     listening: asyncio.Future[Message] | None = None  # for the client's disconnect
     slot: SlotKey = ""  # of the upstream tried, while it is
+    tenant: Tenant | None = None  # who asked: checked again after a hold
+    key: str | None = None  # its bearer key, to look the tenant up again (never logged)
     answer_headers: list[tuple[bytes, bytes]] | None = None  # to pass on (`_unpassable`)
 
     def listen(self) -> None:
@@ -220,6 +223,10 @@ class Settings:
     pool_timeout: float = 10.0  # waiting for a free slot of a saturated upstream
     max_per_upstream: int = 256  # requests in flight per upstream (replica URL)
     max_body: int = 32 * MIB
+    # Held requests (at zero) of all backends together: each keeps its connection and its
+    # body, and a team sets its own backends' caps (spec.autoscaling.maxHeldRequests).
+    max_held: int = 1000
+    max_held_bytes: int = 256 * MIB
     access_log: bool = True
     client: str = "aiohttp"  # or httpx: see fabric_operator.gateway.upstream
 
@@ -239,6 +246,7 @@ class Gateway:
         st = self.settings
         self.slots = Slots(st.max_per_upstream)
         self.load = Load()
+        self._held_bytes = 0  # request bodies kept by held requests
         self._turn = itertools.count()  # least in flight's tie-break, across snapshots
         self.client: Client = CLIENTS[st.client](Timeouts(st.connect_timeout, st.idle_timeout))
 
@@ -378,6 +386,7 @@ class Gateway:
         call = Call(
             model, payload, body, headers, scope["path"][3:], send, outcome, start, task, receive
         )
+        call.tenant, call.key = tenant, _bearer(scope)
         await self._watching_the_client(candidates, call)
 
     async def _watching_the_client(self, candidates: tuple[Backend, ...], call: Call) -> None:
@@ -564,36 +573,58 @@ class Gateway:
         the snapshot then has it, or None when the hold ends without one (timed out,
         over its cap, the backend gone). Counted as held meanwhile: demand the
         autoscaler sees, which is what scales a backend at zero up."""
-        hold, ident = backend.hold, backend.id
+        hold, ident, st = backend.hold, backend.id, self.settings
         assert hold is not None
-        if self.load.held(ident) >= hold.most:
+        size = len(call.body)
+        if (
+            self.load.held(ident) >= hold.most
+            or self.load.held_total >= st.max_held
+            or self._held_bytes + size > st.max_held_bytes
+        ):
             self.metrics.held.labels(ident, "over_cap").inc()
             return None
         wait = hold.timeout
         if hold.fallback_after is not None:
             wait = min(wait, hold.fallback_after)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        began = loop.time()
         self.load.hold(ident)
+        self._held_bytes += size
         try:
             while True:
-                fresh = self.source.snapshot.by_id.get(ident)
+                fresh = self._still_routed(ident, call)
                 if fresh is None:
                     self.metrics.held.labels(ident, "gone").inc()
                     return None
                 if fresh.urls:
                     self.metrics.held.labels(ident, "served").inc()
-                    call.outcome.held = loop.time() - (deadline - wait)
+                    call.outcome.held = loop.time() - began
                     return fresh
                 changed = self.source.changed()
                 try:
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(began + wait):
                         await changed.wait()
                 except TimeoutError:
                     self.metrics.held.labels(ident, "timeout").inc()
                     return None
         finally:
-            self.load.unhold(ident)
+            self._held_bytes -= size
+            # Shown on /load for a second at least, so that the autoscaler sees it even
+            # when it went to a fallback at once (fallbackAfterSeconds 0): the backend
+            # still needs a pod.
+            self.load.unhold(ident, linger=max(0.0, HELD_SHOWN_SECONDS - (loop.time() - began)))
+
+    def _still_routed(self, ident: str, call: Call) -> Backend | None:
+        """The backend as the current snapshot has it, if the caller may still reach it
+        there: a hold lasts long enough for its key to be revoked, or the backend to
+        change its model or go."""
+        snapshot = self.source.snapshot
+        tenant = snapshot.tenant(call.key)
+        if tenant is None or call.tenant is None or tenant.id != call.tenant.id:
+            return None
+        if not tenant.may_use(call.model):
+            return None
+        return next((b for b in snapshot.candidates(tenant, call.model) if b.id == ident), None)
 
     async def _pass_through(self, response: Response, backend: Backend, call: Call) -> None:
         """The upstream's status, headers and body, chunk by chunk as they arrive; an

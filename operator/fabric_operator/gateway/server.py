@@ -229,6 +229,20 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="largest request body in MiB, larger ones get a 413 unread (default "
         f"{d.max_body / MIB:g})",
     )
+    p.add_argument(
+        "--max-held-requests",
+        type=_positive_int,
+        default=d.max_held,
+        help="requests held at once for autoscaled backends without a ready pod, all "
+        f"backends together (each backend also has its own cap; default {d.max_held})",
+    )
+    p.add_argument(
+        "--max-held-mib",
+        type=_positive_float,
+        default=d.max_held_bytes / MIB,
+        help="request bodies held at once, in MiB, all backends together (default "
+        f"{d.max_held_bytes / MIB:g})",
+    )
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
     p.add_argument(
         "--upstream-client",
@@ -325,6 +339,8 @@ async def _serve(args: argparse.Namespace) -> int:
             pool_timeout=args.pool_timeout,
             max_per_upstream=args.max_connections_per_upstream,
             max_body=int(args.max_body_mib * MIB),
+            max_held=args.max_held_requests,
+            max_held_bytes=int(args.max_held_mib * MIB),
             access_log=not args.no_access_log,
             client=args.upstream_client,
         ),
