@@ -598,6 +598,87 @@ def test_deleting_the_backend_leaves_nothing_running(stack: Stack) -> None:
     stack.figures["delete_to_gone_s"] = round(gone, 1)
 
 
+def spec_replicas(cluster: Cluster, ns: str, name: str) -> int:
+    obj = cluster.custom.get_namespaced_custom_object(
+        "llm.fabric.dev", "v1alpha1", ns, "llmbackends", name
+    )
+    return int(obj["spec"].get("replicas", 1))
+
+
+def backend_events(cluster: Cluster, ns: str, name: str) -> list[tuple[str, str]]:
+    items = cluster.core.list_namespaced_event(
+        ns, field_selector=f"involvedObject.kind=LLMBackend,involvedObject.name={name}"
+    ).items
+    return [(e.reason, e.message) for e in items]
+
+
+def test_scale_from_zero_through_the_gateway_and_back_to_zero(stack: Stack) -> None:
+    """The chart's operator finds the chart's gateway pods (its RBAC, in-cluster), a
+    request at zero is held by the gateway pod, the operator scales 0 -> 1 on it, the
+    engine pod starts on the real node and the same request is answered; idle -> zero."""
+    cluster, ns, name = stack.cluster, stack.namespace, "lazy"
+    manifest = backend(stack.real, ns, replicas=0)
+    manifest["metadata"]["name"] = name
+    manifest["spec"]["autoscaling"] = {
+        "minReplicas": 0,
+        "maxReplicas": 1,
+        "scaleDownDelaySeconds": 5,
+        "holdTimeoutSeconds": 180,
+    }
+    cluster.apply(manifest)
+    try:
+        wait_for(
+            "the autoscaler to hear the gateway replicas",
+            lambda: (status(cluster, ns, name).get("autoscaling") or {}).get("gateways", 0) >= 1,
+            90,
+        )
+        assert not pods(cluster, ns, f"llm.fabric.dev/backend={name}")
+        with sampled(lambda: (time.monotonic(), spec_replicas(cluster, ns, name))) as seen:
+            sent = time.monotonic()
+            raw = (
+                client(stack.gateway, TENANT_KEY)
+                .with_options(timeout=240)
+                .chat.completions.with_raw_response.create(
+                    model=name, messages=MESSAGES, max_tokens=8
+                )
+            )
+            answered = time.monotonic() - sent
+        assert raw.headers["x-fabric-backend"] == f"{ns}/{name}"
+        assert raw.parse().choices[0].message.content
+        scaled = next(t for t, r in seen if isinstance(r, int) and r == 1) - sent
+        reasons = [r for r, _ in backend_events(cluster, ns, name)]
+        assert "ScaledUp" in reasons, reasons
+        print(
+            f"\nat zero: request -> spec.replicas 1 in {scaled:.2f}s (sampled every 0.1 s), "
+            f"-> answered through the gateway in {answered:.1f}s (pod start included)"
+        )
+        stack.figures["zero_request_to_scale_s"] = round(scaled, 2)
+        stack.figures["zero_request_to_answer_s"] = round(answered, 1)
+        assert scaled < 2.0
+
+        idle = time.monotonic()
+        wait_for("idle -> zero", lambda: spec_replicas(cluster, ns, name) == 0, 150, interval=0.5)
+        to_zero = time.monotonic() - idle
+        wait_for(
+            "the engine pod to go",
+            lambda: not pods(cluster, ns, f"llm.fabric.dev/backend={name}"),
+            90,
+        )
+        auto = status(cluster, ns, name).get("autoscaling") or {}
+        assert "ScaledToZero" in [r for r, _ in backend_events(cluster, ns, name)]
+        wait_for(
+            "status to say ScaledToZero",
+            lambda: (
+                (status(cluster, ns, name).get("autoscaling") or {}).get("reason") == "ScaledToZero"
+            ),
+            10,
+        )
+        print(f"idle -> scaled to zero in {to_zero:.0f}s (delay 5 s; {auto.get('message')})")
+        stack.figures["idle_to_zero_s"] = round(to_zero)
+    finally:
+        cluster.kubectl("delete", f"llmb/{name}", "-n", ns, check=False)
+
+
 def test_upgrade_then_uninstall_keeps_the_users_backends(stack: Stack) -> None:
     real, cluster, ns = stack.real, stack.cluster, stack.namespace
     [before] = pods(cluster, SYSTEM, OPERATOR_PODS)
