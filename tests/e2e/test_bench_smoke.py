@@ -60,3 +60,37 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
     assert results["restart"]["requests"] == 0
     assert results["restart"]["writes_apiserver"] == 0
     assert results["idle"]["requests"] == 0
+
+
+def test_serving_benchmark_smoke_run(tmp_path: Path) -> None:
+    """bench/serving.py end to end on the tiny model: real engine processes, the gateway
+    with each routing strategy, the autoscaler's step on a simulated clock."""
+    out = tmp_path / "serving.json"
+    env = dict(os.environ, PYTHONPATH=f"{REPO / 'operator'}:{REPO}")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            *("-m", "bench.serving", "--smoke"),
+            *("--conversations", "2", "--turns", "2", "--concurrency", "2"),
+            *("--json", str(out)),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results["routing"]) == {
+        "round-robin (direct, as a Service)",
+        "gateway LeastInFlight",
+        "gateway PrefixAffinity",
+    }
+    for name, run in results["routing"].items():
+        assert (run["requests"], run["errors"]) == (4, 0), (name, run)
+    # Simulated time (the decision alone, a reading every 50 ms): exact on any machine.
+    step = results["autoscaler"]
+    assert step["seconds_to_desired"] <= 10.0, step
+    assert [r for _, r in step["replica_changes"]][-1] == 6

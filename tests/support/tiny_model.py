@@ -60,8 +60,18 @@ def vocabulary() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_tiny_gguf(path: Path) -> Path:
-    """Write the model to `path` (deterministic: same seed, same bytes) and return it."""
+def write_tiny_gguf(
+    path: Path,
+    *,
+    embd: int = EMBD,
+    heads: int = HEADS,
+    blocks: int = BLOCKS,
+    ff: int = FF,
+    ctx: int = CTX,
+) -> Path:
+    """Write the model to `path` (deterministic: same seed and sizes, same bytes) and
+    return it. Larger sizes make prefill cost visible on a CPU (bench/serving.py)."""
+    EMBD, HEADS, BLOCKS, FF, CTX = embd, heads, blocks, ff, ctx  # noqa: N806 - the file's names
     tokens, types = vocabulary()
     vocab = len(tokens)
     head_dim = EMBD // HEADS
