@@ -475,3 +475,35 @@ def test_service_monitors_scrape_the_metrics_ports_when_asked(helm: Path) -> Non
         assert port["targetPort"] in ports
     without_gateway = template(helm, "--set", "metrics.serviceMonitor.enabled=true")
     assert len(by_kind(without_gateway, "ServiceMonitor")) == 1
+
+
+def test_gateway_network_policy_keeps_the_metrics_port_to_the_operator(helm: Path) -> None:
+    assert not by_kind(template(helm, *GATEWAY), "NetworkPolicy")  # opt-in
+    monitoring = "{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}"
+    docs = template(
+        helm,
+        *GATEWAY,
+        *("--set", "gateway.networkPolicy.enabled=true"),
+        *(
+            "--set-json",
+            f"gateway.networkPolicy.metricsFrom=[{json.dumps(yaml.safe_load(monitoring))}]",
+        ),
+    )
+    [policy] = by_kind(docs, "NetworkPolicy")
+    kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+    [gateway_deployment] = [
+        d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-gateway")
+    ]
+    selector = gateway_deployment["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == selector
+    api, metrics = policy["spec"]["ingress"]
+    assert api == {"ports": [{"port": "http", "protocol": "TCP"}]}  # every team's
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    [operator_deployment] = [
+        d for d in by_kind(docs, "Deployment") if not d["metadata"]["name"].endswith("-gateway")
+    ]
+    operator_pods = operator_deployment["spec"]["template"]["metadata"]["labels"]
+    first, second = metrics["from"]
+    assert first["podSelector"]["matchLabels"].items() <= operator_pods.items()
+    assert "namespaceSelector" not in first  # the operator's own namespace only
+    assert second == yaml.safe_load(monitoring)
