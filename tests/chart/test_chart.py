@@ -507,3 +507,21 @@ def test_gateway_network_policy_keeps_the_metrics_port_to_the_operator(helm: Pat
     assert first["podSelector"]["matchLabels"].items() <= operator_pods.items()
     assert "namespaceSelector" not in first  # the operator's own namespace only
     assert second == yaml.safe_load(monitoring)
+
+
+def test_an_upgrade_reusing_older_values_still_renders(helm: Path) -> None:
+    """`helm upgrade --reuse-values` from a release made before a value existed: the
+    value is missing, the template renders, the gateway's own default applies."""
+    older = [
+        *GATEWAY,
+        *("--set", "gateway.timeouts=null", "--set", "gateway.networkPolicy=null"),
+        *("--set", "gateway.maxHeldRequests=null", "--set", "gateway.maxBodyMiB=null"),
+    ]
+    docs = template(helm, *older)
+    [gateway_deployment] = [
+        d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-gateway")
+    ]
+    args = gateway_deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in args if "timeout" in a or "max-held-requests" in a or "body" in a]
+    assert "--max-held-mib=256" in args  # what is still set is still passed
+    assert not by_kind(docs, "NetworkPolicy")

@@ -440,3 +440,31 @@ def test_any_mix_of_drifts_is_fixed_by_one_patch_and_then_left_alone(
     out_svc = jsonpatch.apply_patch(live_svc, port_ops(svc, live_svc))
     # A foreign port is replaced by ours; none at all is left for the apply to add.
     assert names(fixed(svc, out_svc)["spec"]["ports"], "port") == ([8080] if service_ports else [])
+
+
+def test_an_ollama_pull_left_after_an_engine_switch_goes_with_its_volume() -> None:
+    """Switched from ollama to llama.cpp while the apply did not own the ollama parts (the
+    operator killed between a create and its managedFields patch): the init container the
+    operator renders goes, with the volume only it mounted; one added by hand stays."""
+    ollama, _ = rendered("ollama")
+    desired, _ = rendered("llamacpp")
+    live = served(desired)
+    pod, was = live["spec"]["template"]["spec"], ollama["spec"]["template"]["spec"]
+    hand = {
+        "name": "hand",
+        "image": "busybox",
+        "volumeMounts": [{"name": "cache", "mountPath": "/c"}],
+    }
+    pod["initContainers"] = [*copy.deepcopy(was["initContainers"]), hand]
+    pod["volumes"] = [*pod["volumes"], *[v for v in was["volumes"] if v not in pod["volumes"]]]
+    assert {v["name"] for v in pod["volumes"]} > {
+        v["name"] for v in desired["spec"]["template"]["spec"]["volumes"]
+    }
+    ops = list_ops(desired, live)
+    fixed = jsonpatch.apply_patch(live, ops)
+    assert [c["name"] for c in fixed["spec"]["template"]["spec"]["initContainers"]] == ["hand"]
+    assert (
+        fixed["spec"]["template"]["spec"]["volumes"]
+        == desired["spec"]["template"]["spec"]["volumes"]
+    )
+    assert list_ops(desired, fixed) == []  # settled: nothing more to patch

@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabric_operator.render.ollama import PULL_CONTAINER
+
 Op = dict[str, Any]
 Entry = dict[str, Any]
 Key = tuple[Any, ...]
@@ -86,6 +88,7 @@ _LISTS: dict[str, tuple[tuple[str, ...], dict[str, _List]]] = {
     "Service": (("spec",), {"ports": _List(_by_service_port)}),
 }
 _VOLUMES = _List(_by_name)
+RENDERED_INIT = frozenset({PULL_CONTAINER})  # the init containers any rendering has
 _MOUNTING = ("containers", "initContainers", "ephemeralContainers")
 
 
@@ -102,6 +105,8 @@ def list_ops(desired: dict[str, Any], observed: dict[str, Any]) -> list[Op]:
         return ops
     pointer = _pointer(path)
     fixed = _fix_lists(live, rendered, lists, pointer, ops)
+    if desired["kind"] == "Deployment" and "initContainers" not in rendered:
+        fixed = _drop_our_init_containers(fixed, pointer, ops)
     if desired["kind"] == "Deployment" and isinstance(rendered.get("volumes"), list):
         # After the containers: a volume still mounted by what stays is kept.
         mounted = {
@@ -119,6 +124,25 @@ def list_ops(desired: dict[str, Any], observed: dict[str, Any]) -> list[Op]:
             keep=lambda v: v.get("name") in mounted,
         )
     return ops
+
+
+def _drop_our_init_containers(pod: Entry, pointer: str, ops: list[Op]) -> Entry:
+    """A rendering without init containers (an engine switched from ollama): the init
+    containers the operator renders are taken out, others kept (see the module's
+    docstring). The apply removes them when it owns them; not when its ownership was
+    lost, as when the operator was killed between a child's create and the patch that
+    turns the create's fields into applied ones."""
+    live = pod.get("initContainers")
+    if not isinstance(live, list):
+        return pod
+    left = [c for c in live if not (isinstance(c, dict) and c.get("name") in RENDERED_INIT)]
+    if len(left) == len(live):
+        return pod
+    path = f"{pointer}/initContainers"
+    ops.append(
+        {"op": "replace", "path": path, "value": left} if left else {"op": "remove", "path": path}
+    )
+    return {**pod, "initContainers": left}
 
 
 def port_ops(desired: dict[str, Any], observed: dict[str, Any]) -> list[Op]:

@@ -19,6 +19,7 @@ IMAGE = {
 }
 PORT = 11434
 STORE = "/root/.ollama"
+PULL_CONTAINER = "pull-model"  # the init container that pulls the model (controller/lists.py)
 
 
 def pull_script(tag: str, served: str) -> str:
@@ -48,7 +49,7 @@ def container(backend: LLMBackend) -> EngineContainer:
         env.append(plain_env("OLLAMA_CONTEXT_LENGTH", str(spec.options.context_length)))
     store, store_mount = empty_dir("ollama", STORE)
     pull: Manifest = {
-        "name": "pull-model",
+        "name": PULL_CONTAINER,
         "image": spec.image or image,
         "command": ["/bin/sh", "-c", pull_script(tag, backend.served_model_name)],
         "env": [plain_env("OLLAMA_HOST", "127.0.0.1:11434")],
