@@ -19,6 +19,7 @@ import pytest
 
 from tests.support.fixtures import OperatorProcess, local_cluster
 from tests.support.kube import Cluster, wait_for
+from tests.support.loadserver import LoadServer
 
 pytestmark = pytest.mark.integration
 
@@ -133,3 +134,72 @@ def test_a_stopped_leader_releases_the_lease_and_the_follower_takes_over_at_once
     finally:
         a.stop()
         b.stop()
+
+
+def test_the_autoscaler_runs_on_the_leader_only_and_survives_a_handover(
+    own_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Under load, the leader scales and the follower neither streams nor writes; the
+    leader stopped, the new one resumes from status.autoscaling: no scale-down, no
+    flapping, and it follows the next change of load."""
+    stub = LoadServer().start()
+    tmp = tmp_path_factory.mktemp("autoscaler")
+    flags = (*FLAGS, f"--gateway-load-url={stub.url}")
+    (tmp / "a").mkdir()
+    (tmp / "b").mkdir()
+    a = OperatorProcess(own_cluster.kubeconfig, tmp / "a", *flags)
+    b = OperatorProcess(own_cluster.kubeconfig, tmp / "b", *flags)
+    up = 'fabric_operator_autoscaler_scale_events_total{direction="up"}'
+    down = 'fabric_operator_autoscaler_scale_events_total{direction="down"}'
+    try:
+        a.start()
+        wait_for("a to lead", lambda: leading(a), 30)
+        b.start()
+        manifest = backend("auto")
+        manifest["spec"]["autoscaling"] = {
+            "minReplicas": 0,
+            "maxReplicas": 4,
+            "targetRequests": 2,
+            "scaleDownDelaySeconds": 300,
+        }
+        manifest["spec"]["replicas"] = 0
+        stub.set("default/auto", in_flight=6)
+        own_cluster.apply(manifest)
+        spec = lambda: int(own_cluster.backend("default", "auto")["spec"].get("replicas", 1))  # noqa: E731
+        wait_for("the leader to scale to 3", lambda: spec() == 3, 20, interval=0.05)
+        wait_for("b's metrics", lambda: b.metric("fabric_operator_leading") == 0.0, 10)
+        assert a.metric(up) >= 1 and b.metric(up) == 0 and b.metric(down) == 0
+        assert stub.streaming == 1  # the leader's stream alone
+        wait_for(
+            "status.autoscaling written",
+            lambda: (own_cluster.backend("default", "auto").get("status") or {}).get("autoscaling"),
+            10,
+        )
+
+        # Demand drops: a fresh decision would want 1 replica; within the scale-down delay
+        # the leader keeps 3, and so must the next one.
+        stub.set("default/auto", in_flight=2)
+        lines = stub.lines
+        wait_for("a's reports of the drop", lambda: stub.lines >= lines + 4, 10)
+        assert spec() == 3
+        connects = stub.connects
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGTERM)
+        a.proc.wait(timeout=30)
+        wait_for("b to take over", lambda: leading(b), 20, interval=0.1)
+        wait_for("b's stream", lambda: stub.connects > connects, 15)
+        lines = stub.lines
+        wait_for("three seconds of reports to b", lambda: stub.lines >= lines + 6, 10)
+        # Resumed from status.autoscaling (lastScaleTime), not from scratch: still 3.
+        assert spec() == 3 and b.metric(down) == 0
+        stub.set("default/auto", in_flight=8)
+        wait_for("b to follow the load to 4", lambda: spec() == 4, 20, interval=0.05)
+        assert b.metric(up) >= 1 and b.metric(down) == 0
+        print(
+            "autoscaler handover: b resumed at 3 replicas, followed to 4; "
+            f"lease {lease(own_cluster)}"
+        )
+    finally:
+        a.stop()
+        b.stop()
+        stub.stop()
