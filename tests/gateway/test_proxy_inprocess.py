@@ -534,8 +534,10 @@ def test_held_requests_have_a_cap_over_all_backends() -> None:
     assert held_b == 0
 
 
-def test_a_key_revoked_while_its_request_is_held_is_not_served() -> None:
-    """The pod comes, but the key is gone by then: the request is not sent to it."""
+def held_then_ready(key: bool) -> tuple[int, str]:
+    """A request held for ns/a, then a snapshot where it has a ready pod (nothing listens
+    there: were the request sent, the gateway's own 502 says so), with or without the
+    request's key: what it was answered."""
 
     async def scenario() -> tuple[int, str]:
         src = source(held_snapshot())
@@ -543,26 +545,18 @@ def test_a_key_revoked_while_its_request_is_held_is_not_served() -> None:
         held = asyncio.ensure_future(call(gateway, {"model": "a", "messages": []}))
         while gateway.load.held("ns/a") < 1:
             await asyncio.sleep(0.01)
-        # A ready pod (nothing listens there: were it tried, the answer would be a 502).
-        src.snapshot = held_snapshot(urls=("http://127.0.0.1:9/v1",), key=False)
+        src.snapshot = held_snapshot(urls=("http://127.0.0.1:9/v1",), key=key)
         start, body = await asyncio.wait_for(held, 10)
         return start["status"], json.loads(body["body"])["error"]["code"]
 
-    assert asyncio.run(scenario()) == (503, "upstream_unavailable")
+    return asyncio.run(scenario())
+
+
+def test_a_key_revoked_while_its_request_is_held_is_not_served() -> None:
+    """The pod comes, but the key is gone by then: the request is not sent to it."""
+    assert held_then_ready(key=False) == (503, "upstream_unavailable")
 
 
 def test_a_held_request_is_woken_by_the_next_snapshot_and_sent_to_its_pod() -> None:
-    """The same path with the key still valid reaches the pod (here: nothing listens,
-    so the gateway's own 502 proves the request was sent there)."""
-
-    async def scenario() -> tuple[int, str]:
-        src = source(held_snapshot())
-        gateway = Gateway(src, GatewayMetrics(CollectorRegistry()))
-        held = asyncio.ensure_future(call(gateway, {"model": "a", "messages": []}))
-        while gateway.load.held("ns/a") < 1:
-            await asyncio.sleep(0.01)
-        src.snapshot = held_snapshot(urls=("http://127.0.0.1:9/v1",))
-        start, body = await asyncio.wait_for(held, 10)
-        return start["status"], json.loads(body["body"])["error"]["code"]
-
-    assert asyncio.run(scenario()) == (502, "upstream_unreachable")
+    """The same path with the key still valid reaches the pod."""
+    assert held_then_ready(key=True) == (502, "upstream_unreachable")

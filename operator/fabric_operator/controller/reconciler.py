@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,22 +186,33 @@ class Reconciler:
         garbage collector would delete them too (and with it off, or behind, they would
         run on under a backend that does not want them). Checked on a fresh copy,
         deleted with preconditions; this backend's own children stay as they are."""
+
+        def left(child: dict[str, Any]) -> bool:
+            return _older(child, name, uid)
+
         for kind in sorted(CHILD_KINDS):
-            held = self.store.get(kind, namespace, name)
-            if held is None or not _older(held, name, uid):
-                continue
-            current = self.kube.get(kind, namespace, name)
-            if current is None or not _older(current, name, uid):
-                continue
-            meta = current["metadata"]
-            self.kube.delete(kind, namespace, name, meta["uid"], meta.get("resourceVersion"))
-            self.store.delete(kind, namespace, name)
-            log.info(
-                "%s/%s: deleted the %s an earlier LLMBackend of this name left",
-                namespace,
-                name,
-                kind,
-            )
+            if left(self.store.get(kind, namespace, name) or {}) and self._delete_if(
+                kind, namespace, name, left
+            ):
+                log.info(
+                    "%s/%s: deleted the %s an earlier LLMBackend of this name left",
+                    namespace,
+                    name,
+                    kind,
+                )
+
+    def _delete_if(
+        self, kind: str, namespace: str, name: str, still: Callable[[dict[str, Any]], bool]
+    ) -> bool:
+        """Delete a child if a fresh copy still passes `still`, with preconditions on its
+        uid and resourceVersion (nobody's newer object is deleted unseen)."""
+        current = self.kube.get(kind, namespace, name)
+        if current is None or not still(current):
+            return False
+        meta = current["metadata"]
+        self.kube.delete(kind, namespace, name, meta["uid"], meta.get("resourceVersion"))
+        self.store.delete(kind, namespace, name)
+        return True
 
     def collect_orphans(self, namespace: str, name: str, uid: str) -> list[str]:
         """Delete the children that outlived their LLMBackend (`uid`, deleted a while ago),
@@ -217,16 +229,11 @@ class Reconciler:
         ]
         if not held or self.kube.backend_exists(namespace, name):
             return []
-        collected = []
-        for kind in held:
-            current = self.kube.get(kind, namespace, name)
-            if current is None or not _owned_by(current, uid):
-                continue
-            meta = current["metadata"]
-            self.kube.delete(kind, namespace, name, meta["uid"], meta.get("resourceVersion"))
-            self.store.delete(kind, namespace, name)
-            collected.append(kind)
-        return collected
+        return [
+            kind
+            for kind in held
+            if self._delete_if(kind, namespace, name, lambda c: _owned_by(c, uid))
+        ]
 
     def _secret_problems(self, backend: LLMBackend) -> list[Problem]:
         problems = []
