@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.v1alpha1 import Engine, LabelSelector
 from fabric_operator.config import DEFAULT, OperatorConfig
+from fabric_operator.render import toolcalls
 from fabric_operator.render.placement import accelerator, placement
 
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -35,6 +36,7 @@ SOURCES_BY_ENGINE = {
     Engine.VLLM: ("huggingface", "pvc"),
     Engine.TGI: ("huggingface", "pvc"),
     Engine.LLAMACPP: ("huggingface", "url", "pvc"),
+    Engine.LLAMACPP_PYTHON: ("huggingface", "pvc"),
     Engine.OLLAMA: ("ollama",),
 }
 OPTION_ENGINES = {
@@ -70,7 +72,12 @@ MANAGED_FLAGS = {
     "--model",
     "-m",
     "--model-id",
+    "--model_alias",
+    "--api_key",
+    "--hf_model_repo_id",
 }
+GGUF_ENGINES = (Engine.LLAMACPP, Engine.LLAMACPP_PYTHON)
+SERVER_NAMES = {Engine.LLAMACPP: "llama-server", Engine.LLAMACPP_PYTHON: "llama-cpp-python"}
 # Env the operator sets from Secrets; a literal in spec.env would override (and leak) them.
 MANAGED_ENV = {"HF_TOKEN", "VLLM_API_KEY", "API_KEY", "LLAMA_API_KEY", "OLLAMA_HOST"}
 
@@ -126,6 +133,7 @@ POD_FIELDS = (
     "networkPolicy",
     "autoscaling",
     "routing",
+    "toolCalling",
 )
 
 
@@ -203,7 +211,13 @@ def check_spec(backend: LLMBackend) -> Iterator[Problem]:
         yield Problem(
             "spec.resources.gpu.count",
             f"engine {engine} needs at least 1 GPU; for a CPU backend use engine "
-            "llamacpp or ollama",
+            "llamacpp, llamacpp-python or ollama",
+        )
+    if engine == Engine.LLAMACPP_PYTHON and gpus and spec.image is None:
+        yield Problem(
+            "spec.image",
+            "llama-cpp-python publishes no GPU image; name one built with CUDA or ROCm "
+            "(CMAKE_ARGS=-DGGML_CUDA=on) that runs `python3 -m llama_cpp.server`",
         )
 
     allowed = SOURCES_BY_ENGINE[engine]
@@ -215,15 +229,23 @@ def check_spec(backend: LLMBackend) -> Iterator[Problem]:
             f"{' or '.join('spec.model.' + s for s in allowed)}",
         )
     hf = spec.source.huggingface
-    if hf and hf.file and engine != Engine.LLAMACPP:
+    if hf and hf.file and engine not in GGUF_ENGINES:
         yield Problem(
-            "spec.model.huggingface.file", f"a GGUF file is for engine llamacpp, not {engine}"
+            "spec.model.huggingface.file",
+            f"a GGUF file is for engines llamacpp and llamacpp-python, not {engine}",
         )
-    if hf and hf.revision and engine == Engine.LLAMACPP:
+    if hf and hf.revision and engine in GGUF_ENGINES:
         yield Problem(
             "spec.model.huggingface.revision",
-            "llama-server loads from the default branch; pin the file with "
-            "spec.model.huggingface.file or use spec.model.url",
+            f"{SERVER_NAMES[engine]} loads from the default branch; pin the file with "
+            "spec.model.huggingface.file"
+            + (" or use spec.model.url" if engine == Engine.LLAMACPP else ""),
+        )
+    if hf and not hf.file and engine == Engine.LLAMACPP_PYTHON:
+        yield Problem(
+            "spec.model.huggingface.file",
+            "llamacpp-python needs the GGUF file (or a glob such as *q4_k_m.gguf) to load "
+            "from the repository",
         )
 
     options = spec.options.model_dump(by_alias=True, exclude_none=True)
@@ -283,7 +305,62 @@ def check_spec(backend: LLMBackend) -> Iterator[Problem]:
                 "it with OLLAMA_* variables in spec.env",
             )
 
+    yield from check_tool_calling(backend)
     yield from check_overrides(backend)
+
+
+def check_tool_calling(backend: LLMBackend) -> Iterator[Problem]:
+    """spec.toolCalling: what the engine can do with it, and what it contradicts."""
+    spec = backend.spec
+    asked = spec.tool_calling
+    engine = spec.engine
+    where = "spec.toolCalling"
+    if asked is not None:
+        if asked.parser and engine not in toolcalls.PARSER_ENGINES:
+            yield Problem(
+                f"{where}.parser",
+                f"{engine} has no tool-call parser to choose ("
+                + (
+                    "it reads tools through the GGUF's chat template with --jinja"
+                    if engine == Engine.LLAMACPP
+                    else "it reads tools by itself"
+                )
+                + "); remove it",
+            )
+        known = {
+            Engine.VLLM: toolcalls.VLLM_PARSERS,
+            Engine.LLAMACPP_PYTHON: toolcalls.LLAMACPP_PYTHON_FORMATS,
+        }.get(engine)
+        # A custom image may be a newer engine with parsers this table does not know.
+        if asked.parser and known and spec.image is None and asked.parser not in known:
+            yield Problem(
+                f"{where}.parser",
+                f"{asked.parser!r} is not a {toolcalls.PARSER_ENGINES[engine]} of the pinned "
+                f"{engine} image; it knows {', '.join(sorted(known))}",
+            )
+        if asked.chat_template and engine != Engine.VLLM:
+            yield Problem(f"{where}.chatTemplate", f"is for engine vllm, not {engine}")
+        if asked.enabled is False:
+            if engine in toolcalls.BUILT_IN_ENGINES:
+                yield Problem(
+                    f"{where}.enabled",
+                    f"{engine} always accepts tools and has no switch to turn them off; remove it",
+                )
+            for name in ("parser", "chatTemplate"):
+                if getattr(asked, "chat_template" if name == "chatTemplate" else name):
+                    yield Problem(f"{where}.{name}", "is set while tool calling is disabled")
+    plan = toolcalls.plan(backend)
+    if asked is not None and asked.enabled and not plan.enabled:
+        yield Problem(f"{where}.enabled", f"true, but tool calling cannot be on: {plan.message}")
+    flags = {a for a in plan.args if a.startswith("-")}
+    for i, arg in enumerate(spec.extra_args or []):
+        name = arg.split("=", 1)[0]
+        if name in flags:
+            yield Problem(
+                f"spec.extraArgs[{i}]",
+                f"{name} is set by the operator for tool calling; use spec.toolCalling "
+                "(or spec.toolCalling.enabled: false to leave it to extraArgs)",
+            )
 
 
 def check_overrides(backend: LLMBackend) -> Iterator[Problem]:

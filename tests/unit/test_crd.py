@@ -60,7 +60,14 @@ def test_schema_validates_what_it_can() -> None:
     props = spec["properties"]
     assert spec["required"] == ["engine"]
     assert spec["oneOf"] == [{"required": ["model"]}, {"required": ["remote"]}]
-    assert props["engine"]["enum"] == ["vllm", "tgi", "llamacpp", "ollama", "remote"]
+    assert props["engine"]["enum"] == [
+        "vllm",
+        "tgi",
+        "llamacpp",
+        "llamacpp-python",
+        "ollama",
+        "remote",
+    ]
     assert props["remote"]["required"] == ["baseURL"]
     assert props["fallback"]["maxItems"] == 8
     assert props["replicas"] == {

@@ -185,7 +185,7 @@ def backend(replicas: int = 1) -> LLMBackend:
 def test_unschedulable_names_the_phase_and_degrades() -> None:
     status = compute(backend(), None, None, None, diagnosis=diagnose([pod(unschedulable=True)]))
     assert status["phase"] == "Unschedulable"
-    ready, _, degraded = status["conditions"]
+    ready, _, degraded, _ = status["conditions"]
     assert (ready["status"], ready["reason"]) == ("False", "Unschedulable")
     assert (degraded["status"], degraded["reason"]) == ("True", "Unschedulable")
     assert "Insufficient nvidia.com/gpu" in degraded["message"]
@@ -234,7 +234,7 @@ def test_starting_is_a_phase_not_a_failure() -> None:
     starting = diagnose([pod(scheduled=True, waiting="ContainerCreating")])
     status = compute(backend(), None, None, None, diagnosis=starting)
     assert status["phase"] == "Starting"
-    ready, _, degraded = status["conditions"]
+    ready, _, degraded, _ = status["conditions"]
     assert (ready["status"], ready["reason"]) == ("False", "Starting")
     assert "ContainerCreating" in ready["message"]
     assert degraded["status"] == "False"

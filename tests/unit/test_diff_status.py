@@ -224,8 +224,18 @@ def test_compute_phase_and_conditions(
 ) -> None:
     status = compute(backend({**LLAMA, "replicas": replicas}), dep, None, None, timestamp=T0)
     assert status["phase"] == phase
-    assert conds(status) == {"Ready": ready, "Progressing": progressing, "Degraded": degraded}
-    assert [c["type"] for c in status["conditions"]] == ["Ready", "Progressing", "Degraded"]
+    assert conds(status) == {
+        "Ready": ready,
+        "Progressing": progressing,
+        "Degraded": degraded,
+        "ToolCalling": ("True", "ChatTemplate"),  # llama-server --jinja
+    }
+    assert [c["type"] for c in status["conditions"]] == [
+        "Ready",
+        "Progressing",
+        "Degraded",
+        "ToolCalling",
+    ]
     for c in status["conditions"]:
         assert c["observedGeneration"] == 3
         assert c["lastTransitionTime"] == T0
@@ -245,6 +255,7 @@ def test_compute_messages_and_fields() -> None:
         "ready": "1/2",
         "restarts": 0,
         "selector": "llm.fabric.dev/backend=qwen",
+        "toolCalling": "jinja",
     }
     assert compute(b, None, None, None, restarts=3)["restarts"] == 3
     messages = {c["type"]: c["message"] for c in status["conditions"]}
@@ -267,7 +278,7 @@ def test_compute_with_failure(reason: str, phase: str) -> None:
     b = backend({**LLAMA, "replicas": 2})
     status = compute(b, deployment(), Failure(reason, "spec.x: bad"), None, timestamp=T0)
     assert status["phase"] == phase
-    ready, progressing, degraded = status["conditions"]
+    ready, progressing, degraded, _ = status["conditions"]
     assert (ready["status"], ready["reason"]) == ("True", "ReplicasReady")
     assert (progressing["status"], progressing["reason"]) == ("False", reason)
     assert (degraded["status"], degraded["reason"], degraded["message"]) == (
@@ -284,13 +295,18 @@ def test_last_transition_time_moves_only_with_status() -> None:
     assert again == first
     ready = compute(b, deployment(), None, again, timestamp=T2)
     times = {c["type"]: c["lastTransitionTime"] for c in ready["conditions"]}
-    assert times == {"Ready": T2, "Progressing": T2, "Degraded": T0}
+    assert times == {"Ready": T2, "Progressing": T2, "Degraded": T0, "ToolCalling": T0}
 
 
 def test_transitions_lists_only_changed_conditions() -> None:
     b = backend({**LLAMA, "replicas": 2})
     first = compute(b, None, None, None, timestamp=T0)
-    assert [c["type"] for c in transitions(None, first)] == ["Ready", "Progressing", "Degraded"]
+    assert [c["type"] for c in transitions(None, first)] == [
+        "Ready",
+        "Progressing",
+        "Degraded",
+        "ToolCalling",
+    ]
     assert transitions(first, compute(b, None, None, first, timestamp=T1)) == []
     partly = compute(b, deployment(ready=0, updated=1, available=0), None, first, timestamp=T1)
     # Only the message moved (1/2 updated): news for the status, not worth an Event.
@@ -310,7 +326,7 @@ def test_invalid_status_keeps_the_previous_ready_condition() -> None:
     assert status["observedGeneration"] == 7
     for kept in ("endpoint", "servedModelName", "ready", "selector", "replicas"):
         assert status[kept] == previous[kept]
-    ready, progressing, degraded = status["conditions"]
+    ready, progressing, degraded, _ = status["conditions"]
     assert {k: v for k, v in ready.items() if k != "observedGeneration"} == {
         k: v for k, v in previous["conditions"][0].items() if k != "observedGeneration"
     }

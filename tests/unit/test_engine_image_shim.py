@@ -108,10 +108,12 @@ def test_keys_context_and_extra_args_translate() -> None:
             "apiKeySecretRef": API_KEY,
             "hfTokenSecretRef": HF_TOKEN,
             "engineOptions": {"contextLength": 4096},
-            "extraArgs": ["--threads", "2", "--seed=7", "--jinja", "--no-mmap", "-np", "1"],
+            "extraArgs": ["--threads", "2", "--seed=7", "--no-mmap", "-np", "1"],
         }
     )
+    assert "--jinja" in args  # tool calling, on by default
     argv, out = translate(args, env)
+    assert option(argv, "--chat_format") == "chatml-function-calling"
     assert option(argv, "--n_ctx") == "4096"
     assert option(argv, "--n_threads") == "2" and option(argv, "--seed") == "7"
     assert option(argv, "--use_mmap") == "false"
@@ -183,6 +185,8 @@ OK = ["--host", "0.0.0.0", "--alias", "m", "--model-url", URL]
         pytest.param(
             OK, {"LLAMA_ARG_ENDPOINT_METRICS": "maybe"}, "not a boolean", id="metrics-env"
         ),
+        pytest.param(OK, {"LLAMA_ARG_JINJA": "maybe"}, "not a boolean", id="jinja-env"),
+        pytest.param([*OK, "--jinja", "--no-jinja"], {}, "choose one", id="jinja-both"),
     ],
 )
 def test_untranslatable_exits_2_with_a_message(
@@ -270,3 +274,35 @@ def test_host_and_model_pass_through() -> None:
     assert option(argv, "--model") == "/data/m.gguf"
     argv, _ = translate(["--host", "127.0.0.1", "-mu", URL, "-m", "/data/m.gguf"])
     assert option(argv, "--model") == TINY  # a URL is "downloaded": the baked-in model
+
+
+# --- tool calling: --jinja (llama-server's default) -> chatml-function-calling ---------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "chat_format"),
+    [
+        pytest.param([], {}, "chatml-function-calling", id="default"),
+        pytest.param(["--jinja"], {}, "chatml-function-calling", id="jinja"),
+        pytest.param(["--no-jinja"], {}, None, id="no-jinja"),
+        pytest.param([], {"LLAMA_ARG_JINJA": "false"}, None, id="env-off"),
+        pytest.param(
+            ["--jinja"], {"LLAMA_ARG_JINJA": "0"}, "chatml-function-calling", id="arg-wins"
+        ),
+        pytest.param(["--no-jinja"], {"LLAMA_ARG_JINJA": "1"}, None, id="no-arg-wins"),
+    ],
+)
+def test_jinja_maps_to_the_function_calling_chat_format(
+    args: list[str], env: dict[str, str], chat_format: str | None
+) -> None:
+    argv, _ = translate(["--model-url", URL, *args], env)
+    assert option(argv, "--chat_format") == chat_format
+
+
+def test_tool_calling_off_renders_no_jinja_and_the_shim_keeps_the_template() -> None:
+    args, env = rendered(
+        {"engine": "llamacpp", "model": {"url": URL}, "toolCalling": {"enabled": False}}
+    )
+    assert "--no-jinja" in args and "--jinja" not in args
+    argv, _ = translate(args, env)
+    assert "--chat_format" not in argv

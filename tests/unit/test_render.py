@@ -21,10 +21,14 @@ BASE: dict[str, dict[str, Any]] = {
     "vllm": {"engine": "vllm", "model": {"huggingface": {"repo": REPO}}, "resources": GPU1},
     "tgi": {"engine": "tgi", "model": {"huggingface": {"repo": REPO}}, "resources": GPU1},
     "llamacpp": {"engine": "llamacpp", "model": {"url": URL}},
+    "llamacpp-python": {
+        "engine": "llamacpp-python",
+        "model": {"pvc": {"claimName": "weights", "path": "qwen2.5-0.5b-q4.gguf"}},
+    },
     "ollama": {"engine": "ollama", "model": {"ollama": TAG}},
 }
 ENGINES = list(BASE)
-PORTS = {"vllm": 8000, "tgi": 8080, "llamacpp": 8080, "ollama": 11434}
+PORTS = {"vllm": 8000, "tgi": 8080, "llamacpp": 8080, "llamacpp-python": 8000, "ollama": 11434}
 API_KEY = {"name": "keys", "key": "api"}
 HF_TOKEN = {"name": "hf", "key": "token"}
 
@@ -75,10 +79,11 @@ def pvc(path: str) -> dict[str, Any]:
         ("vllm", gpus(2, "amd"), "rocm/vllm:rocm7.0.0_vllm_0.11.2_20251210"),
         ("tgi", gpus(1), "ghcr.io/huggingface/text-generation-inference:3.3.5"),
         ("tgi", gpus(1, "amd"), "ghcr.io/huggingface/text-generation-inference:3.3.5-rocm"),
-        ("llamacpp", {}, "ghcr.io/ggml-org/llama.cpp:server"),
-        ("llamacpp", gpus(0, "amd"), "ghcr.io/ggml-org/llama.cpp:server"),
-        ("llamacpp", gpus(1), "ghcr.io/ggml-org/llama.cpp:server-cuda"),
-        ("llamacpp", gpus(1, "amd"), "ghcr.io/ggml-org/llama.cpp:server-rocm"),
+        ("llamacpp", {}, "ghcr.io/ggml-org/llama.cpp:server-b10290"),
+        ("llamacpp", gpus(0, "amd"), "ghcr.io/ggml-org/llama.cpp:server-b10290"),
+        ("llamacpp", gpus(1), "ghcr.io/ggml-org/llama.cpp:server-cuda-b10290"),
+        ("llamacpp", gpus(1, "amd"), "ghcr.io/ggml-org/llama.cpp:server-rocm-b10290"),
+        ("llamacpp-python", {}, "ghcr.io/abetlen/llama-cpp-python:v0.3.2"),
         ("ollama", {}, "ollama/ollama:0.13.5"),
         ("ollama", gpus(1), "ollama/ollama:0.13.5"),
         ("ollama", gpus(1, "amd"), "ollama/ollama:0.13.5-rocm"),
@@ -102,7 +107,13 @@ def test_image_and_pull_policy_override(engine: str) -> None:
 
 @pytest.mark.parametrize(
     ("engine", "command"),
-    [("vllm", ["vllm", "serve"]), ("tgi", None), ("llamacpp", None), ("ollama", ["/bin/ollama"])],
+    [
+        ("vllm", ["vllm", "serve"]),
+        ("tgi", None),
+        ("llamacpp", None),
+        ("llamacpp-python", ["python3", "-m", "llama_cpp.server"]),
+        ("ollama", ["/bin/ollama"]),
+    ],
 )
 def test_command(engine: str, command: list[str] | None) -> None:
     assert container(engine).get("command") == command
@@ -113,16 +124,21 @@ def test_command(engine: str, command: list[str] | None) -> None:
 VLLM_HEAD = ["--host", "0.0.0.0", "--port", "8000", "--served-model-name"]
 TGI_HEAD = ["--hostname", "0.0.0.0", "--port", "8080"]
 LLAMA_HEAD = ["--host", "0.0.0.0", "--port", "8080", "--alias", "m", "--metrics"]
+PY_HEAD = ["--host", "0.0.0.0", "--port", "8000", "--model_alias", "m"]
+# Tool calling, as render/toolcalls.py adds it after the engine's own args.
+HERMES = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+JINJA = ["--jinja"]
+CHATML_FC = ["--chat_format", "chatml-function-calling"]
 
 
 @pytest.mark.parametrize(
     ("engine", "fields", "args"),
     [
-        pytest.param("vllm", {}, [REPO, *VLLM_HEAD, "m"], id="vllm-hf"),
+        pytest.param("vllm", {}, [REPO, *VLLM_HEAD, "m", *HERMES], id="vllm-hf"),
         pytest.param(
             "vllm",
             {"model": {"huggingface": {"repo": REPO, "revision": "abc123"}}},
-            [REPO, *VLLM_HEAD, "m", "--revision", "abc123"],
+            [REPO, *VLLM_HEAD, "m", "--revision", "abc123", *HERMES],
             id="vllm-hf-revision",
         ),
         pytest.param(
@@ -146,20 +162,20 @@ LLAMA_HEAD = ["--host", "0.0.0.0", "--port", "8080", "--alias", "m", "--metrics"
                 *[REPO, *VLLM_HEAD, "m"],
                 *["--tensor-parallel-size", "4", "--max-model-len", "8192"],
                 *["--gpu-memory-utilization", "0.9", "--quantization", "awq"],
-                *["--dtype", "bfloat16"],
+                *["--dtype", "bfloat16", *HERMES],
             ],
             id="vllm-options-default-tp",
         ),
         pytest.param(
             "vllm",
             {**gpus(4), "engineOptions": {"tensorParallel": 2}},
-            [REPO, *VLLM_HEAD, "m", "--tensor-parallel-size", "2"],
+            [REPO, *VLLM_HEAD, "m", "--tensor-parallel-size", "2", *HERMES],
             id="vllm-explicit-tp",
         ),
         pytest.param(
             "vllm",
             {**gpus(2), "engineOptions": {"tensorParallel": 1}},
-            [REPO, *VLLM_HEAD, "m"],
+            [REPO, *VLLM_HEAD, "m", *HERMES],
             id="vllm-tp1-no-flag",
         ),
         pytest.param("tgi", {}, ["--model-id", REPO, *TGI_HEAD, "--num-shard", "1"], id="tgi-hf"),
@@ -188,17 +204,17 @@ LLAMA_HEAD = ["--host", "0.0.0.0", "--port", "8080", "--alias", "m", "--metrics"
             ["--model-id", "/models/q", *TGI_HEAD, "--num-shard", "1"],
             id="tgi-pvc",
         ),
-        pytest.param("llamacpp", {}, [*LLAMA_HEAD, "--model-url", URL], id="llamacpp-url"),
+        pytest.param("llamacpp", {}, [*LLAMA_HEAD, "--model-url", URL, *JINJA], id="llamacpp-url"),
         pytest.param(
             "llamacpp",
             {"model": {"huggingface": {"repo": REPO, "file": "q4.gguf"}}},
-            [*LLAMA_HEAD, "--hf-repo", REPO, "--hf-file", "q4.gguf"],
+            [*LLAMA_HEAD, "--hf-repo", REPO, "--hf-file", "q4.gguf", *JINJA],
             id="llamacpp-hf-file",
         ),
         pytest.param(
             "llamacpp",
             {"model": {"huggingface": {"repo": REPO}}},
-            [*LLAMA_HEAD, "--hf-repo", REPO],
+            [*LLAMA_HEAD, "--hf-repo", REPO, *JINJA],
             id="llamacpp-hf-no-file",
         ),
         pytest.param(
@@ -206,9 +222,40 @@ LLAMA_HEAD = ["--host", "0.0.0.0", "--port", "8080", "--alias", "m", "--metrics"
             {**pvc("gguf/m.gguf"), **gpus(1), "engineOptions": {"contextLength": 4096}},
             [
                 *[*LLAMA_HEAD, "--model", "/models/gguf/m.gguf"],
-                *["--ctx-size", "4096", "--n-gpu-layers", "999"],
+                *["--ctx-size", "4096", "--n-gpu-layers", "999", *JINJA],
             ],
             id="llamacpp-pvc-gpu-ctx",
+        ),
+        pytest.param(
+            "llamacpp-python",
+            {},
+            [*PY_HEAD, "--model", "/models/qwen2.5-0.5b-q4.gguf", *CHATML_FC],
+            id="llamacpp-python-pvc",
+        ),
+        pytest.param(
+            "llamacpp-python",
+            {
+                "model": {"huggingface": {"repo": "bartowski/Llama-3.2-1B-GGUF", "file": "*q4*"}},
+                "engineOptions": {"contextLength": 4096},
+            },
+            [
+                *[*PY_HEAD, "--hf_model_repo_id", "bartowski/Llama-3.2-1B-GGUF"],
+                *["--model", "*q4*", "--n_ctx", "4096"],
+            ],
+            id="llamacpp-python-hf-not-chatml",
+        ),
+        pytest.param(
+            "llamacpp-python",
+            {**gpus(1), "image": "registry.example/lcp:cuda"},
+            [
+                *PY_HEAD,
+                "--model",
+                "/models/qwen2.5-0.5b-q4.gguf",
+                "--n_gpu_layers",
+                "-1",
+                *CHATML_FC,
+            ],
+            id="llamacpp-python-gpu",
         ),
         pytest.param("ollama", {}, ["serve"], id="ollama"),
         pytest.param(
@@ -220,7 +267,7 @@ def test_args(engine: str, fields: dict[str, Any], args: list[str]) -> None:
     assert container(engine, **fields)["args"] == args
 
 
-@pytest.mark.parametrize("engine", ["vllm", "tgi", "llamacpp"])
+@pytest.mark.parametrize("engine", ["vllm", "tgi", "llamacpp", "llamacpp-python"])
 def test_extra_args_come_after_the_engine_args(engine: str) -> None:
     extra = ["--trust-remote-code", "--seed=7"]
     own = container(engine)["args"]
@@ -278,9 +325,13 @@ def test_namespace_defaults_to_default() -> None:
 # --- probes -----------------------------------------------------------------------------
 
 
-def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+def _probe(path: str | None, period: int, failures: int) -> dict[str, Any]:
+    # llama-cpp-python has no health route and listens only once the model is loaded.
+    action = (
+        {"httpGet": {"path": path, "port": "http"}} if path else {"tcpSocket": {"port": "http"}}
+    )
     return {
-        "httpGet": {"path": path, "port": "http"},
+        **action,
         "periodSeconds": period,
         "timeoutSeconds": 5,
         "failureThreshold": failures,
@@ -293,10 +344,11 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
         ("vllm", "/health", "/health", 900),
         ("tgi", "/health", "/health", 900),
         ("llamacpp", "/health", "/health", 900),
+        ("llamacpp-python", None, None, 900),
         ("ollama", "/", "/api/tags", 300),
     ],
 )
-def test_probes(engine: str, live: str, ready: str, startup_failures: int) -> None:
+def test_probes(engine: str, live: str | None, ready: str | None, startup_failures: int) -> None:
     c = container(engine)
     assert c["startupProbe"] == _probe(live, 2, startup_failures)
     assert c["livenessProbe"] == _probe(live, 10, 3)
@@ -311,6 +363,8 @@ def _shm(size: str) -> dict[str, Any]:
 
 
 SHM_MOUNT = {"name": "dshm", "mountPath": "/dev/shm"}
+PVC_VOLUME = {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}}
+PVC_MOUNT = {"name": "model", "mountPath": "/models", "readOnly": True}
 
 
 @pytest.mark.parametrize(
@@ -341,6 +395,12 @@ SHM_MOUNT = {"name": "dshm", "mountPath": "/dev/shm"}
             [{"name": "cache", "mountPath": "/cache"}],
         ),
         (
+            "llamacpp-python",
+            0,
+            [{"name": "cache", "emptyDir": {}}, PVC_VOLUME],
+            [{"name": "cache", "mountPath": "/cache"}, PVC_MOUNT],
+        ),
+        (
             "ollama",
             0,
             [{"name": "ollama", "emptyDir": {}}],
@@ -354,19 +414,14 @@ def test_volumes_and_mounts(engine: str, count: int, volumes: list[Any], mounts:
     assert template["containers"][0]["volumeMounts"] == mounts
 
 
-@pytest.mark.parametrize("engine", ["vllm", "tgi", "llamacpp"])
+@pytest.mark.parametrize("engine", ["vllm", "tgi", "llamacpp", "llamacpp-python"])
 def test_pvc_model_is_mounted_read_only(engine: str) -> None:
     template = pod(engine, **pvc("models/x"))
-    assert template["volumes"][-1] == {
-        "name": "model",
-        "persistentVolumeClaim": {"claimName": "weights", "readOnly": True},
-    }
-    assert template["containers"][0]["volumeMounts"][-1] == {
-        "name": "model",
-        "mountPath": "/models",
-        "readOnly": True,
-    }
-    assert "model" not in [v["name"] for v in pod(engine)["volumes"]]
+    assert template["volumes"][-1] == PVC_VOLUME
+    assert template["containers"][0]["volumeMounts"][-1] == PVC_MOUNT
+    hf = {"model": {"huggingface": {"repo": REPO, "file": "x.gguf"}}}
+    other = hf if engine == "llamacpp-python" else {}
+    assert "model" not in [v["name"] for v in pod(engine, **other)["volumes"]]
 
 
 # --- env and secrets --------------------------------------------------------------------
@@ -409,6 +464,16 @@ def _env(name: str, value: str) -> dict[str, str]:
                 _secret("LLAMA_API_KEY", API_KEY),
             ],
         ),
+        ("llamacpp-python", {}, [_env("HF_HOME", "/cache/huggingface")]),
+        (
+            "llamacpp-python",
+            {"apiKeySecretRef": API_KEY, "hfTokenSecretRef": HF_TOKEN},
+            [
+                _env("HF_HOME", "/cache/huggingface"),
+                _secret("HF_TOKEN", HF_TOKEN),
+                _secret("API_KEY", API_KEY),
+            ],
+        ),
         ("ollama", {}, [_env("OLLAMA_HOST", "0.0.0.0:11434"), _env("OLLAMA_KEEP_ALIVE", "-1")]),
         (
             "ollama",
@@ -425,7 +490,7 @@ def test_engine_env(engine: str, fields: dict[str, Any], env: list[Any]) -> None
     assert container(engine, **fields)["env"] == env
 
 
-@pytest.mark.parametrize("engine", ["vllm", "tgi", "llamacpp"])
+@pytest.mark.parametrize("engine", ["vllm", "tgi", "llamacpp", "llamacpp-python"])
 def test_secrets_are_never_literal_values(engine: str) -> None:
     env = container(engine, apiKeySecretRef=API_KEY, hfTokenSecretRef=HF_TOKEN)["env"]
     secret_names = {"HF_TOKEN", "VLLM_API_KEY", "API_KEY", "LLAMA_API_KEY"}

@@ -127,7 +127,7 @@ def test_a_refused_remote_backend_is_invalid_with_one_warning_and_no_route() -> 
     assert rec.reconcile("n", "m") is None
     status = kube.statuses[-1]
     assert status["phase"] == "Invalid"
-    ready, _, degraded = status["conditions"]
+    ready, _, degraded, _ = status["conditions"]
     assert (degraded["status"], degraded["reason"]) == ("True", "InvalidSpec")
     assert degraded["message"].startswith("spec.remote.baseURL: host evil.example is not")
     assert ready["status"] == "False"  # the gateway routes only Ready remote backends

@@ -19,6 +19,10 @@ BASE: dict[str, dict[str, Any]] = {
     "tgi": {"engine": "tgi", "model": HF, "resources": GPU1},
     "llamacpp": {"engine": "llamacpp", "model": {"url": URL}},
     "ollama": {"engine": "ollama", "model": {"ollama": "llama3.2:1b"}},
+    "llamacpp-python": {
+        "engine": "llamacpp-python",
+        "model": {"pvc": {"claimName": "w", "path": "qwen2.5-0.5b.gguf"}},
+    },
 }
 SECRET = {"name": "s", "key": "k"}
 
@@ -57,7 +61,10 @@ def test_valid_specs_have_no_problems(engine: str, fields: dict[str, Any]) -> No
 
 
 def _needs_gpu(engine: str) -> str:
-    return f"engine {engine} needs at least 1 GPU; for a CPU backend use engine llamacpp or ollama"
+    return (
+        f"engine {engine} needs at least 1 GPU; for a CPU backend use engine llamacpp, "
+        "llamacpp-python or ollama"
+    )
 
 
 def _unsupported(engine: str, only: str) -> str:
@@ -126,12 +133,22 @@ OLLAMA_ARGS = "`ollama serve` takes no arguments; configure it with OLLAMA_* var
         pytest.param(
             "vllm",
             {"model": {"huggingface": {"repo": REPO, "file": "a.gguf"}}},
-            [("spec.model.huggingface.file", "a GGUF file is for engine llamacpp, not vllm")],
+            [
+                (
+                    "spec.model.huggingface.file",
+                    "a GGUF file is for engines llamacpp and llamacpp-python, not vllm",
+                )
+            ],
         ),
         pytest.param(
             "tgi",
             {"model": {"huggingface": {"repo": REPO, "file": "a.gguf"}}},
-            [("spec.model.huggingface.file", "a GGUF file is for engine llamacpp, not tgi")],
+            [
+                (
+                    "spec.model.huggingface.file",
+                    "a GGUF file is for engines llamacpp and llamacpp-python, not tgi",
+                )
+            ],
         ),
         pytest.param(
             "llamacpp",

@@ -31,7 +31,15 @@ with a message on stderr: never silently dropped.
 | `--mlock`, `--no-mmap`, `--embedding` | `--use_mlock true`, `--use_mmap false`,             |
 |                                       | `--embedding true`                                  |
 | `--rope-freq-base/-scale X`           | `--rope_freq_base/--rope_freq_scale X`              |
-| `--jinja`                             | (the GGUF's Jinja chat template is always used)     |
+| `--jinja` (llama-server's default)    | `--chat_format chatml-function-calling` (below)     |
+| `--no-jinja`                          | (the GGUF's chat template, no tool calls)           |
+
+Tool calling: llama-server with `--jinja` renders `tools` through the GGUF's template and
+parses the model's tool calls (a plain ChatML template gets its generic JSON format,
+grammar-constrained). llama_cpp.server's nearest equivalent for the tiny model, whose
+template is ChatML, is its `chatml-function-calling` format: the same ChatML prompts, and
+tool calls constrained by a grammar. Without --jinja (`--no-jinja`) the GGUF's own
+template is used and `tools` are not parsed.
 
 The model: no model hub is reachable, so a URL or Hugging Face source maps onto the tiny
 random-weight GGUF baked into the image at /app/models/tiny.gguf (generated at build time
@@ -58,6 +66,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 TINY_MODEL = "/app/models/tiny.gguf"
+CHAT_FORMAT = "chatml-function-calling"  # what --jinja stands for (see above)
 SETTINGS_FILE = "/app/llama-cpp-settings.txt"
 SHIM_DIR = "/app/shim"
 DEFAULT_HOST = "127.0.0.1"
@@ -104,6 +113,7 @@ FLAGS: dict[str, tuple[str, bool]] = {
     "--rope-freq-base": ("rope-freq-base", True),
     "--rope-freq-scale": ("rope-freq-scale", True),
     "--jinja": ("jinja", False),
+    "--no-jinja": ("no-jinja", False),
 }
 # llama-server's environment variables (arguments win over them, as in llama-server).
 ENV_FLAGS = {
@@ -120,6 +130,7 @@ ENV_FLAGS = {
     "LLAMA_ARG_THREADS": "threads",
     "LLAMA_ARG_N_GPU_LAYERS": "gpu-layers",
     "LLAMA_ARG_ENDPOINT_METRICS": "metrics",
+    "LLAMA_ARG_JINJA": "jinja",
 }
 # One-to-one: canonical -> (llama_cpp.server flag, value type)
 DIRECT: dict[str, tuple[str, type]] = {
@@ -171,12 +182,15 @@ def _from_env(
             )
         else:
             passthrough[name] = value
-    if "metrics" in given:  # a boolean variable
-        flag_value = given.pop("metrics").strip().lower()
-        if flag_value in TRUE:
-            given["metrics"] = "true"
-        elif flag_value not in FALSE:
-            raise UntranslatableError(f"LLAMA_ARG_ENDPOINT_METRICS={flag_value!r}: not a boolean")
+    for key, var in (("metrics", "LLAMA_ARG_ENDPOINT_METRICS"), ("jinja", "LLAMA_ARG_JINJA")):
+        if key in given:  # a boolean variable
+            flag_value = given.pop(key).strip().lower()
+            if flag_value not in TRUE | FALSE:
+                raise UntranslatableError(f"{var}={flag_value!r}: not a boolean")
+            if flag_value in TRUE:
+                given[key] = "true"
+            elif key == "jinja":
+                given["no-jinja"] = "true"
     return given, passthrough
 
 
@@ -214,7 +228,11 @@ def translate(
     `settings`: llama_cpp.server's own setting names (it reads them from the environment
     too); a variable of that name is refused rather than passed through."""
     given, passthrough = _from_env(env, settings | {"config_file"})
-    given |= _parse_args(args)
+    from_args = _parse_args(args)
+    if {"jinja", "no-jinja"} & from_args.keys():  # arguments win over the variable
+        given.pop("jinja", None)
+        given.pop("no-jinja", None)
+    given |= from_args
 
     host = given.get("host", DEFAULT_HOST)
     if host.endswith(".sock"):
@@ -246,6 +264,10 @@ def translate(
     for canonical, (target, value) in SWITCHES.items():
         if canonical in given:
             argv += [target, value]
+    if "jinja" in given and "no-jinja" in given:
+        raise UntranslatableError("--jinja and --no-jinja: choose one")
+    if "no-jinja" not in given:  # --jinja is llama-server's default (b7170 on)
+        argv += ["--chat_format", CHAT_FORMAT]
     argv += ["--verbose", "false", "--interrupt_requests", "false"]
     out = {
         **passthrough,

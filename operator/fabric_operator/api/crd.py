@@ -136,6 +136,12 @@ PRINTER_COLUMNS = [
     _column("GPUs", ".spec.resources.gpu.count", kind="integer", priority=1),
     _column("Reason", '.status.conditions[?(@.type=="Ready")].reason', priority=1),
     _column("Restarts", ".status.restarts", kind="integer", priority=1),
+    _column(
+        "Tools",
+        ".status.toolCalling",
+        priority=1,
+        desc="How the engine answers tools (parser, jinja, builtin, provider) or off",
+    ),
 ]
 
 

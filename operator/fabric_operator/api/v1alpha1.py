@@ -55,6 +55,7 @@ class Engine(StrEnum):
     VLLM = "vllm"
     TGI = "tgi"
     LLAMACPP = "llamacpp"
+    LLAMACPP_PYTHON = "llamacpp-python"
     OLLAMA = "ollama"
     REMOTE = "remote"
 
@@ -522,6 +523,38 @@ class Routing(Model):
     )
 
 
+class ToolCalling(Model):
+    """Tool calling: requests with `tools` answered with choices[0].message.tool_calls."""
+
+    enabled: bool | None = Field(
+        default=None,
+        description="Unset: on wherever the engine and model can (status.toolCalling and "
+        "the ToolCalling condition say how, or why not). true: required; the backend is "
+        "refused (InvalidSpec) where the operator cannot switch it on. false: off (vllm, "
+        "llamacpp, llamacpp-python; tgi and ollama always accept tools).",
+    )
+    parser: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+        description="vllm: the --tool-call-parser (hermes, llama3_json, mistral, ...); "
+        "llamacpp-python: the --chat_format (chatml-function-calling, functionary-v2, ...). "
+        "Unset: from the model family where that is unambiguous (Qwen2.5/Qwen3: hermes, "
+        "Llama 3.x: llama3_json, Mistral: mistral...). Not for llamacpp, tgi or ollama, "
+        "which read the model's own chat template.",
+    )
+    chat_template: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        pattern=r"^/\S+$",
+        description="vllm: absolute path, inside the image, of a Jinja chat template that "
+        "renders tools (--chat-template), for a model whose own template does not. Unset: "
+        "the template vLLM's docs name for the parser, if any.",
+    )
+
+
 class LLMBackendSpec(Model):
     """Desired state of an LLM inference backend."""
 
@@ -530,8 +563,9 @@ class LLMBackendSpec(Model):
     )
 
     engine: Engine = Field(
-        description="Inference server: vllm, tgi, llamacpp or ollama; remote for an "
-        "endpoint outside the cluster (spec.remote)."
+        description="Inference server: vllm, tgi, llamacpp (llama.cpp's llama-server), "
+        "llamacpp-python (llama-cpp-python's server) or ollama; remote for an endpoint "
+        "outside the cluster (spec.remote)."
     )
     model: ModelSource | None = Field(
         default=None,
@@ -627,6 +661,11 @@ class LLMBackendSpec(Model):
         default=None,
         description="How the gateway picks a pod for each request (every engine but remote). "
         "Unset: LeastInFlight.",
+    )
+    tool_calling: ToolCalling | None = Field(
+        default=None,
+        description="Tool calling (every engine but remote, whose provider decides). Unset: "
+        "on wherever the engine and model can.",
     )
     strategy: Strategy | None = Field(
         default=None,
@@ -786,9 +825,15 @@ class LLMBackendStatus(Model):
     autoscaling: AutoscalingStatus | None = Field(
         default=None, description="The autoscaler's decision (with spec.autoscaling set)."
     )
+    tool_calling: str | None = Field(
+        default=None,
+        description="How the engine answers `tools`: the vllm parser (hermes...), jinja "
+        "(llamacpp), the llamacpp-python chat format, builtin (tgi, ollama), provider "
+        "(remote), or off; the ToolCalling condition says why.",
+    )
     conditions: list[Condition] | None = Field(
         default=None,
-        description="Ready, Progressing and Degraded conditions.",
+        description="Ready, Progressing, Degraded and ToolCalling conditions.",
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],

@@ -27,7 +27,7 @@ from fabric_operator.controller.kube import Kube
 from fabric_operator.controller.lists import list_ops, port_ops, snapshot
 from fabric_operator.machinery.rest import api_message
 from fabric_operator.machinery.store import Store
-from fabric_operator.render import render
+from fabric_operator.render import render, toolcalls
 from fabric_operator.render.workload import BACKEND_LABEL, MANAGED_BY
 from fabric_operator.validation import Problem, referenced_secrets, validate
 
@@ -429,6 +429,14 @@ class Reconciler:
                 cond["type"] == st.READY and cond["status"] == "True" and previous.get("conditions")
             ):
                 self.kube.post_event(obj, "Normal", "Ready", cond["message"], stamp)
+            elif cond["type"] == st.TOOL_CALLING:
+                # Off for want of a parser is news (an agent's first request will fail);
+                # otherwise only a change is, not the first status of a new backend.
+                if cond["reason"] == toolcalls.NO_PARSER_KNOWN:
+                    self.kube.post_event(obj, "Warning", "ToolCallingOff", cond["message"], stamp)
+                elif _has_condition(previous, st.TOOL_CALLING):
+                    on = "On" if cond["status"] == "True" else "Off"
+                    self.kube.post_event(obj, "Normal", f"ToolCalling{on}", cond["message"], stamp)
         if status != previous:
             patch = {k: status.get(k) for k in set(previous) | set(status)}
             try:
@@ -480,6 +488,10 @@ def _conflict(manifest: dict[str, Any]) -> NameConflictError:
         f"{kind} {name} already exists and does not belong to this LLMBackend; it is left "
         "alone (not changed, not adopted): delete or rename it, or rename the LLMBackend"
     )
+
+
+def _has_condition(status: dict[str, Any], type_: str) -> bool:
+    return any(c.get("type") == type_ for c in status.get("conditions") or [])
 
 
 def _ours(child: dict[str, Any], backend: LLMBackend) -> bool:

@@ -13,10 +13,12 @@ from typing import Any
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.v1alpha1 import Phase
 from fabric_operator.controller.diagnose import Diagnosis
+from fabric_operator.render import toolcalls
 from fabric_operator.render.workload import BACKEND_LABEL, endpoint
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
-CONDITION_TYPES = (READY, PROGRESSING, DEGRADED)
+TOOL_CALLING = "ToolCalling"
+CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, TOOL_CALLING)
 REASON_INVALID = "InvalidSpec"
 REASON_APPLY_FAILED = "ApplyFailed"
 
@@ -114,6 +116,13 @@ def _rollout(
     }
 
 
+def tool_calling(backend: LLMBackend) -> tuple[str, dict[str, Any]]:
+    """status.toolCalling and the ToolCalling condition: agents fail on their first step
+    where it is off, so the condition says why."""
+    plan = toolcalls.plan(backend)
+    return plan.summary, _condition(TOOL_CALLING, plan.enabled, plan.reason, plan.message)
+
+
 def _stamp(
     conditions: list[dict[str, Any]],
     previous: dict[str, Any] | None,
@@ -161,6 +170,8 @@ def compute(
             progressing,
             _condition(DEGRADED, True, failure.reason, failure.message),
         ]
+    tools, tools_condition = tool_calling(backend)
+    conditions = [*conditions, tools_condition]
     _stamp(conditions, previous, backend.generation, timestamp or now())
     return {
         "observedGeneration": backend.generation,
@@ -172,6 +183,7 @@ def compute(
         "ready": f"{rollout['readyReplicas']}/{backend.spec.replicas}",
         "restarts": restarts,
         "selector": f"{BACKEND_LABEL}={backend.name}",
+        "toolCalling": tools,
         "conditions": conditions,
     }
 
@@ -205,12 +217,15 @@ def remote_status(
             _condition(PROGRESSING, False, failure.reason, "fix the spec to continue"),
             _condition(DEGRADED, True, failure.reason, failure.message),
         ]
+    tools, tools_condition = tool_calling(backend)
+    conditions = [*conditions, tools_condition]
     _stamp(conditions, previous, backend.generation, timestamp or now())
     return {
         "observedGeneration": backend.generation,
         "phase": str(phase),
         "endpoint": remote.base_url,
         "servedModelName": backend.served_model_name,
+        "toolCalling": tools,
         "conditions": conditions,
     }
 
@@ -230,6 +245,8 @@ def invalid_status(
         _condition(PROGRESSING, False, failure.reason, "fix the spec to continue"),
         _condition(DEGRADED, True, failure.reason, failure.message),
     ]
+    if TOOL_CALLING in old:  # what the running pods were started with still holds
+        conditions.append(dict(old[TOOL_CALLING]))
     _stamp(conditions, previous, generation, stamp)
     out = {k: v for k, v in (previous or {}).items() if k != "conditions"}
     out.update(observedGeneration=generation, phase=str(Phase.INVALID), conditions=conditions)

@@ -30,8 +30,10 @@ class EngineContainer:
     # The image runs as any user (writes only to its volumes): the pod runs as 65532.
     # Others (vLLM, TGI, Ollama) write under /root at run time and keep the image's user.
     non_root: bool = False
-    liveness_path: str = "/health"
-    readiness_path: str = "/health"
+    # None: a TCP connect (for a server that listens only once its model is loaded and
+    # has no health route).
+    liveness_path: str | None = "/health"
+    readiness_path: str | None = "/health"
     # Long first starts (weight downloads) must not trip the liveness probe: the startup
     # probe allows startup_seconds before liveness takes over.
     startup_seconds: int = 1800

@@ -15,10 +15,13 @@ from fabric_operator.render.engine import (
     secret_env,
 )
 
+# Pinned by build: the rolling tags move under a running backend (server-cuda broke at
+# b9282). --jinja (tool calling) is the default from b7170.
+BUILD = "b10290"
 IMAGE = {
-    "cpu": "ghcr.io/ggml-org/llama.cpp:server",
-    "nvidia": "ghcr.io/ggml-org/llama.cpp:server-cuda",
-    "amd": "ghcr.io/ggml-org/llama.cpp:server-rocm",
+    "cpu": f"ghcr.io/ggml-org/llama.cpp:server-{BUILD}",
+    "nvidia": f"ghcr.io/ggml-org/llama.cpp:server-cuda-{BUILD}",
+    "amd": f"ghcr.io/ggml-org/llama.cpp:server-rocm-{BUILD}",
 }
 # Pass host and port always: the server's own defaults (127.0.0.1, a moving port) do not
 # suit a pod.

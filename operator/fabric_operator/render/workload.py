@@ -9,7 +9,7 @@ from typing import Any
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.v1alpha1 import Engine
 from fabric_operator.config import DEFAULT, OperatorConfig
-from fabric_operator.render import llamacpp, ollama, tgi, vllm
+from fabric_operator.render import llamacpp, llamacpp_python, ollama, tgi, toolcalls, vllm
 from fabric_operator.render.engine import MODEL_MOUNT, PORT_NAME, EngineContainer, Manifest
 from fabric_operator.render.placement import placement
 
@@ -17,12 +17,14 @@ ENGINES: dict[str, Callable[[LLMBackend], EngineContainer]] = {
     Engine.VLLM: vllm.container,
     Engine.TGI: tgi.container,
     Engine.LLAMACPP: llamacpp.container,
+    Engine.LLAMACPP_PYTHON: llamacpp_python.container,
     Engine.OLLAMA: ollama.container,
 }
 ENGINE_PORTS: dict[str, int] = {
     Engine.VLLM: vllm.PORT,
     Engine.TGI: tgi.PORT,
     Engine.LLAMACPP: llamacpp.PORT,
+    Engine.LLAMACPP_PYTHON: llamacpp_python.PORT,
     Engine.OLLAMA: ollama.PORT,
 }
 
@@ -77,9 +79,14 @@ def endpoint(backend: LLMBackend, cluster_domain: str = "cluster.local") -> str:
     return f"http://{host}:{service_port(backend)}/v1"
 
 
-def _probe(path: str, period: int, failures: int) -> Manifest:
+def _probe(path: str | None, period: int, failures: int) -> Manifest:
+    action: Manifest = (
+        {"httpGet": {"path": path, "port": PORT_NAME}}
+        if path is not None
+        else {"tcpSocket": {"port": PORT_NAME}}
+    )
     return {
-        "httpGet": {"path": path, "port": PORT_NAME},
+        **action,
         "periodSeconds": period,
         "timeoutSeconds": 5,
         "failureThreshold": failures,
@@ -117,7 +124,8 @@ def _container(backend: LLMBackend, engine: EngineContainer) -> Manifest:
     container: Manifest = {
         "name": CONTAINER_NAME,
         "image": spec.image or engine.image,
-        "args": engine.args + list(spec.extra_args or []),
+        # Tool-calling flags after the engine's own, before the user's extraArgs.
+        "args": engine.args + toolcalls.plan(backend).args + list(spec.extra_args or []),
         "ports": [{"name": PORT_NAME, "containerPort": engine.port, "protocol": "TCP"}],
         "env": env,
         "resources": _resources(backend),
