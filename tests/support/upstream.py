@@ -58,20 +58,53 @@ def chat_answer(name: str, model: str) -> dict[str, Any]:
     }
 
 
-def stream_chunks(name: str, model: str, pieces: int) -> list[bytes]:
-    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
-        body = {
-            "id": f"chatcmpl-{name}",
-            "object": "chat.completion.chunk",
-            "created": 1700000000,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
-        return f"data: {json.dumps(body)}\n\n".encode()
+def _chunk(name: str, model: str, delta: dict[str, Any], finish: str | None) -> bytes:
+    body = {
+        "id": f"chatcmpl-{name}",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return f"data: {json.dumps(body)}\n\n".encode()
 
-    out = [chunk({"role": "assistant", "content": ""}, None)]
-    out += [chunk({"content": f"{name}-{i} "}, None) for i in range(pieces)]
-    out += [chunk({}, "stop"), b"data: [DONE]\n\n"]
+
+def stream_chunks(name: str, model: str, pieces: int) -> list[bytes]:
+    out = [_chunk(name, model, {"role": "assistant", "content": ""}, None)]
+    out += [_chunk(name, model, {"content": f"{name}-{i} "}, None) for i in range(pieces)]
+    out += [_chunk(name, model, {}, "stop"), b"data: [DONE]\n\n"]
+    return out
+
+
+def tool_call(name: str) -> dict[str, Any]:
+    """The call the fake answers a request with tools with: the first tool, fixed args."""
+    return {
+        "id": "call_0",
+        "type": "function",
+        "function": {"name": name, "arguments": '{"city": "Paris"}'},
+    }
+
+
+def tool_call_answer(name: str, model: str, tool: str) -> dict[str, Any]:
+    answer = chat_answer(name, model)
+    answer["choices"][0]["message"] = {"role": "assistant", "content": None}
+    answer["choices"][0]["message"]["tool_calls"] = [tool_call(tool)]
+    answer["choices"][0]["finish_reason"] = "tool_calls"
+    return answer
+
+
+def tool_call_chunks(name: str, model: str, tool: str) -> list[bytes]:
+    """A streamed tool call as OpenAI sends one: the call's id and name first, then its
+    arguments in pieces, then finish_reason tool_calls."""
+    call = tool_call(tool)
+    head = {"index": 0, "id": call["id"], "type": "function"}
+    head["function"] = {"name": tool, "arguments": ""}
+    out = [_chunk(name, model, {"role": "assistant", "content": None}, None)]
+    out.append(_chunk(name, model, {"tool_calls": [head]}, None))
+    for piece in ('{"city": ', '"Paris"}'):
+        delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+        out.append(_chunk(name, model, delta, None))
+    out += [_chunk(name, model, {}, "tool_calls"), b"data: [DONE]\n\n"]
     return out
 
 
@@ -125,7 +158,7 @@ class Upstream:
         if not self.events.path or scope["path"] == "/v1/models":  # not the probe
             return await self.answer(scope, body, send, [0])
         # Listen for the client while answering: its going away cancels the answer.
-        self.events("request", path=scope["path"])
+        self.events("request", path=scope["path"], body=body.decode(errors="replace"))
         task, sent, done, gone = asyncio.current_task(), [0], [False], [False]
         assert task is not None
 
@@ -169,10 +202,17 @@ class Upstream:
         if path == "/v1/embeddings":
             data = {"object": "list", "data": [{"embedding": [0.1, 0.2], "index": 0}]}
             return await _send(send, 200, {**data, "model": model}, extra)
+        tools = request.get("tools") or []
+        tool = tools[0]["function"]["name"] if tools else None
         if request.get("stream"):
             start = [(b"content-type", b"text/event-stream"), *extra]
             await send({"type": "http.response.start", "status": 200, "headers": start})
-            for piece in stream_chunks(self.name, model, self.pieces):
+            pieces = (
+                tool_call_chunks(self.name, model, tool)
+                if tool
+                else stream_chunks(self.name, model, self.pieces)
+            )
+            for piece in pieces:
                 if sent[0] == self.break_after:
                     self.events("broke", path=path, chunks=sent[0])
                     raise BrokenOnPurposeError  # uvicorn closes the connection mid-answer
@@ -182,6 +222,8 @@ class Upstream:
                     await asyncio.sleep(self.gap)
             await send({"type": "http.response.body", "body": b""})
             return None
+        if tool:
+            return await _send(send, 200, tool_call_answer(self.name, model, tool), extra)
         return await _send(send, 200, chat_answer(self.name, model), extra)
 
 
