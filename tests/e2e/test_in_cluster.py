@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -30,6 +33,7 @@ from tests.conftest import REPO
 from tests.support.fixtures import temporary_namespace
 from tests.support.kube import Cluster, wait_for
 from tests.support.realcluster import RealCluster
+from tests.support.tiny_model import write_tiny_gguf
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -243,11 +247,11 @@ def answers(base: str, key: str = ENGINE_KEY) -> bool:
         return False
 
 
-def routed(stack: Stack) -> Any:
+def routed(stack: Stack, model: str = MODEL) -> Any:
     """A raw answer through the gateway, or None while it has no route yet."""
     try:
         return client(stack.gateway, TENANT_KEY).chat.completions.with_raw_response.create(
-            model=MODEL, messages=MESSAGES, max_tokens=8
+            model=model, messages=MESSAGES, max_tokens=8
         )
     except openai.APIConnectionError:  # kube-proxy has not programmed the Service yet
         return None
@@ -565,6 +569,165 @@ def test_a_killed_engine_is_restarted(stack: Stack) -> None:
     stack.figures["second_kill_to_answer_s"] = round(again, 1)
     stack.figures["gateway_during_kills"] = codes
     assert "CrashLoopBackOff" in phases
+
+
+# ---- agents: tool calls from a real engine pod -----------------------------------------
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "London"]},
+        "unit": {"type": "string", "enum": ["c", "f"]},
+    },
+    "required": ["city", "unit"],
+}
+TOOLS: list[Any] = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}
+]
+ASK: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+NAMED: Any = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def tool_call_of(c: openai.OpenAI, model: str, choice: Any) -> dict[str, Any]:
+    """The one tool call of an answer, its arguments valid against the tool's schema."""
+    answer = c.chat.completions.create(
+        model=model, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=64
+    )
+    assert answer.choices[0].finish_reason == "tool_calls"
+    [call] = answer.choices[0].message.tool_calls or []
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    arguments: dict[str, Any] = json.loads(call.function.arguments)  # type: ignore[union-attr]
+    jsonschema.validate(arguments, WEATHER)
+    return arguments
+
+
+def streamed_tool_call(c: openai.OpenAI, model: str) -> dict[str, Any]:
+    with c.chat.completions.create(
+        model=model, messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=64, stream=True
+    ) as stream:
+        chunks = [ch.choices[0] for ch in stream if ch.choices]
+    deltas = [d for ch in chunks for d in ch.delta.tool_calls or []]
+    assert chunks[-1].finish_reason == "tool_calls"
+    assert {d.function.name for d in deltas if d.function and d.function.name} == {"get_weather"}
+    arguments: dict[str, Any] = json.loads(
+        "".join(d.function.arguments or "" for d in deltas if d.function)
+    )
+    jsonschema.validate(arguments, WEATHER)
+    return arguments
+
+
+@contextlib.contextmanager
+def weights_on_a_pvc(stack: Stack, name: str) -> Iterator[str]:
+    """The tiny GGUF on a hostPath PersistentVolume bound to a claim of that name: what a
+    team's own weights on a PVC look like to the engine pod."""
+    cluster, ns = stack.cluster, stack.namespace
+    folder = Path(tempfile.mkdtemp(prefix="fabric-weights-"))
+    try:
+        folder.chmod(0o755)  # the engine runs as 65532
+        write_tiny_gguf(folder / "tiny.gguf").chmod(0o644)
+        pv = f"{ns}-{name}"
+        cluster.core.create_persistent_volume(
+            {
+                "metadata": {"name": pv},
+                "spec": {
+                    "capacity": {"storage": "1Gi"},
+                    "accessModes": ["ReadOnlyMany"],
+                    "storageClassName": "",
+                    "hostPath": {"path": str(folder), "type": "Directory"},
+                    "claimRef": {"namespace": ns, "name": name},
+                },
+            }
+        )
+        cluster.core.create_namespaced_persistent_volume_claim(
+            ns,
+            {
+                "metadata": {"name": name},
+                "spec": {
+                    "accessModes": ["ReadOnlyMany"],
+                    "storageClassName": "",
+                    "volumeName": pv,
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+        )
+        wait_for(
+            "the claim to bind",
+            lambda: (
+                cluster.core.read_namespaced_persistent_volume_claim(name, ns).status.phase
+                == "Bound"
+            ),
+            60,
+        )
+        yield "tiny.gguf"
+    finally:
+        cluster.kubectl("delete", "pvc", name, "-n", ns, "--wait=false", check=False)
+        cluster.kubectl("delete", "pv", f"{ns}-{name}", "--wait=false", check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_agents_get_tool_calls_from_engine_pods(stack: Stack) -> None:
+    """Tool calling on by default for llama-server (--jinja), and named for a
+    llama-cpp-python backend on a PVC: both engine pods answer tool calls through their
+    Service and through the gateway, streamed too; `kubectl get llmb -o wide` says how."""
+    cluster, ns = stack.cluster, stack.namespace
+    jinja = backend(stack.real, ns)
+    jinja["metadata"]["name"] = "tools-jinja"
+    with weights_on_a_pvc(stack, "weights") as path:
+        py = {
+            "apiVersion": "llm.fabric.dev/v1alpha1",
+            "kind": "LLMBackend",
+            "metadata": {"name": "tools-py", "namespace": ns},
+            "spec": {
+                "engine": "llamacpp-python",
+                "image": stack.real.images["engine"].ref,  # llama-cpp-python is in it
+                "imagePullPolicy": "Never",
+                "model": {"pvc": {"claimName": "weights", "path": path}},
+                "toolCalling": {"parser": "chatml-function-calling"},
+                "apiKeySecretRef": {"name": "engine-key", "key": "api-key"},
+            },
+        }
+        try:
+            for manifest in (jinja, py):
+                assert cluster.apply(manifest).returncode == 0
+            for name, port, how in (
+                ("tools-jinja", PORT, "jinja"),
+                ("tools-py", 8000, "chatml-function-calling"),
+            ):
+                st = wait_for(
+                    f"{name} Ready",
+                    lambda n=name: (s := status(cluster, ns, n)).get("phase") == "Ready" and s,
+                    240,
+                )
+                assert st["toolCalling"] == how
+                [cond] = [c for c in st["conditions"] if c["type"] == "ToolCalling"]
+                assert cond["status"] == "True", cond
+                service = stack.service_url(ns, name, port)
+                wait_for(f"{name} to answer", lambda u=service: answers(u, ENGINE_KEY) or None, 60)
+                with client(service, ENGINE_KEY) as c:
+                    direct = tool_call_of(c, name, NAMED)
+                raw = wait_for(
+                    f"the gateway to route {name}",
+                    lambda n=name: routed(stack, n),
+                    60,
+                )
+                assert raw.headers["x-fabric-backend"] == f"{ns}/{name}"
+                with client(stack.gateway, TENANT_KEY) as c:
+                    auto = tool_call_of(c, name, "auto")
+                    streamed = streamed_tool_call(c, name)
+                print(f"{name} ({how}): direct {direct}, gateway auto {auto}, streamed {streamed}")
+            wide = cluster.kubectl("get", "llmb", "-n", ns, "-o", "wide").stdout
+            header, *rows = wide.splitlines()
+            assert "TOOLS" in header.split()
+            by_name = {row.split()[0]: row.split() for row in rows}
+            assert by_name["tools-jinja"][-1] == "jinja"
+            assert by_name["tools-py"][-1] == "chatml-function-calling"
+        finally:
+            cluster.kubectl("delete", "llmb", "tools-jinja", "tools-py", "-n", ns, check=False)
+            wait_for(
+                "the tool backends' pods to go",
+                lambda: not pods(cluster, ns, "llm.fabric.dev/backend in (tools-jinja,tools-py)"),
+                90,
+            )
 
 
 def test_deleting_the_backend_leaves_nothing_running(stack: Stack) -> None:
