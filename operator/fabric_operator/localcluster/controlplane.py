@@ -44,6 +44,14 @@ CONTROLLERS_OFF = [
 ]
 
 
+REAL_NODE_CONTROLLERS = {
+    "nodelifecycle",
+    "persistentvolume-binder",
+    "pv-protection",
+    "pvc-protection",
+}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -70,7 +78,8 @@ class LocalControlPlane:
     apiserver_args: list[str] = field(default_factory=list)
     # What real nodes need: the address the `kubernetes` Service points at (reachable from
     # the nodes, not loopback), more names for the serving certificate, and the node
-    # lifecycle controller (it lifts the not-ready taint a kubelet registers with).
+    # lifecycle controller (it lifts the not-ready taint a kubelet registers with) and the
+    # volume binder (REAL_NODE_CONTROLLERS).
     advertise_address: str = "127.0.0.1"
     extra_ips: list[str] = field(default_factory=list)
     service_cidr: str = "10.0.0.0/16"  # room for benchmarks (>254 Services)
@@ -234,8 +243,10 @@ class LocalControlPlane:
 
     @property
     def _controllers_off(self) -> list[str]:
-        off = [c for c in CONTROLLERS_OFF if not (self.node_lifecycle and c == "nodelifecycle")]
-        return off
+        """With real nodes, also what pods on them need: node lifecycle, and claims bound to
+        volumes (a PVC-backed model source)."""
+        on = REAL_NODE_CONTROLLERS if self.node_lifecycle else set()
+        return [c for c in CONTROLLERS_OFF if c not in on]
 
     def stop_apiserver(self, *, kill: bool = False, grace: float = 10.0) -> None:
         """Stop only the kube-apiserver, by its PID (etcd, controllers and scheduler keep
