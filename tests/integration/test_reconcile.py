@@ -72,7 +72,13 @@ def test_apply_creates_owned_children_and_status(
     assert status["servedModelName"] == "tiny-chat"
     # No pod yet, or one scheduled onto the simulated node (no kubelet starts it).
     assert status["phase"] in {"Pending", "Starting"}
-    assert {c["type"] for c in status["conditions"]} == {"Ready", "Progressing", "Degraded"}
+    assert {c["type"] for c in status["conditions"]} == {
+        "Ready",
+        "Progressing",
+        "Degraded",
+        "ToolCalling",
+    }
+    assert status["toolCalling"] == "jinja"  # llama-server: on by default
     reasons = [e["reason"] for e in cluster.events(namespace, "tiny")]
     assert "Created" in reasons
     # The operator's own counters are live (they prove the zero in the restart test).
@@ -604,3 +610,64 @@ def test_a_field_dropped_from_the_spec_leaves_a_created_child(
     )
     annotations = (cluster.service(namespace, "tiny") or {})["metadata"]["annotations"]
     assert annotations["keep"] == "1"
+
+
+def test_tool_calling_off_for_want_of_a_parser_is_a_warning_then_on_when_named(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """A vLLM backend of a family with no known parser serves chats, but an agent's first
+    request would fail: status and a Warning Event say what to set; naming a parser turns
+    it on, in the Deployment and in status."""
+    vllm = {
+        "engine": "vllm",
+        "model": {"huggingface": {"repo": "google/gemma-2-9b-it"}},
+        "resources": {"gpu": {"count": 1}},
+    }
+    obj = backend(namespace, "gemma")
+    obj["spec"] = vllm
+    assert cluster.apply(obj).returncode == 0
+    off = wait_for(
+        "ToolCalling False",
+        lambda: (
+            (c := cluster.condition(namespace, "gemma", "ToolCalling")).get("status") == "False"
+            and c
+        ),
+        10,
+    )
+    assert off["reason"] == "NoParserKnown" and "spec.toolCalling.parser" in off["message"]
+    assert cluster.backend(namespace, "gemma")["status"]["toolCalling"] == "off"
+    warned = wait_for(
+        "a ToolCallingOff Warning",
+        lambda: [e for e in cluster.events(namespace, "gemma") if e["reason"] == "ToolCallingOff"],
+        10,
+    )
+    assert warned[0]["type"] == "Warning"
+    dep = wait_for("the Deployment", lambda: cluster.deployment(namespace, "gemma"), 10)
+    assert (
+        "--enable-auto-tool-choice" not in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+
+    obj["spec"] = {**vllm, "toolCalling": {"parser": "pythonic"}}
+    assert cluster.apply(obj).returncode == 0
+    wait_for(
+        "status.toolCalling pythonic",
+        lambda: cluster.backend(namespace, "gemma")["status"].get("toolCalling") == "pythonic",
+        10,
+    )
+    args = wait_for(
+        "the parser in the Deployment",
+        lambda: (
+            (
+                a := cluster.deployment(namespace, "gemma")["spec"]["template"]["spec"][
+                    "containers"
+                ][0]["args"]
+            )
+            and "--tool-call-parser" in a
+            and a
+        ),
+        10,
+    )
+    assert args[args.index("--tool-call-parser") + 1] == "pythonic"
+    assert "--enable-auto-tool-choice" in args
+    reasons = [(e["type"], e["reason"]) for e in cluster.events(namespace, "gemma")]
+    assert ("Normal", "ToolCallingOn") in reasons

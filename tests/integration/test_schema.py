@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.kube import Cluster
+from tests.support.kube import Cluster, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +44,18 @@ HF = {"huggingface": {"repo": "Qwen/Qwen2.5-0.5B"}}
             {"engine": "vllm", "model": HF, "resources": {"limits": {"memory": "lots"}}},
             "spec.resources.limits.memory",
         ),
+        (
+            {"engine": "vllm", "model": HF, "toolCalling": {"parser": "Hermes; rm -rf"}},
+            "spec.toolCalling.parser",
+        ),
+        (
+            {"engine": "vllm", "model": HF, "toolCalling": {"chatTemplate": "relative.jinja"}},
+            "spec.toolCalling.chatTemplate",
+        ),
+        (
+            {"engine": "vllm", "model": HF, "toolCalling": {"enabled": "yes"}},
+            "spec.toolCalling.enabled",
+        ),
     ],
 )
 def test_schema_refuses(cluster: Cluster, spec: dict[str, Any], words: str) -> None:
@@ -53,6 +65,19 @@ def test_schema_refuses(cluster: Cluster, spec: dict[str, Any], words: str) -> N
     assert words in result.stderr, result.stderr
 
 
+def explained(cluster: Cluster, field: str) -> str:
+    """`kubectl explain`, once the API server publishes the CRD's OpenAPI (a second or two
+    after the CRD is established; until then kubectl cannot find the kind)."""
+
+    def explain() -> str | None:
+        proc = cluster.kubectl("explain", field, check=False)
+        return proc.stdout if proc.returncode == 0 else None
+
+    return wait_for(f"kubectl explain {field}", explain, 30, 0.5)
+
+
 def test_explain_shows_field_docs(cluster: Cluster) -> None:
-    out = cluster.kubectl("explain", "llmb.spec.servedModelName").stdout
+    out = explained(cluster, "llmb.spec.servedModelName")
     assert "Name clients pass as `model`" in out
+    tools = explained(cluster, "llmb.spec.toolCalling.parser")
+    assert "--tool-call-parser" in tools and "--chat_format" in tools

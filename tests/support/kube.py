@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,12 +52,15 @@ class Cluster:
         self.apps = client.AppsV1Api(self.api)
         self.networking = client.NetworkingV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        self._cache = tempfile.mkdtemp(prefix="kubectl-cache-")
 
     def kubectl(
         self, *args: str, stdin: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            # A discovery cache of its own: kubectl's default one is per host:port, and an
+            # earlier cluster of this run may have had the port without the CRD.
+            ["kubectl", f"--kubeconfig={self.kubeconfig}", f"--cache-dir={self._cache}", *args],
             input=stdin,
             check=False,
             text=True,

@@ -95,7 +95,13 @@ class LocalCluster:
 
     def kubectl(self, *args: str) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            # A discovery cache of its own: another cluster may have had this port.
+            [
+                "kubectl",
+                f"--kubeconfig={self.kubeconfig}",
+                f"--cache-dir={self.workdir}/kube-cache",
+                *args,
+            ],
             capture_output=True,
             text=True,
             check=False,
