@@ -137,6 +137,16 @@ def test_a_held_request_scales_from_zero_within_a_second(
     assert event["message"] == "0 -> 1 replicas: 1 request held, scaling from zero"
 
 
+def test_requests_the_engine_reports_scale_it_too(
+    own_cluster: Cluster, scaling_operator: OperatorProcess, stub: LoadServer, ns: str
+) -> None:
+    # Six requests at the engine pods, none through the gateway (straight to the
+    # Service): target 2 per replica -> 3 replicas.
+    stub.set(f"{ns}/{NAME}", engine=6)
+    wait_for("spec.replicas 3", lambda: replicas(own_cluster, ns) == 3, 5)
+    assert autoscaling(own_cluster, ns)["demand"] == 6
+
+
 def test_load_scales_up_to_the_maximum(
     own_cluster: Cluster, scaling_operator: OperatorProcess, stub: LoadServer, ns: str
 ) -> None:

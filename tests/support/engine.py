@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +144,7 @@ def run_llama_server(
     api_key: str | None = None,
     n_ctx: int | None = None,
     extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
     timeout: float = 60,
 ) -> Iterator[LlamaServer]:
     """`python -m llama_cpp.server` as a subprocess, ready when yielded, stopped at exit."""
@@ -166,7 +167,11 @@ def run_llama_server(
     started = time.monotonic()
     try:
         process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
     finally:
         os.close(log_fd)

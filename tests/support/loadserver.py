@@ -46,11 +46,14 @@ class LoadServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def set(self, key: str, in_flight: int = 0, held: int = 0) -> None:
-        """Set one backend's counts ("namespace/name"); every stream reports it at once."""
+    def set(self, key: str, in_flight: int = 0, held: int = 0, engine: int = 0) -> None:
+        """Set one backend's counts ("namespace/name"); every stream reports it at once.
+        `engine`: what its engine pods report running or waiting (left out when 0)."""
         with self._changed:
-            if in_flight or held:
+            if in_flight or held or engine:
                 self.backends[key] = {"inFlight": in_flight, "held": held}
+                if engine:
+                    self.backends[key]["engine"] = engine
             else:
                 self.backends.pop(key, None)  # absent means zero
             self._version += 1

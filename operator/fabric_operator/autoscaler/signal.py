@@ -1,7 +1,8 @@
 """Demand as the gateways see it: one `/load?watch=1` stream per gateway replica, summed.
 
 Each gateway replica streams NDJSON reports of its own in-flight and held requests per
-backend (`{"gateway": id, "backends": {"ns/name": {"inFlight": n, "held": n}}}`): the
+backend (`{"gateway": id, "backends": {"ns/name": {"inFlight": n, "held": n}}}`, with
+`"engine": n` where the engine's pods report their queue): the
 first at once, then one on every change and at least one a second. A replica whose
 stream closed or went silent for STALE_SECONDS is dropped from the sum, so a gateway
 that died cannot hold its last numbers (and the replicas they asked for) forever. Every
@@ -28,14 +29,19 @@ MAX_COUNT = 10_000_000  # more is no count a gateway can hold: a broken report
 
 
 class Demand(NamedTuple):
-    """Requests of one backend at the gateways: in flight and held."""
+    """Requests of one backend: in flight and held at the gateways, and what its engine
+    pods report running or waiting (where the engine has queue gauges)."""
 
     in_flight: int = 0
     held: int = 0
+    engine: int = 0
 
     @property
     def total(self) -> int:
-        return self.in_flight + self.held
+        """Held requests wait at a gateway, not at an engine; those in flight are at the
+        engine too, so the larger of the two counts them once, and counts the requests
+        that bypassed the gateways (straight to the Service) as well."""
+        return self.held + max(self.in_flight, self.engine)
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,11 @@ def parse_report(line: str | bytes) -> Report:
     for key, counts in backends.items():
         if not isinstance(counts, dict) or key.count("/") != 1:
             raise ValueError(f"bad entry {str(key)[:80]!r}")
-        out[key] = Demand(_count(counts.get("inFlight", 0)), _count(counts.get("held", 0)))
+        out[key] = Demand(
+            _count(counts.get("inFlight", 0)),
+            _count(counts.get("held", 0)),
+            _count(counts.get("engine", 0)),
+        )
     return Report(data["gateway"][:253], out)
 
 
@@ -141,7 +151,11 @@ class Signal:
             for key, d in report.backends.items():
                 if d.total or key in total:
                     t = total.get(key, Demand())
-                    total[key] = Demand(t.in_flight + d.in_flight, t.held + d.held)
+                    # Every gateway reads the same pods: their engine figures are one
+                    # reading each, not parts of a sum.
+                    total[key] = Demand(
+                        t.in_flight + d.in_flight, t.held + d.held, max(t.engine, d.engine)
+                    )
         total = {k: v for k, v in total.items() if v.total}
         changed = {k for k in total.keys() | self._sum.keys() if total.get(k) != self._sum.get(k)}
         gateways_changed = len(newest) != self._gateways

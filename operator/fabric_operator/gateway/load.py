@@ -2,9 +2,11 @@
 operator's autoscaler (`GET /load` on the metrics port).
 
 The one demand signal every engine has (Ollama exports no queue metric) is the gateway's
-own count, and a held request is demand too: at zero replicas it is all there is. The
-operator sums the replicas' counts; a watch stream gets a line as soon as anything
-changes, so a request held at zero scales its backend up within a second, not a tick.
+own count, and a held request is demand too: at zero replicas it is all there is. Where
+the engine has queue gauges, what its pods report is added as `engine` (enginequeue):
+requests that bypassed the gateway count too. The operator sums the replicas' counts; a
+watch stream gets a line as soon as anything changes, so a request held at zero scales
+its backend up within a second, not a tick.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Load:
         self._in_flight: dict[str, int] = {}
         self._held: dict[str, int] = {}
         self._lingering: dict[str, int] = {}  # holds that ended less than a second ago
+        self._engine: dict[str, int] = {}  # requests the engines report (enginequeue)
         self.held_total = 0
         self._watchers: set[asyncio.Event] = set()
 
@@ -54,6 +57,18 @@ class Load:
         _down(self._lingering, backend)
         self._changed()
 
+    def set_engine(self, backend: str, depth: int | None) -> None:
+        """What the backend's pods report running and waiting (None: nothing read)."""
+        if depth is None:
+            if self._engine.pop(backend, None) is not None:
+                self._changed()
+        elif self._engine.get(backend) != depth:
+            self._engine[backend] = depth
+            self._changed()
+
+    def engine_backends(self) -> set[str]:
+        return set(self._engine)
+
     def in_flight(self, backend: str) -> int:
         return self._in_flight.get(backend, 0)
 
@@ -61,18 +76,21 @@ class Load:
         return self._held.get(backend, 0)
 
     def report(self) -> dict[str, object]:
-        """The /load document: backends with nothing in flight or held are left out."""
-        names = sorted(self._in_flight.keys() | self._held.keys() | self._lingering.keys())
-        return {
-            "gateway": self.gateway,
-            "backends": {
-                n: {
-                    "inFlight": self._in_flight.get(n, 0),
-                    "held": self._held.get(n, 0) + self._lingering.get(n, 0),
-                }
-                for n in names
-            },
-        }
+        """The /load document: backends with nothing in flight, held or at the engine
+        are left out; `engine` only where the engine's gauges were read."""
+        engine = {n: d for n, d in self._engine.items() if d}
+        names = sorted(
+            self._in_flight.keys() | self._held.keys() | self._lingering.keys() | engine.keys()
+        )
+        backends: dict[str, dict[str, int]] = {}
+        for n in names:
+            backends[n] = {
+                "inFlight": self._in_flight.get(n, 0),
+                "held": self._held.get(n, 0) + self._lingering.get(n, 0),
+            }
+            if n in engine:
+                backends[n]["engine"] = engine[n]
+        return {"gateway": self.gateway, "backends": backends}
 
     @property
     def watchers(self) -> int:

@@ -42,6 +42,7 @@ from pydantic import ValidationError
 
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.v1alpha1 import Provider, Routing, RoutingStrategy
+from fabric_operator.gateway.enginequeue import QUEUE_GAUGES
 from fabric_operator.remotehosts import RemoteHosts
 from fabric_operator.render.engine import PORT_NAME
 
@@ -85,6 +86,8 @@ class Backend:
     namespace: str = ""  # whose backend it is (default: the id's part before "/")
     hold: Hold | None = None  # autoscaled: requests wait while no pod is ready
     affinity: int | None = None  # PrefixAffinity: characters of the key; else least in flight
+    # The engine's queue gauges (enginequeue): read from each pod URL when autoscaled.
+    queue_gauges: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.namespace:
@@ -349,6 +352,11 @@ def backend_from_object(
         namespace=backend.namespace,
         hold=hold,
         affinity=affinity(spec.routing),
+        # Autoscaled backends' pod URLs only (through a Service, one page would stand for
+        # all the pods): the gauges count only where the autoscaler reads them.
+        queue_gauges=(
+            None if via_service or scaling is None else QUEUE_GAUGES.get(str(spec.engine))
+        ),
     )
 
 

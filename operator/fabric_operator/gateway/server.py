@@ -18,6 +18,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fabric_operator.config import host_pattern_error
 from fabric_operator.gateway import opsserver
+from fabric_operator.gateway.enginequeue import SCRAPE_SECONDS, EngineQueues
 from fabric_operator.gateway.kubewatch import ApiClient
 from fabric_operator.gateway.metrics import GatewayMetrics, LoadCollector
 from fabric_operator.gateway.proxy import MIB, Gateway, QuietAborts, Settings
@@ -243,6 +244,13 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="request bodies held at once, in MiB, all backends together (default "
         f"{d.max_held_bytes / MIB:g})",
     )
+    p.add_argument(
+        "--engine-metrics-interval",
+        type=_positive_float,
+        default=SCRAPE_SECONDS,
+        help="seconds between reads of the engines' queue gauges (autoscaled vllm, tgi and "
+        f"llamacpp backends; reported on /load) (default {SCRAPE_SECONDS:g})",
+    )
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
     p.add_argument(
         "--upstream-client",
@@ -371,12 +379,24 @@ async def _serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     watching = asyncio.create_task(source.run())
+    # Engines' own queue gauges, for /load (autoscaled backends; nothing without /load).
+    queues = (
+        asyncio.create_task(
+            EngineQueues(
+                lambda: source.snapshot, gateway.load, interval=args.engine_metrics_interval
+            ).run()
+        )
+        if args.metrics_address
+        else None
+    )
     log.info("gateway listening on %s:%s", host, port)
     try:
         await server.serve()
     finally:
-        watching.cancel()
-        await asyncio.gather(watching, return_exceptions=True)
+        background = [t for t in (watching, queues) if t is not None]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await gateway.aclose()
         if ops is not None:
             await ops.cleanup()

@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import yaml
@@ -28,6 +28,7 @@ from fabric_operator.api.v1alpha1 import (
     Provider,
     Routing,
 )
+from fabric_operator.gateway.enginequeue import QUEUE_GAUGES
 from fabric_operator.gateway.kubewatch import ApiClient, ObjectKey, Resource, Watch, slim
 from fabric_operator.gateway.routes import (
     ALL,
@@ -117,6 +118,11 @@ class FileBackend(_FileModel):
     routing: Routing | None = Field(
         default=None, description="As an LLMBackend's spec.routing: how a URL is picked."
     )
+    engine: Literal["vllm", "tgi", "llamacpp"] | None = Field(
+        default=None,
+        description="The engine behind the URLs (one pod each): its queue gauges are read "
+        "from URL/../metrics and reported on /load as `engine`.",
+    )
 
     @property
     def space(self) -> str:
@@ -182,6 +188,7 @@ class FileSource(Source):
                 fallback=tuple(b.fallback),
                 namespace=b.space,
                 affinity=affinity(b.routing),
+                queue_gauges=QUEUE_GAUGES[b.engine] if b.engine else None,
             )
             for b in cfg.backends
         ]

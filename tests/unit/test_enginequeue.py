@@ -1,0 +1,227 @@
+"""Engines' own queue gauges in the demand: parsed from their metrics pages, reported on
+/load beside the gateway's counts, and combined by the autoscaler without counting a
+request twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from fabric_operator.api.backend import LLMBackend
+from fabric_operator.autoscaler.signal import Demand, Report, Signal, parse_report
+from fabric_operator.gateway.enginequeue import (
+    QUEUE_GAUGES,
+    EngineQueues,
+    metrics_url,
+    queue_depth,
+)
+from fabric_operator.gateway.load import Load
+from fabric_operator.gateway.routes import Backend, Snapshot, backend_from_object
+from fabric_operator.localcluster import free_port
+
+VLLM_PAGE = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="qwen"} 3.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="qwen"} 5.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="qwen"} 0.7
+"""
+TGI_PAGE = """\
+# TYPE tgi_queue_size gauge
+tgi_queue_size 4
+# TYPE tgi_batch_current_size gauge
+tgi_batch_current_size 8
+# TYPE tgi_request_count counter
+tgi_request_count 1000
+"""
+LLAMACPP_PAGE = """\
+# HELP llamacpp:requests_processing Number of requests processing.
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 1
+# HELP llamacpp:requests_deferred Number of requests deferred.
+# TYPE llamacpp:requests_deferred gauge
+llamacpp:requests_deferred 2
+"""
+
+
+@pytest.mark.parametrize(
+    ("engine", "page", "depth"),
+    [("vllm", VLLM_PAGE, 8), ("tgi", TGI_PAGE, 12), ("llamacpp", LLAMACPP_PAGE, 3)],
+)
+def test_each_engines_gauges_are_summed(engine: str, page: str, depth: int) -> None:
+    assert queue_depth(page, QUEUE_GAUGES[engine]) == depth
+    # Another engine's page is no reading at all (not a zero).
+    other = next(e for e in QUEUE_GAUGES if e != engine)
+    assert queue_depth(page, QUEUE_GAUGES[other]) is None
+
+
+def test_samples_of_several_models_add_up_and_nonsense_is_ignored() -> None:
+    page = VLLM_PAGE + (
+        'vllm:num_requests_running{engine="1",model_name="lora"} 2.0\n'
+        'vllm:num_requests_waiting{engine="1",model_name="lora"} NaN\n'
+        'vllm:num_requests_waiting{engine="2",model_name="x"} -4\n'
+    )
+    assert queue_depth(page, QUEUE_GAUGES["vllm"]) == 10
+    huge = "tgi_queue_size 1e30\n"
+    assert queue_depth(huge, QUEUE_GAUGES["tgi"]) == 1_000_000
+    assert queue_depth("", QUEUE_GAUGES["tgi"]) is None
+
+
+def test_a_page_that_is_no_metrics_page_is_an_error_for_the_caller() -> None:
+    with pytest.raises(ValueError):
+        queue_depth("<html>not metrics</html>\n{{{", QUEUE_GAUGES["vllm"])
+
+
+def test_metrics_url_of_a_pod() -> None:
+    assert metrics_url("http://10.200.0.7:8000/v1") == "http://10.200.0.7:8000/metrics"
+
+
+def _route(spec: dict[str, Any], **kw: Any) -> Any:
+    obj = {
+        "metadata": {"name": "m", "namespace": "ns", "uid": "u"},
+        "spec": spec,
+    }
+    endpoints = {
+        "subsets": [
+            {"addresses": [{"ip": "10.200.0.7"}], "ports": [{"name": "http", "port": 8000}]}
+        ]
+    }
+    return backend_from_object(obj, endpoints, None, **kw)
+
+
+SCALED = {"autoscaling": {"minReplicas": 0, "maxReplicas": 3}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "gauges"),
+    [
+        (
+            {"engine": "vllm", "model": {"huggingface": {"repo": "o/r"}}, **SCALED},
+            QUEUE_GAUGES["vllm"],
+        ),
+        (
+            {"engine": "llamacpp", "model": {"url": "https://h.invalid/m.gguf"}, **SCALED},
+            QUEUE_GAUGES["llamacpp"],
+        ),
+        ({"engine": "ollama", "model": {"ollama": "qwen3"}, **SCALED}, None),  # none to read
+        ({"engine": "vllm", "model": {"huggingface": {"repo": "o/r"}}}, None),  # not scaled
+    ],
+)
+def test_routes_read_gauges_of_autoscaled_backends_only(
+    spec: dict[str, Any], gauges: tuple[str, ...] | None
+) -> None:
+    LLMBackend.from_manifest({"metadata": {"name": "m"}, "spec": spec})  # a valid spec
+    route = _route(spec)
+    assert route is not None and route.urls
+    assert route.queue_gauges == gauges
+    # Through the Service, one page would stand for every pod: not read.
+    assert _route(spec, via_service=True).queue_gauges is None
+
+
+def test_load_reports_the_engine_figure_and_wakes_watchers() -> None:
+    async def scenario() -> None:
+        load = Load("gw-1")
+        stream = load.watch()
+        assert json.loads(await anext(stream)) == {"gateway": "gw-1", "backends": {}}
+        load.set_engine("ns/a", 4)
+        line = await asyncio.wait_for(anext(stream), 2)
+        assert json.loads(line)["backends"] == {"ns/a": {"inFlight": 0, "held": 0, "engine": 4}}
+        load.enter("ns/a")
+        assert load.report()["backends"] == {"ns/a": {"inFlight": 1, "held": 0, "engine": 4}}
+        load.set_engine("ns/a", None)
+        assert load.report()["backends"] == {"ns/a": {"inFlight": 1, "held": 0}}
+        assert load.engine_backends() == set()
+        await stream.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_demand_counts_a_request_once_and_bypassing_ones_too() -> None:
+    # 3 through the gateway, the engine reports 8 (3 of them + 5 sent to the Service).
+    assert Demand(in_flight=3, held=0, engine=8).total == 8
+    # The engine has not seen the gateway's yet (a scrape is up to 2 s old): 3.
+    assert Demand(in_flight=3, held=0, engine=1).total == 3
+    # Held requests are at no engine: added.
+    assert Demand(in_flight=0, held=2, engine=4).total == 6
+
+
+def test_the_signal_takes_one_engine_reading_not_the_sum_of_the_gateways() -> None:
+    changes: list[Any] = []
+    signal = Signal(changes.append, clock=lambda: 0.0)
+    signal.update("a", Report("gw-a", {"ns/m": Demand(2, 0, 7)}))
+    signal.update("b", Report("gw-b", {"ns/m": Demand(1, 1, 6)}))
+    assert signal.demand("ns/m") == Demand(3, 1, 7)
+    assert signal.demand("ns/m").total == 8  # 1 held + max(3 in flight, 7 at the engine)
+
+
+def test_reports_carry_the_engine_figure_and_refuse_a_bad_one() -> None:
+    report = parse_report('{"gateway": "g", "backends": {"ns/m": {"inFlight": 1, "engine": 9}}}')
+    assert report.backends["ns/m"] == Demand(1, 0, 9)
+    old = parse_report('{"gateway": "g", "backends": {"ns/m": {"inFlight": 1, "held": 2}}}')
+    assert old.backends["ns/m"] == Demand(1, 2, 0)  # a gateway of the release before
+    for bad in ("9", -1, True, 1e99):
+        line = json.dumps({"gateway": "g", "backends": {"ns/m": {"engine": bad}}})
+        with pytest.raises(ValueError):
+            parse_report(line)
+
+
+def test_a_hostile_or_broken_pod_costs_a_failed_read_not_the_gateway() -> None:
+    """A team runs what image it likes: its pods' pages may be garbage, huge or slow. The
+    good pod's figure counts; the others are failures, never an exception."""
+    seen_keys: list[str | None] = []
+
+    async def good(request: web.Request) -> web.Response:
+        seen_keys.append(request.headers.get("authorization"))
+        return web.Response(text=LLAMACPP_PAGE)
+
+    async def garbage(_request: web.Request) -> web.Response:
+        return web.Response(text="<html>{{{ not a metrics page\n")
+
+    async def huge(_request: web.Request) -> web.Response:
+        return web.Response(text="llamacpp:requests_processing 1\n" * 100_000)  # ~3 MiB
+
+    async def slow(_request: web.Request) -> web.Response:
+        await asyncio.sleep(2)  # past the 1 s a read may take
+        return web.Response(text=LLAMACPP_PAGE)
+
+    async def scenario() -> None:
+        app = web.Application()
+        for name, handler in (("good", good), ("garbage", garbage), ("huge", huge)):
+            app.router.add_get(f"/{name}/metrics", handler)
+        app.router.add_get("/slow/metrics", slow)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        base = f"http://127.0.0.1:{port}"
+        backend = Backend(
+            id="ns/m",
+            model="m",
+            urls=tuple(f"{base}/{n}/v1" for n in ("good", "garbage", "huge", "slow")),
+            api_key="sk-engine",
+            queue_gauges=QUEUE_GAUGES["llamacpp"],
+        )
+        load = Load("gw")
+        queues = EngineQueues(lambda: Snapshot(by_id={backend.id: backend}), load)
+        try:
+            await queues.scrape_once()
+            assert load.report()["backends"] == {"ns/m": {"inFlight": 0, "held": 0, "engine": 3}}
+            assert queues.failures == 3
+            assert seen_keys == ["Bearer sk-engine"]  # the backend's own key, to its pod
+            # The backend gone from the routes: its figure goes too.
+            queues.snapshot = Snapshot
+            await queues.scrape_once()
+            assert load.report()["backends"] == {}
+        finally:
+            await queues.client.aclose()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
