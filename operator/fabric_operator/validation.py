@@ -78,6 +78,18 @@ MANAGED_FLAGS = {
 }
 GGUF_ENGINES = (Engine.LLAMACPP, Engine.LLAMACPP_PYTHON)
 SERVER_NAMES = {Engine.LLAMACPP: "llama-server", Engine.LLAMACPP_PYTHON: "llama-cpp-python"}
+# llama-cpp-python's own settings the operator sets (as flags or variables), and its config
+# file, which would make it ignore them all.
+PY_MANAGED_FLAGS = {
+    "--model",
+    "--model_alias",
+    "--host",
+    "--port",
+    "--api_key",
+    "--hf_model_repo_id",
+    "--config_file",
+}
+PY_MANAGED_ENV = {f.removeprefix("--") for f in PY_MANAGED_FLAGS} | {"chat_format"}
 # Env the operator sets from Secrets; a literal in spec.env would override (and leak) them.
 MANAGED_ENV = {"HF_TOKEN", "VLLM_API_KEY", "API_KEY", "LLAMA_API_KEY", "OLLAMA_HOST"}
 
@@ -241,6 +253,12 @@ def check_spec(backend: LLMBackend) -> Iterator[Problem]:
             "spec.model.huggingface.file"
             + (" or use spec.model.url" if engine == Engine.LLAMACPP else ""),
         )
+    if hf and engine == Engine.LLAMACPP_PYTHON and spec.image is None:
+        yield Problem(
+            "spec.model.huggingface",
+            "the pinned llama-cpp-python image cannot download (it has no huggingface_hub); "
+            "put the GGUF on a PVC (spec.model.pvc) or name an image that has it",
+        )
     if hf and not hf.file and engine == Engine.LLAMACPP_PYTHON:
         yield Problem(
             "spec.model.huggingface.file",
@@ -349,29 +367,48 @@ def check_tool_calling(backend: LLMBackend) -> Iterator[Problem]:
             for name in ("parser", "chatTemplate"):
                 if getattr(asked, "chat_template" if name == "chatTemplate" else name):
                     yield Problem(f"{where}.{name}", "is set while tool calling is disabled")
-    plan = toolcalls.plan(backend)
-    if asked is not None and asked.enabled and not plan.enabled:
-        yield Problem(f"{where}.enabled", f"true, but tool calling cannot be on: {plan.message}")
-    flags = {a for a in plan.args if a.startswith("-")}
-    for i, arg in enumerate(spec.extra_args or []):
-        name = arg.split("=", 1)[0]
-        if name in flags:
+        template = asked.chat_template or ""
+        if template.startswith(("/proc/", "/sys/", "/dev/")):
+            yield Problem(
+                f"{where}.chatTemplate",
+                "must be a template file (in the image or on the model's PVC), not under "
+                "/proc, /sys or /dev: its text becomes part of every prompt",
+            )
+        for i, flag in toolcalls.extra_tool_args(backend):
             yield Problem(
                 f"spec.extraArgs[{i}]",
-                f"{name} is set by the operator for tool calling; use spec.toolCalling "
-                "(or spec.toolCalling.enabled: false to leave it to extraArgs)",
+                f"{flag} sets tool calling, as spec.toolCalling does; keep one of them",
             )
+    plan = toolcalls.plan(backend)
+    if asked is not None and asked.enabled and plan.enabled is False:
+        yield Problem(f"{where}.enabled", f"true, but tool calling cannot be on: {plan.message}")
+    if (
+        asked is not None
+        and asked.chat_template
+        and asked.enabled is not False
+        and not plan.enabled
+    ):
+        yield Problem(
+            f"{where}.chatTemplate",
+            "is used only with a tool-call parser, and none is known for this model; set "
+            "spec.toolCalling.parser too",
+        )
 
 
 def check_overrides(backend: LLMBackend) -> Iterator[Problem]:
     """extraArgs and env may add to the engine's settings, not take the operator's."""
     spec = backend.spec
+    # As each engine's parser reads a flag: vLLM takes `_` for `-`, llama-cpp-python any
+    # unambiguous prefix (so `--api_k` is `--api_key`).
+    managed = (
+        MANAGED_FLAGS | PY_MANAGED_FLAGS if spec.engine == Engine.LLAMACPP_PYTHON else MANAGED_FLAGS
+    )
     for i, arg in enumerate(spec.extra_args or []):
-        name = arg.split("=", 1)[0]
-        if name in MANAGED_FLAGS:
+        name = toolcalls.flag_name(spec.engine, arg, managed) or arg.split("=", 1)[0]
+        if name in managed:
             hint = (
                 " (it would put the key in the Deployment; use spec.apiKeySecretRef)"
-                if "api-key" in name
+                if "api" in name
                 else ""
             )
             yield Problem(
@@ -383,6 +420,13 @@ def check_overrides(backend: LLMBackend) -> Iterator[Problem]:
         if env.name in seen:
             yield Problem(f"spec.env[{i}].name", f"{env.name} is listed twice")
         seen.add(env.name)
+        # llama-cpp-python reads its settings from variables of any case.
+        if spec.engine == Engine.LLAMACPP_PYTHON and env.name.lower() in PY_MANAGED_ENV:
+            yield Problem(
+                f"spec.env[{i}].name",
+                f"{env.name} would set llama-cpp-python's {env.name.lower()}, which the "
+                "operator sets (or which would make it ignore the operator's settings)",
+            )
         if env.name in MANAGED_ENV:
             yield Problem(
                 f"spec.env[{i}].name",

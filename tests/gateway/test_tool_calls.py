@@ -163,15 +163,19 @@ def test_requests_reach_the_engine_byte_for_byte(
 
 
 def test_a_tool_call_answer_comes_back_unchanged(fake_gw: Process) -> None:
+    body = {"model": "agentic", "messages": ASK, "tools": TOOLS, "tool_choice": NAMED}
+    resp = _post(fake_gw, json.dumps(body).encode())
+    # The very bytes the engine sent (tests.support.upstream answers json.dumps of it).
+    sent = json.dumps(tool_call_answer("engine", "agentic", "get_weather")).encode()
+    assert resp.status_code == 200 and resp.content == sent
     client = openai.OpenAI(base_url=fake_gw.url + "/v1", api_key=TEAM_KEY)
-    raw = client.chat.completions.with_raw_response.create(
+    answer = client.chat.completions.create(
         model="agentic",
         messages=ASK,  # type: ignore[arg-type]
         tools=TOOLS,  # type: ignore[arg-type]
         tool_choice=NAMED,  # type: ignore[arg-type]
     )
-    assert json.loads(raw.content) == tool_call_answer("engine", "agentic", "get_weather")
-    [call] = raw.parse().choices[0].message.tool_calls or []
+    [call] = answer.choices[0].message.tool_calls or []
     assert call.function.name == "get_weather"  # type: ignore[union-attr]
 
 
@@ -184,7 +188,7 @@ def test_a_streamed_tool_call_passes_byte_for_byte(fake_gw: Process) -> None:
         assert resp.status_code == 200
         got = b"".join(resp.iter_raw())
     assert got == b"".join(tool_call_chunks("engine", "agentic", "get_weather"))
-    assert b'"finish_reason": "tool_calls"' in got
+    assert b'"finish_reason":"tool_calls"}]}\r\n\r\n' in got and b"Par\\u00eds" in got
 
 
 def test_a_fallback_to_a_remote_provider_keeps_tools_and_structured_output(

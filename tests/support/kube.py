@@ -52,7 +52,8 @@ class Cluster:
         self.apps = client.AppsV1Api(self.api)
         self.networking = client.NetworkingV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
-        self._cache = tempfile.mkdtemp(prefix="kubectl-cache-")
+        self._cache_dir = tempfile.TemporaryDirectory(prefix="kubectl-cache-")  # gone with it
+        self._cache = self._cache_dir.name
 
     def kubectl(
         self, *args: str, stdin: str | None = None, check: bool = True

@@ -95,17 +95,31 @@ def tool_call_answer(name: str, model: str, tool: str) -> dict[str, Any]:
 
 def tool_call_chunks(name: str, model: str, tool: str) -> list[bytes]:
     """A streamed tool call as OpenAI sends one: the call's id and name first, then its
-    arguments in pieces, then finish_reason tool_calls."""
+    arguments in pieces, then finish_reason tool_calls. Written so that any re-encoding
+    on the way shows: compact JSON with an escape, CRLF line ends, and writes that cut
+    events (and a multi-byte escape) in two."""
     call = tool_call(tool)
     head = {"index": 0, "id": call["id"], "type": "function"}
     head["function"] = {"name": tool, "arguments": ""}
-    out = [_chunk(name, model, {"role": "assistant", "content": None}, None)]
-    out.append(_chunk(name, model, {"tool_calls": [head]}, None))
-    for piece in ('{"city": ', '"Paris"}'):
-        delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
-        out.append(_chunk(name, model, delta, None))
-    out += [_chunk(name, model, {}, "tool_calls"), b"data: [DONE]\n\n"]
-    return out
+    deltas: list[tuple[dict[str, Any], str | None]] = [
+        ({"role": "assistant", "content": None}, None),
+        ({"tool_calls": [head]}, None),
+    ]
+    for piece in ('{"city": ', '"Par\u00eds"}'):
+        deltas.append(({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None))
+    deltas.append(({}, "tool_calls"))
+    events = []
+    for delta, finish in deltas:
+        body = {
+            "id": f"chatcmpl-{name}",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        events.append(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\r\n\r\n")
+    stream = b"".join(events) + b"data: [DONE]\r\n\r\n"
+    return [stream[i : i + 37] for i in range(0, len(stream), 37)]
 
 
 class Events:

@@ -237,6 +237,7 @@ CHATML_FC = ["--chat_format", "chatml-function-calling"]
             {
                 "model": {"huggingface": {"repo": "bartowski/Llama-3.2-1B-GGUF", "file": "*q4*"}},
                 "engineOptions": {"contextLength": 4096},
+                "image": "registry.example/lcp-with-hf-hub:1",  # the pinned one cannot download
             },
             [
                 *[*PY_HEAD, "--hf_model_repo_id", "bartowski/Llama-3.2-1B-GGUF"],
@@ -419,7 +420,7 @@ def test_pvc_model_is_mounted_read_only(engine: str) -> None:
     template = pod(engine, **pvc("models/x"))
     assert template["volumes"][-1] == PVC_VOLUME
     assert template["containers"][0]["volumeMounts"][-1] == PVC_MOUNT
-    hf = {"model": {"huggingface": {"repo": REPO, "file": "x.gguf"}}}
+    hf = {"model": {"huggingface": {"repo": REPO, "file": "x.gguf"}}, "image": "r/lcp:1"}
     other = hf if engine == "llamacpp-python" else {}
     assert "model" not in [v["name"] for v in pod(engine, **other)["volumes"]]
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from fabric_operator.api.backend import LLMBackend
-from fabric_operator.controller.status import compute, remote_status
+from fabric_operator.controller.status import Failure, compute, remote_status
 from fabric_operator.render import render, toolcalls
 from fabric_operator.validation import validate
 from tests.unit.test_reconciler import BACKEND, FakeKube, reconciler
@@ -102,9 +102,8 @@ def test_vllm_parser_follows_the_model_family(repo: str, parser: str, template: 
         "meta-llama/Meta-Llama-3-8B-Instruct",  # Llama 3.0: no tool format
         "google/gemma-2-9b-it",
         "ibm-granite/granite-4.0-h-small",  # the parser depends on more than the name
-        "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",  # a Qwen2 fine-tune, no tool format
-        "mistralai/Mistral-7B-Instruct-v0.2",  # before Mistral's tool format
         "Qwen/Qwen-7B-Chat",  # Qwen 1
+        "deepseek-ai/DeepSeek-V3.2-Exp",  # not in vLLM v0.11's docs
     ],
 )
 def test_an_unknown_family_leaves_vllm_tool_calling_off_and_says_why(repo: str) -> None:
@@ -116,12 +115,64 @@ def test_an_unknown_family_leaves_vllm_tool_calling_off_and_says_why(repo: str) 
     assert f"hf:{repo}" in plan.message and "spec.toolCalling.parser" in plan.message
 
 
-def test_the_weights_name_outranks_the_served_name() -> None:
+@pytest.mark.parametrize(
+    ("repo", "family"),
+    [
+        # Named after their teacher or base, with neither's tool format.
+        ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "DeepSeek-R1 distillation"),
+        ("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "DeepSeek-R1 distillation"),
+        ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "DeepSeek-R1 distillation"),
+        ("deepseek-ai/DeepSeek-R1-0528-Qwen3-8B", "DeepSeek-R1 distillation"),
+        ("teknium/OpenHermes-2.5-Mistral-7B", "OpenHermes"),
+        ("mistralai/Mistral-7B-Instruct-v0.2", "Mistral-7B v0.1/v0.2"),
+        ("mistralai/Mistral-7B-v0.1", "Mistral-7B v0.1/v0.2"),
+    ],
+)
+def test_families_known_to_have_no_tool_format_stay_off(repo: str, family: str) -> None:
+    plan = toolcalls.plan(backend(vllm(repo)))
+    assert (plan.enabled, plan.reason, plan.args) == (False, "NoParserKnown", [])
+    assert plan.message.startswith(f"{family} models have no tool-call format")
+
+
+@pytest.mark.parametrize(
+    ("path", "claim", "parser"),
+    [
+        ("mistral_7b_instruct_v0_2", "w", None),  # underscores throughout
+        ("gemma-2-9b-it", "qwen3-cache", None),  # the claim's name is not the model's
+        ("models/Qwen2.5-7B-Instruct", "w", "hermes"),
+        ("qwen-32b-base", "w", None),  # not Qwen3: "qwen-3" followed by a digit
+    ],
+)
+def test_pvc_paths_are_matched_and_claim_names_are_not(
+    path: str, claim: str, parser: str | None
+) -> None:
+    spec = vllm("x/y", model={"pvc": {"claimName": claim, "path": path}})
+    assert toolcalls.plan(backend(spec)).summary == (parser or "off")
+
+
+def test_the_served_name_counts_only_for_a_pvc_path_that_says_nothing() -> None:
     spec = vllm("meta-llama/Llama-3.1-8B-Instruct", servedModelName="qwen3-compatible")
     assert tool_args(spec)[2] == "llama3_json"
-    # A PVC path that says nothing: the served name is used.
+    # A named repo is never overridden, nor named, by the served name.
+    assert tool_args(vllm("google/gemma-2-9b-it", servedModelName="llama-3.1")) == []
+    # A PVC path that says nothing: the served name tells the parser, never a template
+    # (which would replace the model's own prompt format on a guess).
     pvc = {"model": {"pvc": {"claimName": "w", "path": "model"}}}
-    assert tool_args({**vllm("x/y"), **pvc, "servedModelName": "qwen2.5-7b"})[2] == "hermes"
+    plan = toolcalls.plan(backend({**vllm("x/y"), **pvc, "servedModelName": "llama-3.1-8b"}))
+    assert plan.args == ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]
+    assert "(from the served name)" in plan.message
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"resources": {"gpu": {"count": 1, "vendor": "amd"}}},  # the ROCm image's path differs
+        {"image": "registry.example/vllm:custom"},  # a team's own image: unknown path
+    ],
+)
+def test_family_templates_only_in_the_pinned_nvidia_image(fields: dict[str, Any]) -> None:
+    spec = vllm("meta-llama/Llama-3.1-8B-Instruct", **fields)
+    assert tool_args(spec) == ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]
 
 
 def test_a_named_parser_and_template_win_over_the_table() -> None:
@@ -168,7 +219,7 @@ PY = {"engine": "llamacpp-python", "model": {"pvc": {"claimName": "w", "path": "
             {"engine": "ollama", "model": {"ollama": "qwen3:4b"}},
             [],
             "builtin",
-            "BuiltIn",
+            "ModelTemplate",
             id="ollama",
         ),
         pytest.param(
@@ -205,11 +256,13 @@ PY = {"engine": "llamacpp-python", "model": {"pvc": {"claimName": "w", "path": "
 def test_each_engine(spec: dict[str, Any], expected: list[str], summary: str, reason: str) -> None:
     plan = toolcalls.plan(backend(spec))
     assert (plan.args, plan.summary, plan.reason) == (expected, summary, reason)
-    assert plan.enabled is (summary != "off")
+    # Ollama's depends on the model, which the operator cannot see: Unknown.
+    assert plan.enabled is (None if reason == "ModelTemplate" else summary != "off")
     rendered = args(spec)
-    for flag in expected:
-        assert flag in rendered
-    assert rendered.count("--jinja") + rendered.count("--no-jinja") <= 1
+    # The tool flags close the engine's own (no extraArgs here), values beside their flags.
+    assert rendered[len(rendered) - len(expected) :] == expected
+    every = {f for flags in toolcalls.TOOL_FLAGS.values() for f in flags}
+    assert [a for a in rendered if a in every] == [a for a in expected if a in every]
 
 
 def test_remote_backends_leave_tools_to_the_provider() -> None:
@@ -285,10 +338,74 @@ def test_remote_backends_leave_tools_to_the_provider() -> None:
             id="required-py-unknown",
         ),
         pytest.param(
-            vllm("Qwen/Qwen3-8B", extraArgs=["--tool-call-parser=pythonic"]),
+            vllm(
+                "Qwen/Qwen3-8B",
+                toolCalling={"parser": "hermes"},
+                extraArgs=["--tool_call_parser=pythonic"],  # vLLM reads _ as -
+            ),
             "spec.extraArgs[0]",
-            "--tool-call-parser is set by the operator for tool calling; use spec.toolCalling",
-            id="extra-args-clash",
+            "--tool-call-parser sets tool calling, as spec.toolCalling does; keep one of them",
+            id="extra-args-and-tool-calling",
+        ),
+        pytest.param(
+            {**LLAMACPP, "toolCalling": {"enabled": True}, "extraArgs": ["--no-jinja"]},
+            "spec.extraArgs[0]",
+            "--no-jinja sets tool calling, as spec.toolCalling does",
+            id="required-but-no-jinja",
+        ),
+        pytest.param(
+            vllm("Qwen/Qwen3-8B", extraArgs=["--served_model_name=other"]),
+            "spec.extraArgs[0]",
+            "--served-model-name is set by the operator",
+            id="vllm-underscore-spelling",
+        ),
+        pytest.param(
+            {**PY, "extraArgs": ["--api_k", "sk-literal"]},
+            "spec.extraArgs[0]",
+            "--api_key is set by the operator and cannot be overridden (it would put the key",
+            id="py-abbreviated-key",
+        ),
+        pytest.param(
+            {**PY, "extraArgs": ["--config_file=/tmp/c.json"]},
+            "spec.extraArgs[0]",
+            "--config_file is set by the operator",
+            id="py-config-file",
+        ),
+        pytest.param(
+            {**PY, "env": [{"name": "api_key", "value": "sk-literal"}]},
+            "spec.env[0].name",
+            "api_key would set llama-cpp-python's api_key",
+            id="py-env-lowercase-key",
+        ),
+        pytest.param(
+            {**PY, "env": [{"name": "Port", "value": "1"}]},
+            "spec.env[0].name",
+            "Port would set llama-cpp-python's port",
+            id="py-env-port",
+        ),
+        pytest.param(
+            {**PY, "env": [{"name": "CONFIG_FILE", "value": "/c.json"}]},
+            "spec.env[0].name",
+            "CONFIG_FILE would set llama-cpp-python's config_file",
+            id="py-env-config-file",
+        ),
+        pytest.param(
+            vllm("Qwen/Qwen3-8B", toolCalling={"chatTemplate": "/proc/self/environ"}),
+            "spec.toolCalling.chatTemplate",
+            "not under /proc, /sys or /dev",
+            id="template-from-proc",
+        ),
+        pytest.param(
+            vllm("google/gemma-2-9b-it", toolCalling={"chatTemplate": "/models/t.jinja"}),
+            "spec.toolCalling.chatTemplate",
+            "is used only with a tool-call parser, and none is known for this model",
+            id="template-without-parser",
+        ),
+        pytest.param(
+            {"engine": "llamacpp-python", "model": {"huggingface": {"repo": "o/r", "file": "f"}}},
+            "spec.model.huggingface",
+            "the pinned llama-cpp-python image cannot download",
+            id="py-hf-needs-an-image-that-can-download",
         ),
         pytest.param(
             {"engine": "remote", "remote": {"baseURL": "https://api.openai.com/v1"}}
@@ -325,10 +442,73 @@ def test_refused(spec: dict[str, Any], field: str, words: str) -> None:
 def test_allowed_where_it_could_look_wrong() -> None:
     # A custom image may be a newer vLLM with parsers the table does not know.
     assert problems(vllm("Qwen/Qwen3-8B", image="r/v:1", toolCalling={"parser": "qwen9"})) == []
-    # Off, the operator's flag is not there, so extraArgs may carry the engine's own.
-    assert problems(vllm("Qwen/Qwen3-8B", toolCalling={"enabled": False})) == []
-    assert problems({**LLAMACPP, "extraArgs": ["--no-jinja"]}) == []
     assert problems(vllm("Qwen/Qwen3-8B", toolCalling={"enabled": True})) == []
+    # Ollama's depends on the model: asking for it is not refused.
+    assert problems({"engine": "ollama", "model": {"ollama": "x"}, "toolCalling": {}}) == []
+    # llama-cpp-python's own flags that merely begin like a managed one's prefix do not.
+    assert (
+        problems(
+            {**PY, "extraArgs": ["--n_threads", "2", "--hf_pretrained_model_name_or_path=o/r"]}
+        )
+        == []
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "summary", "on"),
+    [
+        # Specs written before spec.toolCalling existed keep working, as written.
+        pytest.param({**LLAMACPP, "extraArgs": ["--jinja"]}, "jinja", True, id="jinja"),
+        pytest.param({**LLAMACPP, "extraArgs": ["--no-jinja"]}, "off", False, id="no-jinja"),
+        pytest.param(
+            vllm(
+                "Qwen/Qwen2.5-7B-Instruct",
+                extraArgs=["--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
+            ),
+            "hermes",
+            True,
+            id="vllm-flags",
+        ),
+        pytest.param(
+            vllm("meta-llama/Llama-3.1-8B-Instruct", extraArgs=["--chat-template=/m/t.jinja"]),
+            "off",
+            False,
+            id="vllm-template-only",
+        ),
+        pytest.param(
+            {**PY, "extraArgs": ["--chat_form", "functionary-v2"]},  # argparse's prefix
+            "functionary-v2",
+            True,
+            id="py-abbreviated",
+        ),
+    ],
+)
+def test_tool_flags_already_in_extra_args_are_left_to_stand(
+    spec: dict[str, Any], summary: str, on: bool
+) -> None:
+    assert problems(spec) == []
+    plan = toolcalls.plan(backend(spec))
+    assert (plan.enabled, plan.summary, plan.reason, plan.args) == (on, summary, "ExtraArgs", [])
+    rendered = args(spec)
+    for arg in spec["extraArgs"]:
+        assert rendered.count(arg) == 1  # once: the user's, nothing added beside it
+
+
+def test_a_refused_spec_leaves_what_status_says_of_tool_calling() -> None:
+    running = compute(backend(vllm("Qwen/Qwen3-8B")), None, None, None)
+    assert running["toolCalling"] == "hermes"
+    bad = LLMBackend.from_manifest(manifest(vllm("Qwen/Qwen3-8B", toolCalling={"parser": "x9"})))
+    failure = Failure("InvalidSpec", "spec.toolCalling.parser: 'x9' is not ...")
+    after = compute(bad, None, failure, running)
+    assert after["toolCalling"] == "hermes"
+    assert after["conditions"][-1] == running["conditions"][-1]
+    # A new backend refused at once: nothing said yet.
+    fresh = compute(bad, None, failure, None)
+    assert "toolCalling" not in fresh
+    assert (fresh["conditions"][-1]["status"], fresh["conditions"][-1]["reason"]) == (
+        "Unknown",
+        "InvalidSpec",
+    )
 
 
 # --- status and Events --------------------------------------------------------------------

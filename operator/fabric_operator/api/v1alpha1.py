@@ -88,7 +88,7 @@ class HuggingFaceSource(Model):
     file: str | None = Field(
         default=None,
         description=(
-            "GGUF file inside the repository (llamacpp only), e.g. "
+            "GGUF file inside the repository (llamacpp, llamacpp-python), e.g. "
             "qwen2.5-0.5b-instruct-q4_k_m.gguf; llama-server picks a default quantization "
             "if unset."
         ),
@@ -107,7 +107,8 @@ class PVCSource(Model):
     )
     path: str = Field(
         description=(
-            "Path inside the claim: a model directory (vllm, tgi) or a .gguf file (llamacpp)."
+            "Path inside the claim: a model directory (vllm, tgi) or a .gguf file (llamacpp, "
+            "llamacpp-python)."
         ),
         min_length=1,
         max_length=1024,
@@ -126,7 +127,9 @@ class ModelSource(Model):
     )
 
     huggingface: HuggingFaceSource | None = Field(
-        default=None, description="A Hugging Face Hub repository (vllm, tgi, llamacpp)."
+        default=None,
+        description="A Hugging Face Hub repository (vllm, tgi, llamacpp; llamacpp-python "
+        "with an image that has huggingface_hub).",
     )
     url: str | None = Field(
         default=None,
@@ -141,7 +144,8 @@ class ModelSource(Model):
         max_length=256,
     )
     pvc: PVCSource | None = Field(
-        default=None, description="Weights on a PersistentVolumeClaim (vllm, tgi, llamacpp)."
+        default=None,
+        description="Weights on a PersistentVolumeClaim (vllm, tgi, llamacpp, llamacpp-python).",
     )
 
     @model_validator(mode="after")
@@ -194,7 +198,7 @@ class GPU(Model):
         le=64,
         description=(
             "GPUs per replica; becomes the nvidia.com/gpu or amd.com/gpu limit. 0 runs on CPU "
-            "(llamacpp and ollama only)."
+            "(llamacpp, llamacpp-python and ollama only)."
         ),
     )
     vendor: GPUVendor = Field(default=GPUVendor.NVIDIA, description="GPU vendor: nvidia or amd.")
@@ -288,7 +292,7 @@ class ServiceSpec(Model):
         ge=1,
         le=65535,
         description="Service port; defaults to the engine's own port (vllm 8000, tgi 8080, "
-        "llamacpp 8080, ollama 11434).",
+        "llamacpp 8080, llamacpp-python 8000, ollama 11434).",
     )
     annotations: dict[str, str] | None = Field(
         default=None, description="Annotations for the Service (load balancer settings...)."
@@ -625,7 +629,8 @@ class LLMBackendSpec(Model):
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None,
         description="Secret key holding the bearer key the engine requires of every request "
-        "(vllm, tgi, llamacpp), or the key the gateway sends to a remote endpoint.",
+        "(vllm, tgi, llamacpp, llamacpp-python), or the key the gateway sends to a remote "
+        "endpoint.",
     )
     hf_token_secret_ref: SecretKeyRef | None = Field(
         default=None,

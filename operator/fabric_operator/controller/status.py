@@ -36,12 +36,13 @@ def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _condition(type_: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+def _condition(type_: str, ok: bool | None, reason: str, message: str) -> dict[str, Any]:
+    """`ok` None: Unknown."""
     # Never an empty message: the Python client sends "" in custom objects as null.
     message = message or reason
     return {
         "type": type_,
-        "status": "True" if ok else "False",
+        "status": "Unknown" if ok is None else "True" if ok else "False",
         "reason": reason,
         "message": message,
     }
@@ -116,9 +117,19 @@ def _rollout(
     }
 
 
-def tool_calling(backend: LLMBackend) -> tuple[str, dict[str, Any]]:
+def tool_calling(
+    backend: LLMBackend, failure: Failure | None, previous: dict[str, Any] | None
+) -> tuple[str | None, dict[str, Any]]:
     """status.toolCalling and the ToolCalling condition: agents fail on their first step
-    where it is off, so the condition says why."""
+    where it is off, so the condition says why. With a refused spec the children were left
+    as they were, and so is what is said of them (nothing yet for a new backend)."""
+    if failure is not None:
+        old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
+        if TOOL_CALLING in old:
+            return (previous or {}).get("toolCalling"), dict(old[TOOL_CALLING])
+        return None, _condition(
+            TOOL_CALLING, None, failure.reason, "decided once the spec is accepted"
+        )
     plan = toolcalls.plan(backend)
     return plan.summary, _condition(TOOL_CALLING, plan.enabled, plan.reason, plan.message)
 
@@ -170,10 +181,10 @@ def compute(
             progressing,
             _condition(DEGRADED, True, failure.reason, failure.message),
         ]
-    tools, tools_condition = tool_calling(backend)
+    tools, tools_condition = tool_calling(backend, failure, previous)
     conditions = [*conditions, tools_condition]
     _stamp(conditions, previous, backend.generation, timestamp or now())
-    return {
+    out = {
         "observedGeneration": backend.generation,
         "phase": str(phase),
         "endpoint": endpoint(backend, cluster_domain),
@@ -186,6 +197,7 @@ def compute(
         "toolCalling": tools,
         "conditions": conditions,
     }
+    return {k: v for k, v in out.items() if k != "toolCalling" or v is not None}
 
 
 def remote_status(
@@ -217,10 +229,10 @@ def remote_status(
             _condition(PROGRESSING, False, failure.reason, "fix the spec to continue"),
             _condition(DEGRADED, True, failure.reason, failure.message),
         ]
-    tools, tools_condition = tool_calling(backend)
+    tools, tools_condition = tool_calling(backend, failure, previous)
     conditions = [*conditions, tools_condition]
     _stamp(conditions, previous, backend.generation, timestamp or now())
-    return {
+    out = {
         "observedGeneration": backend.generation,
         "phase": str(phase),
         "endpoint": remote.base_url,
@@ -228,6 +240,7 @@ def remote_status(
         "toolCalling": tools,
         "conditions": conditions,
     }
+    return {k: v for k, v in out.items() if k != "toolCalling" or v is not None}
 
 
 def invalid_status(

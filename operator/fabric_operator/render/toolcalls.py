@@ -11,12 +11,17 @@ llama.cpp's server (--jinja, on by default from b7170, PR #17524; without it `to
 error), TGI 3.3 (router/src/lib.rs: tools through its grammar, no flag), Ollama
 (docs/api/openai-compatibility.mdx: tools for models whose template has them) and
 llama-cpp-python 0.3 (llama_chat_format.py: chatml-function-calling, functionary*).
+
+Tool-calling flags a spec already carries in extraArgs (written before spec.toolCalling
+existed) are left to stand: the plan steps aside and status reads them, so an upgrade never
+turns a working backend into an invalid one.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.v1alpha1 import Engine
@@ -26,22 +31,26 @@ PARSER_FROM_MODEL = "ParserFromModel"
 PARSER_SET = "ParserSet"
 CHAT_TEMPLATE = "ChatTemplate"
 BUILT_IN = "BuiltIn"
+MODEL_TEMPLATE = "ModelTemplate"
 DISABLED = "Disabled"
 NO_PARSER_KNOWN = "NoParserKnown"
+EXTRA_ARGS = "ExtraArgs"
 PROVIDER = "Provider"
 
-# vLLM's examples/ directory in the vllm/vllm-openai image (docker/Dockerfile copies it
-# to /vllm-workspace/examples).
+# vLLM's examples/ directory in the vllm/vllm-openai image (docker/Dockerfile: WORKDIR
+# /vllm-workspace, COPY examples examples). Only that image: elsewhere (the ROCm image,
+# a team's own) the path is not known, and a wrong --chat-template stops vLLM at start.
 VLLM_EXAMPLES = "/vllm-workspace/examples"
 
 
 @dataclass(frozen=True)
 class Family:
-    """A model family whose tool-call format vLLM's docs name."""
+    """A model family and its tool-call format as vLLM's docs name it; a parser of None
+    is a family known to have no tool format (tool calling stays off, saying so)."""
 
     name: str
     pattern: re.Pattern[str]
-    vllm_parser: str
+    vllm_parser: str | None
     # A template from vLLM's examples/ that renders tools, for models whose own does not.
     vllm_template: str | None = None
     # The family's chat format is ChatML, so llama-cpp-python's chatml-function-calling
@@ -54,29 +63,36 @@ def _example(name: str) -> str:
 
 
 def _family(
-    name: str, pattern: str, parser: str, template: str | None = None, chatml: bool = False
+    name: str,
+    pattern: str,
+    parser: str | None,
+    template: str | None = None,
+    chatml: bool = False,
 ) -> Family:
     return Family(name, re.compile(pattern), parser, template, chatml)
 
 
-# First match wins: the more specific names come first. Matched against the lower-cased
-# model reference (Hugging Face repo, PVC path, GGUF URL or Ollama tag, and the served
-# name). The parser and template are those vLLM v0.11.0's docs give for the family (Qwen3:
-# hermes, as Qwen's own docs say). Families left out on purpose: Llama 3.0 (no tool
-# format), Granite 4 and xLAM (the parser or template depends on more than the name).
+# First match wins: the exclusions and the more specific names come first. Matched against
+# the lower-cased model name: a Hugging Face repo without its organisation (and the GGUF
+# file), a PVC path, a GGUF URL's path, an Ollama tag; for a PVC only, then the served
+# name. The parser and template are those vLLM v0.11.0's docs give for the family (Qwen3:
+# hermes, as Qwen's own docs say). Left out on purpose: Llama 3.0 (no tool format),
+# Granite 4, xLAM and DeepSeek-V3.2 (the parser or template depends on more than the
+# name).
 FAMILIES: tuple[Family, ...] = (
+    # Fine-tunes named after their teacher or base, with neither's tool format.
+    _family("DeepSeek-R1 distillation", r"distill|deepseek[-_]?r1[-_]0528[-_]qwen", None),
+    _family("OpenHermes", r"openhermes", None),
+    _family("Mistral-7B v0.1/v0.2", r"mistral[-_]7b[-_](instruct[-_])?v0[._][12]", None),
     _family("Qwen3-Coder", r"qwen3[-_]?coder", "qwen3_xml", chatml=True),
-    _family("Qwen2.5/Qwen3/QwQ", r"qwen[-_]?(2\.5|3)|qwq", "hermes", chatml=True),
-    _family("Hermes 2 Pro/3", r"hermes[-_]?(2[-_]?pro|3)", "hermes", chatml=True),
-    _family("Llama 4", r"llama[-_]?4", "llama4_pythonic", _example("llama4_pythonic")),
-    _family("Llama 3.2", r"llama[-_]?3\.2", "llama3_json", _example("llama3.2_json")),
-    _family("Llama 3.1/3.3", r"llama[-_]?3\.[13]", "llama3_json", _example("llama3.1_json")),
+    _family("Qwen2.5/Qwen3/QwQ", r"qwen[-_]?(2\.5|3)(?![\d.])|qwq", "hermes", chatml=True),
+    _family("Hermes 2 Pro/3", r"hermes[-_]?(2[-_]?pro|3)(?!\d)", "hermes", chatml=True),
+    _family("Llama 4", r"llama[-_]?4(?!\d)", "llama4_pythonic", _example("llama4_pythonic")),
+    _family("Llama 3.2", r"llama[-_]?3\.2(?!\d)", "llama3_json", _example("llama3.2_json")),
+    _family("Llama 3.1/3.3", r"llama[-_]?3\.[13](?!\d)", "llama3_json", _example("llama3.1_json")),
     _family(
         "Mistral",
-        # Mistral-7B-Instruct v0.1 and v0.2 predate its tool format; "mistralai/" is the
-        # organisation, not a model.
-        r"mistral[-_](?!7b[-_]instruct[-_]v0\.[12])|mixtral|ministral|codestral|devstral"
-        r"|magistral",
+        r"mistral[-_]|mixtral|ministral|codestral|devstral|magistral",
         "mistral",
         _example("mistral_parallel"),
     ),
@@ -88,12 +104,9 @@ FAMILIES: tuple[Family, ...] = (
     ),
     _family("Granite 3.0", r"granite[-_]?3\.0", "granite", _example("granite")),
     _family("Granite 3.1+", r"granite[-_]?3\.[1-9]", "granite"),
-    _family("DeepSeek-V3.1", r"deepseek[-_]?v3\.1", "deepseek_v31", _example("deepseekv31")),
-    # R1's distillations are Qwen and Llama models with neither R1's nor a tool format.
-    _family(
-        "DeepSeek-R1", r"deepseek[-_]?r1(?![-_]distill)", "deepseek_v3", _example("deepseekr1")
-    ),
-    _family("DeepSeek-V3", r"deepseek[-_]?v3", "deepseek_v3", _example("deepseekv3")),
+    _family("DeepSeek-V3.1", r"deepseek[-_]?v3\.1(?!\d)", "deepseek_v31", _example("deepseekv31")),
+    _family("DeepSeek-R1", r"deepseek[-_]?r1(?![\d.])", "deepseek_v3", _example("deepseekr1")),
+    _family("DeepSeek-V3", r"deepseek[-_]?v3(?![\d.])", "deepseek_v3", _example("deepseekv3")),
     _family("gpt-oss", r"gpt[-_]?oss", "openai"),
     _family("Kimi K2", r"kimi[-_]?k2", "kimi_k2"),
     _family("GLM-4.5", r"glm[-_]?4\.5", "glm45"),
@@ -140,35 +153,124 @@ LLAMACPP_PYTHON_DEFAULT = "chatml-function-calling"
 BUILT_IN_ENGINES = {Engine.TGI, Engine.OLLAMA}
 # Engines that take spec.toolCalling.parser, and what they call it.
 PARSER_ENGINES = {Engine.VLLM: "--tool-call-parser", Engine.LLAMACPP_PYTHON: "--chat_format"}
+# The engines' own tool-calling flags, as extraArgs may carry them (see flag_name).
+TOOL_FLAGS: dict[str, frozenset[str]] = {
+    Engine.VLLM: frozenset(
+        {
+            "--enable-auto-tool-choice",
+            "--no-enable-auto-tool-choice",
+            "--tool-call-parser",
+            "--tool-parser-plugin",
+            "--chat-template",
+        }
+    ),
+    Engine.LLAMACPP: frozenset({"--jinja", "--no-jinja"}),
+    Engine.LLAMACPP_PYTHON: frozenset({"--chat_format"}),
+}
 
 
 @dataclass(frozen=True)
 class ToolCallingPlan:
-    """What the engine is started with for tool calling, and what status says of it."""
+    """What the engine is started with for tool calling, and what status says of it.
+    `enabled` None: it depends on the model, which the operator cannot see (Ollama)."""
 
-    enabled: bool
+    enabled: bool | None
     summary: str  # status.toolCalling: the parser, jinja, builtin, or off
     reason: str
     message: str
     args: list[str] = field(default_factory=list)
 
 
-def model_references(backend: LLMBackend) -> list[str]:
-    """What a model family is recognised by, most telling first: the repo, path, URL or tag
-    of the weights (with the GGUF file name), then the served name (a PVC path is often
-    just `model`). A served name never outranks the weights' own name."""
+def flag_name(engine: str, arg: str, names: frozenset[str] | set[str]) -> str | None:
+    """The flag of `names` that an extraArgs entry sets, as the engine's parser reads it:
+    vLLM takes `_` for `-`; llama-cpp-python's argparse takes any unambiguous prefix."""
+    name = arg.split("=", 1)[0]
+    if not name.startswith("--"):
+        return None
+    if engine == Engine.VLLM:
+        name = name.replace("_", "-")
+    if name in names:
+        return name
+    if engine == Engine.LLAMACPP_PYTHON and len(name) > 2:
+        prefixed = [n for n in names if n.startswith(name)]
+        if prefixed:
+            return min(prefixed)
+    return None
+
+
+def extra_tool_args(backend: LLMBackend) -> list[tuple[int, str]]:
+    """(index, flag) of the tool-calling flags among spec.extraArgs."""
+    spec = backend.spec
+    names = TOOL_FLAGS.get(spec.engine, frozenset())
+    found = []
+    for i, arg in enumerate(spec.extra_args or []):
+        flag = flag_name(spec.engine, arg, names)
+        if flag:
+            found.append((i, flag))
+    return found
+
+
+def _value(args: list[str], i: int) -> str | None:
+    arg = args[i]
+    if "=" in arg:
+        return arg.split("=", 1)[1]
+    return args[i + 1] if i + 1 < len(args) else None
+
+
+def _from_extra_args(backend: LLMBackend, found: list[tuple[int, str]]) -> ToolCallingPlan:
+    """Tool calling as the user's own extraArgs set it."""
+    args = list(backend.spec.extra_args or [])
+    engine = backend.spec.engine
+    last = {flag: i for i, flag in found}
+    listed = " ".join(args[i] for i, _ in found)
+    summary: str | None = None
+    if engine == Engine.VLLM:
+        on = "--enable-auto-tool-choice" in last and "--tool-call-parser" in last
+        on = on and last.get("--no-enable-auto-tool-choice", -1) < last["--enable-auto-tool-choice"]
+        summary = _value(args, last["--tool-call-parser"]) if on else None
+    elif engine == Engine.LLAMACPP:
+        on = last.get("--jinja", -1) > last.get("--no-jinja", -1)
+        summary = "jinja" if on else None
+    else:
+        summary = _value(args, last["--chat_format"])
+        on = summary in LLAMACPP_PYTHON_FORMATS
+    return ToolCallingPlan(
+        on,
+        (summary or "extraArgs") if on else "off",
+        EXTRA_ARGS,
+        f"left to spec.extraArgs ({listed}); spec.toolCalling sets it instead",
+    )
+
+
+def model_references(backend: LLMBackend) -> list[tuple[str, bool]]:
+    """What a model family is recognised by, most telling first, and whether it is only
+    the served name: the weights' own name (a repo without its organisation, a path
+    without its claim, a URL's path), then, for a PVC only (whose path may say nothing,
+    e.g. `model`), the served name. Never the served name for a named repo: anyone may
+    serve anything under any name."""
     source = backend.spec.source
-    weights = source.describe()
-    if source.huggingface and source.huggingface.file:
-        weights += f" {source.huggingface.file}"
-    return [weights.lower(), backend.served_model_name.lower()]
+    if source.huggingface is not None:
+        weights = source.huggingface.repo.rsplit("/", 1)[-1]
+        if source.huggingface.file:
+            weights += f" {source.huggingface.file}"
+    elif source.pvc is not None:
+        weights = source.pvc.path
+    elif source.url is not None:
+        weights = urlsplit(source.url).path.rsplit("/", 1)[-1]
+    else:
+        weights = str(source.ollama)
+    refs = [(weights.lower(), False)]
+    if source.pvc is not None:
+        refs.append((backend.served_model_name.lower(), True))
+    return refs
 
 
-def family_of(backend: LLMBackend) -> Family | None:
-    for ref in model_references(backend):
+def family_of(backend: LLMBackend) -> tuple[Family, bool] | None:
+    """The family, and whether only the served name told it."""
+    for ref, served in model_references(backend):
         found = next((f for f in FAMILIES if f.pattern.search(ref)), None)
         if found:
-            return found
+            return found, served
     return None
 
 
@@ -178,7 +280,8 @@ def _off(reason: str, message: str) -> ToolCallingPlan:
 
 def plan(backend: LLMBackend) -> ToolCallingPlan:
     """The tool-calling decision for an engine backend (validation has refused the
-    contradictions: a parser where the engine has none, `enabled: true` where it cannot)."""
+    contradictions: a parser where the engine has none, `enabled: true` where it cannot,
+    spec.toolCalling beside tool-calling extraArgs)."""
     spec = backend.spec
     asked = spec.tool_calling
     enabled = asked.enabled if asked else None
@@ -191,6 +294,9 @@ def plan(backend: LLMBackend) -> ToolCallingPlan:
             PROVIDER,
             "the remote provider answers tools; the gateway passes them through unchanged",
         )
+    found = extra_tool_args(backend)
+    if found and asked is None:
+        return _from_extra_args(backend, found)
     if enabled is False:
         if engine == Engine.LLAMACPP:
             # --jinja is llama-server's default from build b7170 on: switched off explicitly.
@@ -202,14 +308,18 @@ def plan(backend: LLMBackend) -> ToolCallingPlan:
                 ["--no-jinja"],
             )
         return _off(DISABLED, "spec.toolCalling.enabled is false")
-    if engine in BUILT_IN_ENGINES:
-        how = (
-            "tgi constrains tool calls with its grammar; no flag is needed"
-            if engine == Engine.TGI
-            else "ollama calls tools for models whose template supports them (its library "
-            "page lists a tools tag); no flag is needed"
+    if engine == Engine.TGI:
+        return ToolCallingPlan(
+            True, "builtin", BUILT_IN, "tgi constrains tool calls with its grammar; no flag"
         )
-        return ToolCallingPlan(True, "builtin", BUILT_IN, how)
+    if engine == Engine.OLLAMA:
+        return ToolCallingPlan(
+            None,
+            "builtin",
+            MODEL_TEMPLATE,
+            "ollama calls tools for models whose template supports them (the library marks "
+            "them 'tools'); others answer 400 'does not support tools'",
+        )
     if engine == Engine.LLAMACPP:
         return ToolCallingPlan(
             True,
@@ -221,7 +331,7 @@ def plan(backend: LLMBackend) -> ToolCallingPlan:
         )
     family = family_of(backend)
     if engine == Engine.LLAMACPP_PYTHON:
-        return _llamacpp_python(parser, family)
+        return _llamacpp_python(parser, family[0] if family else None)
     return _vllm(backend, parser, family)
 
 
@@ -251,20 +361,33 @@ def _llamacpp_python(parser: str | None, family: Family | None) -> ToolCallingPl
     )
 
 
-def _vllm(backend: LLMBackend, parser: str | None, family: Family | None) -> ToolCallingPlan:
-    asked = backend.spec.tool_calling
+def _vllm(
+    backend: LLMBackend, parser: str | None, family: tuple[Family, bool] | None
+) -> ToolCallingPlan:
+    spec = backend.spec
+    asked = spec.tool_calling
     template = asked.chat_template if asked else None
     if parser:
         reason, why = PARSER_SET, "spec.toolCalling.parser"
-    elif family:
-        parser, reason, why = family.vllm_parser, PARSER_FROM_MODEL, f"model family {family.name}"
-        template = template or family.vllm_template
+    elif family and family[0].vllm_parser:
+        known, served = family
+        parser, reason = family[0].vllm_parser, PARSER_FROM_MODEL
+        why = f"model family {known.name}" + (" (from the served name)" if served else "")
+        # A family's template replaces the model's own for every chat: only where its
+        # path is known (the pinned NVIDIA image) and the weights' own name told it.
+        if template is None and not served and spec.image is None and spec.gpu_vendor == "nvidia":
+            template = known.vllm_template
     else:
+        what = (
+            f"{family[0].name} models have no tool-call format"
+            if family
+            else "vLLM needs a tool-call parser for the model's output format and none is "
+            f"known for {spec.source.describe()}"
+        )
         return _off(
             NO_PARSER_KNOWN,
-            "vLLM needs a tool-call parser for the model's output format and none is known "
-            f"for {backend.spec.source.describe()}; set spec.toolCalling.parser (e.g. hermes, "
-            "llama3_json, mistral, pythonic) to switch it on",
+            f"{what}; set spec.toolCalling.parser (e.g. hermes, llama3_json, mistral, "
+            "pythonic) to switch it on",
         )
     args = ["--enable-auto-tool-choice", "--tool-call-parser", parser]
     message = f"--tool-call-parser {parser} ({why})"
