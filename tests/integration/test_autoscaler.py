@@ -140,11 +140,13 @@ def test_a_held_request_scales_from_zero_within_a_second(
 def test_requests_the_engine_reports_scale_it_too(
     own_cluster: Cluster, scaling_operator: OperatorProcess, stub: LoadServer, ns: str
 ) -> None:
-    # Six requests at the engine pods, none through the gateway (straight to the
-    # Service): target 2 per replica -> 3 replicas.
-    stub.set(f"{ns}/{NAME}", engine=6)
-    wait_for("spec.replicas 3", lambda: replicas(own_cluster, ns) == 3, 5)
-    assert autoscaling(own_cluster, ns)["demand"] == 6
+    # Six requests at the engine pods, two of them through the gateway, four straight to
+    # the Service: demand 6 (not 8: the gateway's are at the engine too), target 2 per
+    # replica -> 3 replicas. (From 1 replica the panic window asks for 3 within ~3 s.)
+    stub.set(f"{ns}/{NAME}", in_flight=2, engine=6)
+    wait_for("spec.replicas 3", lambda: replicas(own_cluster, ns) == 3, 15)
+    wait_for("status.autoscaling.demand 6", lambda: autoscaling(own_cluster, ns)["demand"] == 6, 5)
+    assert replicas(own_cluster, ns) == 3  # never 4, as a sum would have it
 
 
 def test_load_scales_up_to_the_maximum(

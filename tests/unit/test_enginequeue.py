@@ -5,15 +5,21 @@ request twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import json
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
 
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.autoscaler.signal import Demand, Report, Signal, parse_report
 from fabric_operator.gateway.enginequeue import (
+    MAX_CHUNKS,
     QUEUE_GAUGES,
     EngineQueues,
     metrics_url,
@@ -75,9 +81,21 @@ def test_samples_of_several_models_add_up_and_nonsense_is_ignored() -> None:
     assert queue_depth("", QUEUE_GAUGES["tgi"]) is None
 
 
-def test_a_page_that_is_no_metrics_page_is_an_error_for_the_caller() -> None:
+def test_only_the_wanted_lines_are_read() -> None:
+    # Not a metrics page at all: no reading (and no time spent parsing the rest).
+    assert queue_depth("<html>not metrics</html>\n{{{", QUEUE_GAUGES["vllm"]) is None
+    # A longer name that begins like a wanted one is another gauge; labels with spaces
+    # and braces in their values, and a timestamp, are read right.
+    page = (
+        "tgi_queue_size_total 99\n"
+        'tgi_queue_size{model="a } b", x="{"} 2 1700000000000\n'
+        "tgi_batch_current_size 3\n"
+    )
+    assert queue_depth(page, QUEUE_GAUGES["tgi"]) == 5
     with pytest.raises(ValueError):
-        queue_depth("<html>not metrics</html>\n{{{", QUEUE_GAUGES["vllm"])
+        queue_depth("tgi_queue_size lots\n", QUEUE_GAUGES["tgi"])
+    with pytest.raises(ValueError):
+        queue_depth("tgi_queue_size\n", QUEUE_GAUGES["tgi"])
 
 
 def test_metrics_url_of_a_pod() -> None:
@@ -173,49 +191,111 @@ def test_reports_carry_the_engine_figure_and_refuse_a_bad_one() -> None:
             parse_report(line)
 
 
+# ---- pods of a hostile (or broken) team: each handler counts its reads in the app ----
+
+
+READS = web.AppKey("reads", dict[str, int])
+KEYS = web.AppKey("keys", list[str | None])
+ENCODINGS = web.AppKey("encodings", list[str | None])
+
+
+def _counted(request: web.Request, name: str) -> None:
+    reads = request.app[READS]
+    reads[name] = reads.get(name, 0) + 1
+
+
+async def _good(request: web.Request) -> web.Response:
+    _counted(request, "good")
+    request.app[KEYS].append(request.headers.get("authorization"))
+    request.app[ENCODINGS].append(request.headers.get("accept-encoding"))
+    return web.Response(text=LLAMACPP_PAGE)
+
+
+async def _garbage(request: web.Request) -> web.Response:
+    _counted(request, "garbage")
+    return web.Response(text="llamacpp:requests_processing NaN-ish {{{\n")
+
+
+async def _huge(request: web.Request) -> web.Response:
+    _counted(request, "huge")
+    return web.Response(text="llamacpp:requests_processing 1\n" * 20_000)  # ~640 KiB
+
+
+async def _slow(request: web.Request) -> web.Response:
+    _counted(request, "slow")
+    await asyncio.sleep(2)  # past the 1 s a whole read may take
+    return web.Response(text=LLAMACPP_PAGE)
+
+
+async def _drip(request: web.Request) -> web.StreamResponse:
+    """One piece every millisecond: many pieces, and never done within the second."""
+    _counted(request, "drip")
+    resp = web.StreamResponse()
+    await resp.prepare(request)
+    with contextlib.suppress(ConnectionError):  # the reader gives up first
+        for _ in range(5000):
+            await resp.write(b"# ")
+            await asyncio.sleep(0.001)
+    return resp
+
+
+async def _bomb(request: web.Request) -> web.Response:
+    _counted(request, "bomb")
+    packed = gzip.compress(gzip.compress(b"0" * (64 * 1024 * 1024)))
+    return web.Response(body=packed, headers={"content-encoding": "gzip, gzip"})
+
+
+HOSTILE = {
+    "good": _good,
+    "garbage": _garbage,
+    "huge": _huge,
+    "slow": _slow,
+    "drip": _drip,
+    "bomb": _bomb,
+}
+
+
 def test_a_hostile_or_broken_pod_costs_a_failed_read_not_the_gateway() -> None:
-    """A team runs what image it likes: its pods' pages may be garbage, huge or slow. The
-    good pod's figure counts; the others are failures, never an exception."""
-    seen_keys: list[str | None] = []
-
-    async def good(request: web.Request) -> web.Response:
-        seen_keys.append(request.headers.get("authorization"))
-        return web.Response(text=LLAMACPP_PAGE)
-
-    async def garbage(_request: web.Request) -> web.Response:
-        return web.Response(text="<html>{{{ not a metrics page\n")
-
-    async def huge(_request: web.Request) -> web.Response:
-        return web.Response(text="llamacpp:requests_processing 1\n" * 100_000)  # ~3 MiB
-
-    async def slow(_request: web.Request) -> web.Response:
-        await asyncio.sleep(2)  # past the 1 s a read may take
-        return web.Response(text=LLAMACPP_PAGE)
+    """A team runs what image it likes: its pods' pages may be garbage, huge, slow to
+    start or to end, or a compression bomb. The good pod's figure counts; each other one
+    is a failed read, bounded in time and bytes, and is not read again for a while."""
 
     async def scenario() -> None:
         app = web.Application()
-        for name, handler in (("good", good), ("garbage", garbage), ("huge", huge)):
+        app[READS], app[KEYS], app[ENCODINGS] = {}, [], []
+        for name, handler in HOSTILE.items():
             app.router.add_get(f"/{name}/metrics", handler)
-        app.router.add_get("/slow/metrics", slow)
-        runner = web.AppRunner(app)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
-        base = f"http://127.0.0.1:{port}"
         backend = Backend(
             id="ns/m",
             model="m",
-            urls=tuple(f"{base}/{n}/v1" for n in ("good", "garbage", "huge", "slow")),
+            urls=tuple(f"http://127.0.0.1:{port}/{n}/v1" for n in HOSTILE),
             api_key="sk-engine",
             queue_gauges=QUEUE_GAUGES["llamacpp"],
         )
-        load = Load("gw")
-        queues = EngineQueues(lambda: Snapshot(by_id={backend.id: backend}), load)
+        load, now = Load("gw"), [0.0]
+        queues = EngineQueues(
+            lambda: Snapshot(by_id={backend.id: backend}), load, clock=lambda: now[0]
+        )
         try:
+            started = time.monotonic()
             await queues.scrape_once()
+            took = time.monotonic() - started
             assert load.report()["backends"] == {"ns/m": {"inFlight": 0, "held": 0, "engine": 3}}
-            assert queues.failures == 3
-            assert seen_keys == ["Bearer sk-engine"]  # the backend's own key, to its pod
+            assert queues.failures == len(HOSTILE) - 1
+            assert took < 2.5, took  # every read bounded to 1 s, read side by side
+            assert app[KEYS] == ["Bearer sk-engine"]  # the backend's own key, to its pod
+            assert app[ENCODINGS] == ["identity"]
+            # The failed pods are skipped for a while; the good one is read again.
+            await queues.scrape_once()
+            reads = app[READS]
+            assert reads["good"] == 2 and all(reads[n] == 1 for n in HOSTILE if n != "good")
+            now[0] = 31.0
+            await queues.scrape_once()
+            assert reads["garbage"] == 2
             # The backend gone from the routes: its figure goes too.
             queues.snapshot = Snapshot
             await queues.scrape_once()
@@ -223,5 +303,73 @@ def test_a_hostile_or_broken_pod_costs_a_failed_read_not_the_gateway() -> None:
         finally:
             await queues.client.aclose()
             await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_a_page_in_too_many_pieces_is_refused() -> None:
+    """Each piece costs the shared loop: a page is refused past MAX_CHUNKS of them."""
+
+    class Pieces(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for _ in range(MAX_CHUNKS + 1):
+                yield b"#"
+
+    def handler(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Pieces())
+
+    async def scenario() -> None:
+        backend = Backend(
+            id="ns/m",
+            model="m",
+            urls=("http://127.0.0.1:9/v1",),
+            queue_gauges=QUEUE_GAUGES["tgi"],
+        )
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        queues = EngineQueues(
+            lambda: Snapshot(by_id={backend.id: backend}), Load("gw"), client=client
+        )
+        await queues.scrape_once()
+        assert queues.failures == 1
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_backends_figure_is_capped_and_the_operator_never_refuses_it() -> None:
+    # Eleven pods each saying a million: one figure, capped, in a line the operator reads.
+    assert queue_depth("tgi_queue_size 1e6\n" * 11, QUEUE_GAUGES["tgi"]) == 1_000_000
+    line = json.dumps(
+        {
+            "gateway": "g",
+            "backends": {"a/x": {"engine": 10**12}, "b/y": {"inFlight": 2}},
+        }
+    )
+    report = parse_report(line)
+    assert report.backends["a/x"].engine == 10_000_000
+    assert report.backends["b/y"] == Demand(2, 0, 0)  # another team's counts still count
+
+
+def test_a_failing_round_clears_the_figures_and_the_loop_goes_on() -> None:
+    async def scenario() -> None:
+        load = Load("gw")
+        load.set_engine("ns/m", 5)
+        rounds = [0]
+
+        def snapshot() -> Snapshot:
+            rounds[0] += 1
+            if rounds[0] == 1:
+                raise RuntimeError("a bug")
+            return Snapshot()
+
+        queues = EngineQueues(snapshot, load, interval=0.01)
+        task = asyncio.create_task(queues.run())
+        while rounds[0] < 3:
+            await asyncio.sleep(0.01)
+        assert load.engine_backends() == set()  # nothing frozen at its last value
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert queues.client.is_closed
 
     asyncio.run(scenario())

@@ -460,9 +460,10 @@ class Autoscaling(Model):
         default=4,
         ge=1,
         le=10000,
-        description="Concurrent requests (in flight plus held at the gateway) one replica is "
-        "meant to serve; the autoscaler keeps demand / replicas near it. Set it to the batch "
-        "an engine serves without its latency suffering.",
+        description="Concurrent requests one replica is meant to serve (held at the gateway, "
+        "plus in flight through it or, if more, what the engine pods report running and "
+        "waiting); the autoscaler keeps demand / replicas near it. Set it to the batch an "
+        "engine serves without its latency suffering.",
     )
     scale_down_delay_seconds: int = Field(
         default=300,
@@ -778,8 +779,8 @@ class AutoscalingStatus(Model):
     )
     demand: int | None = Field(
         default=None,
-        description="Requests in flight plus held, summed over the gateway replicas, at the "
-        "last decision.",
+        description="Requests held plus in flight (summed over the gateway replicas) or, if "
+        "more, at the engine pods by their own gauges, at the last decision.",
     )
     last_scale_time: str | None = Field(
         default=None,

@@ -4,8 +4,10 @@ Pure (no clock, no API, no I/O): the caller feeds demand readings and replica co
 an explicit `now` (wall-clock seconds, because the state kept in status carries RFC 3339
 times), so every rule below is tested with a fake clock. The rules:
 
-- Demand is requests in flight plus held at the gateways, summed over gateway replicas.
-  Two averages of it: the stable window (60 s) and the panic window (6 s); each asks for
+- Demand is requests held at the gateways plus those in flight through them (summed over
+  gateway replicas) or, if more, those the engine pods report running and waiting (their
+  own gauges, which see requests that bypassed the gateways). Two averages of it: the
+  stable window (60 s) and the panic window (6 s); each asks for
   ceil(average / targetRequests) replicas.
 - Panic: when the panic window asks for at least twice the current replicas (at least 2),
   follow it at once; panic lasts until a stable window has passed since it last triggered,

@@ -52,8 +52,9 @@ class Report:
     backends: Mapping[str, Demand] = field(default_factory=dict)
 
 
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+def _count(value: Any, limit: int | None = MAX_COUNT) -> int:
+    too_big = limit is not None and value > limit if isinstance(value, int) else False
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or too_big:
         raise ValueError(f"not a count: {str(value)[:40]!r}")
     return value
 
@@ -73,7 +74,9 @@ def parse_report(line: str | bytes) -> Report:
         out[key] = Demand(
             _count(counts.get("inFlight", 0)),
             _count(counts.get("held", 0)),
-            _count(counts.get("engine", 0)),
+            # What a team's pods say, relayed: clamped, never a reason to refuse the line
+            # (and with it every other team's counts).
+            min(_count(counts.get("engine", 0), limit=None), MAX_COUNT),
         )
     return Report(data["gateway"][:253], out)
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:  # routes imports QUEUE_GAUGES from here
     from fabric_operator.gateway.load import Load
@@ -37,20 +38,44 @@ QUEUE_GAUGES: dict[str, tuple[str, ...]] = {
     "llamacpp": ("llamacpp:requests_processing", "llamacpp:requests_deferred"),
 }
 SCRAPE_SECONDS = 2.0
-TIMEOUT_SECONDS = 1.0
-MAX_BYTES = 1024 * 1024  # an engine's /metrics is tens of KiB; more is not a gauge page
-MAX_QUEUE = 1_000_000  # more requests at one pod is a broken gauge, not a queue
+TIMEOUT_SECONDS = 1.0  # the whole read of one page, headers to last byte
+MAX_BYTES = 512 * 1024  # an engine's /metrics is tens of KiB; more is not a gauge page
+MAX_CHUNKS = 1024  # a page dribbled in tiny pieces costs the shared loop per piece
+MAX_QUEUE = 1_000_000  # more requests at one backend is a broken gauge, not a queue
+CONCURRENT_READS = 8  # pages read at once: the loop also proxies every team's requests
+BACKOFF_SECONDS = 30.0  # a pod whose page failed is not read again for this long
+
+
+# `name{labels} value [timestamp]`: the name, then (greedily, as label values may hold
+# braces) the labels, then the value.
+SAMPLE = re.compile(r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{.*\})?\s+(?P<value>\S+)")
+
+
+class PageError(Exception):
+    """A metrics page that is not read: too big, too slow, compressed, not a 200."""
 
 
 def queue_depth(text: str, gauges: Iterable[str]) -> int | None:
     """Requests an engine reports as running or waiting (its samples summed over labels,
-    e.g. vLLM's per model); None when the page has none of the gauges."""
-    wanted, total, seen = set(gauges), 0.0, False
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in wanted and math.isfinite(sample.value) and sample.value >= 0:
-                total += sample.value
-                seen = True
+    e.g. vLLM's per model); None when the page has none of the gauges.
+
+    Only the lines of the wanted gauges are looked at (`name{labels} value [timestamp]`,
+    the exposition format): a page is the team's, and parsing all of it would cost the
+    loop every team's requests run on."""
+    names = tuple(gauges)
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith(names):
+            continue
+        sample = SAMPLE.match(line)
+        if sample is None:
+            raise ValueError(f"not a sample: {line[:80]!r}")
+        if sample["name"] not in names:
+            continue  # a longer name that begins like a wanted one
+        value = float(sample["value"])
+        if math.isfinite(value) and value >= 0:
+            total += value
+            seen = True
     return min(round(total), MAX_QUEUE) if seen else None
 
 
@@ -62,7 +87,12 @@ def metrics_url(base_url: str) -> str:
 class EngineQueues:
     """Reads the queue gauges of every ready pod of each backend that has them (routes
     gives them to autoscaled backends of vllm, tgi and llamacpp; a static file names the
-    `engine`), every SCRAPE_SECONDS, into `Load.set_engine`."""
+    `engine`), every SCRAPE_SECONDS, into `Load.set_engine`.
+
+    A team's pods serve what they like: every page is read within TIMEOUT_SECONDS whole,
+    uncompressed, at most MAX_BYTES in at most MAX_CHUNKS pieces, CONCURRENT_READS at a
+    time; a pod whose page failed is skipped for BACKOFF_SECONDS. A round that fails
+    clears every figure (none is reported stale) and the loop goes on."""
 
     def __init__(
         self,
@@ -71,15 +101,24 @@ class EngineQueues:
         *,
         interval: float = SCRAPE_SECONDS,
         client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.snapshot, self.load, self.interval = snapshot, load, interval
-        self.client = client or httpx.AsyncClient(timeout=TIMEOUT_SECONDS)
+        self.snapshot, self.load, self.interval, self.clock = snapshot, load, interval, clock
+        # No proxy from the environment: the pages carry the backends' keys.
+        self.client = client or httpx.AsyncClient(timeout=TIMEOUT_SECONDS, trust_env=False)
         self.failures = 0  # pages that could not be read (for tests and the log)
+        self._reads = asyncio.Semaphore(CONCURRENT_READS)
+        self._failed_at: dict[str, float] = {}  # pod URL -> when its page last failed
 
     async def run(self) -> None:
         try:
             while True:
-                await self.scrape_once()
+                try:
+                    await self.scrape_once()
+                except Exception:
+                    log.exception("engine queue gauges: a round failed; figures cleared")
+                    for ident in self.load.engine_backends():
+                        self.load.set_engine(ident, None)
                 await asyncio.sleep(self.interval)
         finally:
             await self.client.aclose()
@@ -92,40 +131,48 @@ class EngineQueues:
             self.load.set_engine(backend.id, depth)
         for ident in self.load.engine_backends() - wanted:
             self.load.set_engine(ident, None)
+        live = {u for b in backends for u in b.urls}
+        self._failed_at = {u: t for u, t in self._failed_at.items() if u in live}
 
     async def _backend(self, backend: Backend) -> int | None:
         assert backend.queue_gauges is not None
         pages = await asyncio.gather(*(self._page(url, backend) for url in backend.urls))
         depths = [d for d in pages if d is not None]
         # A pod that could not be read counts as nothing: the gateway's own count stays.
-        return sum(depths) if depths else None
+        return min(sum(depths), MAX_QUEUE) if depths else None
 
     async def _page(self, base_url: str, backend: Backend) -> int | None:
         assert backend.queue_gauges is not None
-        try:
-            async with self.client.stream(
-                "GET", metrics_url(base_url), headers=backend.headers()
-            ) as resp:
-                if resp.status_code != 200:
-                    raise ValueError(f"answered {resp.status_code}")
-                body = b""
-                async for chunk in resp.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_BYTES:
-                        raise ValueError(f"metrics page over {MAX_BYTES} bytes")
-            text = body.decode("utf-8", "replace")
-        except (httpx.HTTPError, ValueError) as err:
-            self._failed(backend, base_url, err)
+        failed = self._failed_at.get(base_url)
+        if failed is not None and self.clock() - failed < BACKOFF_SECONDS:
             return None
         try:
-            return queue_depth(text, backend.queue_gauges)
-        except Exception as err:  # a pod's page is the team's: never fatal to the gateway
-            self._failed(backend, base_url, err)
+            async with self._reads, asyncio.timeout(TIMEOUT_SECONDS):
+                text = await self._read(metrics_url(base_url), backend)
+            depth = queue_depth(text, backend.queue_gauges)
+        except (httpx.HTTPError, PageError, ValueError, TimeoutError, UnicodeError) as err:
+            self.failures += 1
+            self._failed_at[base_url] = self.clock()
+            log.debug("%s: engine metrics of %s not read: %r", backend.id, base_url, err)
             return None
+        self._failed_at.pop(base_url, None)
+        return depth
 
-    def _failed(self, backend: Backend, base_url: str, err: Exception) -> None:
-        self.failures += 1
-        log.debug("%s: engine metrics of %s not read: %s", backend.id, base_url, err)
+    async def _read(self, url: str, backend: Backend) -> str:
+        headers = {**backend.headers(), "accept-encoding": "identity"}
+        async with self.client.stream("GET", url, headers=headers) as resp:
+            if resp.status_code != 200:
+                raise PageError(f"answered {resp.status_code}")
+            encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":
+                raise PageError(f"content-encoding {encoding[:40]!r} (identity was asked)")
+            body, chunks = bytearray(), 0
+            async for chunk in resp.aiter_raw():  # as sent: nothing decompressed
+                body += chunk
+                chunks += 1
+                if len(body) > MAX_BYTES or chunks > MAX_CHUNKS:
+                    raise PageError(f"over {MAX_BYTES} bytes or {MAX_CHUNKS} pieces")
+        return body.decode("utf-8", "strict")
 
 
 def _scraped(backend: Backend) -> bool:
