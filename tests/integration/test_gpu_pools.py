@@ -45,7 +45,11 @@ def apply(cluster: Cluster, namespace: str, name: str, **spec: Any) -> None:
         "apiVersion": "llm.fabric.dev/v1alpha1",
         "kind": "LLMBackend",
         "metadata": {"name": name, "namespace": namespace},
-        "spec": {"engine": "vllm", "model": {"huggingface": {"repo": "Qwen/Q"}}, **spec},
+        "spec": {
+            "engine": "vllm",
+            "model": {"huggingface": {"repo": "Qwen/Qwen2.5-7B-Instruct"}},
+            **spec,
+        },
     }
     result = cluster.apply(manifest)
     assert result.returncode == 0, result.stderr
