@@ -25,13 +25,44 @@ LabelScheme = Literal["gfd", "gke", "karpenter", "none"]
 
 
 class Accelerator(BaseModel):
-    """Where the GPUs of one type live."""
+    """Where the GPUs of one type live: labels with one value (a nodeSelector), and,
+    where one type goes by several values (the same GPU as SXM or PCIe board, or known by
+    product name or PCI device id), node affinity terms."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     vendor: GPUVendor = GPUVendor.NVIDIA
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
+    node_affinity: list[dict[str, list[str]]] = Field(
+        default_factory=list,
+        alias="nodeAffinity",
+        description="Terms of required node affinity, any one of which a node must match; "
+        "in a term, each label must have one of its values (operator In).",
+    )
     tolerations: list[Toleration] = Field(default_factory=list)
+
+    @field_validator("node_affinity")
+    @classmethod
+    def _terms(cls, terms: list[dict[str, list[str]]]) -> list[dict[str, list[str]]]:
+        for term in terms:
+            if not term or any(not values for values in term.values()):
+                raise ValueError("a nodeAffinity term needs labels, each with values")
+        return terms
+
+    def contradicted_by(self, selector: dict[str, str]) -> list[str]:
+        """The keys of a nodeSelector that no node of this pool can match: a value other
+        than the pool's own, or values that rule out every affinity term."""
+        out = [k for k, v in selector.items() if self.node_selector.get(k, v) != v]
+        terms = self.node_affinity
+        if terms and not any(
+            all(k not in t or v in t[k] for k, v in selector.items()) for t in terms
+        ):
+            out += [
+                k
+                for k, v in selector.items()
+                if k not in out and any(k in t and v not in t[k] for t in terms)
+            ]
+        return out
 
 
 # Label values per scheme, checked against each project's source (2026-11): gfd: NVIDIA
@@ -41,13 +72,16 @@ class Accelerator(BaseModel):
 # nvidia-h100-mega-80gb: configure them as their own type); karpenter:
 # `karpenter.k8s.aws/instance-gpu-name` (plus the GPU memory where the name is shared).
 # AMD: the ROCm node labeller's product name of bare-metal OAM boards.
-_GPU_VALUES: dict[str, dict[str, str]] = {
+_GPU_VALUES: dict[str, dict[str, str | tuple[str, ...]]] = {
     "gfd": {
         "B200": "NVIDIA-B200",
-        "H200": "NVIDIA-H200",
-        "H100-80GB": "NVIDIA-H100-80GB-HBM3",
-        "A100-80GB": "NVIDIA-A100-SXM4-80GB",
-        "A100-40GB": "NVIDIA-A100-SXM4-40GB",
+        # One type, several product strings (SXM and PCIe/NVL boards), checked against
+        # NVIDIA's GPU feature discovery: node affinity In, not a nodeSelector.
+        "H200": ("NVIDIA-H200", "NVIDIA-H200-NVL"),
+        "H100-80GB": ("NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe"),
+        "H100-NVL": "NVIDIA-H100-NVL",  # 94 GB: a type of its own
+        "A100-80GB": ("NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe"),
+        "A100-40GB": ("NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-PCIE-40GB"),
         "L40S": "NVIDIA-L40S",
         "L4": "NVIDIA-L4",
         "A10G": "NVIDIA-A10G",
@@ -84,8 +118,13 @@ _EXTRA: dict[tuple[str, str], dict[str, str]] = {
     ("karpenter", "A100-80GB"): {"karpenter.k8s.aws/instance-gpu-memory": "81920"},
     ("karpenter", "A100-40GB"): {"karpenter.k8s.aws/instance-gpu-memory": "40960"},
 }
-_AMD: dict[str, dict[str, str]] = {
-    "MI300X": {"amd.com/gpu.product-name": "AMD_Instinct_MI300X_OAM"},
+# AMD's node labeller: the product name (OAM boards; plain when it falls back to libdrm),
+# or, sturdier, the PCI device id (74b5 as a virtual function): either term will do.
+_AMD: dict[str, list[dict[str, list[str]]]] = {
+    "MI300X": [
+        {"amd.com/gpu.product-name": ["AMD_Instinct_MI300X_OAM", "AMD_Instinct_MI300X"]},
+        {"amd.com/gpu.device-id": ["74a1", "74b5"]},
+    ],
 }
 # The taints GPU pools usually carry (GKE and EKS put nvidia.com/gpu on GPU nodes).
 GPU_TOLERATIONS = {
@@ -99,14 +138,17 @@ def presets(scheme: LabelScheme) -> dict[str, Accelerator]:
     if scheme == "none":
         return {}
     label = _SCHEME_LABEL[scheme]
-    out = {
-        name: Accelerator(node_selector={label: value, **_EXTRA.get((scheme, name), {})})
-        for name, value in _GPU_VALUES[scheme].items()
-    }
+    out = {}
+    for name, value in _GPU_VALUES[scheme].items():
+        extra = _EXTRA.get((scheme, name), {})
+        if isinstance(value, str):
+            out[name] = Accelerator(node_selector={label: value, **extra})
+        else:
+            out[name] = Accelerator(node_selector=extra, node_affinity=[{label: list(value)}])
     out.update(
         {
-            name: Accelerator(vendor=GPUVendor.AMD, node_selector=dict(selector))
-            for name, selector in _AMD.items()
+            name: Accelerator(vendor=GPUVendor.AMD, node_affinity=[dict(t) for t in terms])
+            for name, terms in _AMD.items()
         }
     )
     return out

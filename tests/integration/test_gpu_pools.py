@@ -35,6 +35,22 @@ def pools(cluster: Cluster) -> Iterator[NodeSimulator]:
         capacity={"nvidia.com/gpu": "1"},
         taints=GPU_TAINT,
     )
+    # The same GPU type as a PCIe board (one GPU: the 2-GPU backends stay on sim-h100-0),
+    # and an AMD node known by its PCI device id alone.
+    add_node(
+        cluster,
+        "sim-h100pcie-0",
+        labels={"nvidia.com/gpu.product": "NVIDIA-H100-PCIe"},
+        capacity={"nvidia.com/gpu": "1"},
+        taints=GPU_TAINT,
+    )
+    add_node(
+        cluster,
+        "sim-mi300x-0",
+        labels={"amd.com/gpu.device-id": "74a1"},
+        capacity={"amd.com/gpu": "8"},
+        taints=[{"key": "amd.com/gpu", "value": "present", "effect": "NoSchedule"}],
+    )
     sim = NodeSimulator(cluster).start()
     yield sim
     sim.stop()
@@ -81,6 +97,39 @@ def test_h100_backend_lands_on_the_h100_pool(
     assert args[args.index("--tensor-parallel-size") + 1] == "2"
     status = cluster.backend(namespace, "big")["status"]
     assert (status["readyReplicas"], status["ready"]) == (1, "1/1")
+
+
+@pytest.mark.parametrize(
+    ("name", "resources", "selector", "node"),
+    [
+        # The H100-80GB pool is both product strings: narrowed to PCIe, it is that node.
+        (
+            "pcie",
+            {"gpu": {"count": 1, "type": "H100-80GB"}},
+            {"nvidia.com/gpu.product": "NVIDIA-H100-PCIe"},
+            "sim-h100pcie-0",
+        ),
+        # MI300X by product name or by device id: this node has the id only.
+        ("mi300x", {"gpu": {"count": 4, "type": "MI300X", "vendor": "amd"}}, None, "sim-mi300x-0"),
+    ],
+)
+def test_a_gpu_type_with_several_labels_is_placed_by_node_affinity(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    pools: NodeSimulator,
+    namespace: str,
+    name: str,
+    resources: dict[str, Any],
+    selector: dict[str, str] | None,
+    node: str,
+) -> None:
+    extra = {"nodeSelector": selector} if selector else {}
+    apply(cluster, namespace, name, resources=resources, **extra)
+    wait_for("Ready", lambda: phase(cluster, namespace, name) == "Ready", 20)
+    [pod] = pods(cluster, namespace, name)
+    assert pod.spec.node_name == node
+    terms = pod.spec.affinity.node_affinity.required_during_scheduling_ignored_during_execution
+    assert all(t.match_expressions[-1].operator == "In" for t in terms.node_selector_terms)
 
 
 def test_cpu_backend_stays_off_the_gpu_pools(

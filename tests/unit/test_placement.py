@@ -41,17 +41,18 @@ def problems(spec: dict[str, Any], config: OperatorConfig | None = None) -> list
 @pytest.mark.parametrize(
     ("scheme", "label", "value"),
     [
-        ("gfd", "nvidia.com/gpu.product", "NVIDIA-H100-80GB-HBM3"),
-        ("gke", "cloud.google.com/gke-accelerator", "nvidia-h100-80gb"),
-        ("karpenter", "karpenter.k8s.aws/instance-gpu-name", "h100"),
+        ("gfd", "nvidia.com/gpu.product", "NVIDIA-L4"),
+        ("gke", "cloud.google.com/gke-accelerator", "nvidia-l4"),
+        ("karpenter", "karpenter.k8s.aws/instance-gpu-name", "l4"),
     ],
 )
 def test_gpu_type_selects_its_pool_in_each_label_scheme(
     scheme: str, label: str, value: str
 ) -> None:
     config = OperatorConfig.model_validate({"labelScheme": scheme})
-    template = pod(vllm(type="H100-80GB"), config)
+    template = pod(vllm(type="L4"), config)
     assert template["nodeSelector"] == {label: value}
+    assert "affinity" not in template  # one value: a nodeSelector is enough
     assert template["tolerations"] == [NVIDIA_TAINT]
     limits = template["containers"][0]["resources"]["limits"]
     assert limits == {"nvidia.com/gpu": "2"}
@@ -78,9 +79,50 @@ def test_user_toleration_equal_to_the_default_is_not_repeated() -> None:
     assert pod({**vllm(), "tolerations": [NVIDIA_TAINT]})["tolerations"] == [NVIDIA_TAINT]
 
 
+def _terms(template: dict[str, Any]) -> list[Any]:
+    node = template["affinity"]["nodeAffinity"]
+    return list(node["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"])
+
+
+def _in(key: str, *values: str) -> dict[str, Any]:
+    return {"key": key, "operator": "In", "values": list(values)}
+
+
+PRODUCT = "nvidia.com/gpu.product"
+
+
+@pytest.mark.parametrize(
+    ("gpu", "values"),
+    [
+        ("H100-80GB", ("NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe")),
+        ("H200", ("NVIDIA-H200", "NVIDIA-H200-NVL")),
+        ("A100-80GB", ("NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe")),
+        ("A100-40GB", ("NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-PCIE-40GB")),
+        ("H100-NVL", ("NVIDIA-H100-NVL",)),  # the 94 GB card: a type of its own
+    ],
+)
+def test_one_gpu_type_several_product_strings(gpu: str, values: tuple[str, ...]) -> None:
+    template = pod(vllm(type=gpu))
+    if len(values) == 1:
+        assert template["nodeSelector"] == {PRODUCT: values[0]}
+        assert "affinity" not in template
+        return
+    assert "nodeSelector" not in template
+    assert _terms(template) == [{"matchExpressions": [_in(PRODUCT, *values)]}]
+
+
 def test_amd_type_and_taint() -> None:
     template = pod(vllm(type="MI300X", vendor="amd"))
-    assert template["nodeSelector"] == {"amd.com/gpu.product-name": "AMD_Instinct_MI300X_OAM"}
+    assert "nodeSelector" not in template
+    # Product name (OAM, or plain from libdrm) or, sturdier, the PCI device id: either.
+    assert _terms(template) == [
+        {
+            "matchExpressions": [
+                _in("amd.com/gpu.product-name", "AMD_Instinct_MI300X_OAM", "AMD_Instinct_MI300X")
+            ]
+        },
+        {"matchExpressions": [_in("amd.com/gpu.device-id", "74a1", "74b5")]},
+    ]
     assert template["tolerations"] == [AMD_TAINT]
     assert template["containers"][0]["resources"]["limits"] == {"amd.com/gpu": "2"}
 
@@ -111,7 +153,7 @@ def test_unknown_gpu_type_names_the_known_ones() -> None:
     [problem] = problems(vllm(type="B300"))
     assert problem.startswith(
         "spec.resources.gpu.type: unknown GPU type 'B300'; this "
-        "operator knows: A100-40GB, A100-80GB, A10G, B200, H100-80GB, H200, "
+        "operator knows: A100-40GB, A100-80GB, A10G, B200, H100-80GB, H100-NVL, H200, "
     )
     assert "MI300X" in problem and "T4" in problem
 
@@ -149,13 +191,110 @@ def test_placement_mistakes(spec: dict[str, Any], expected: str) -> None:
     assert any(p.startswith(expected) for p in problems(spec)), problems(spec)
 
 
-def test_every_preset_is_a_valid_selector() -> None:
+def test_every_preset_places_the_pod() -> None:
     for scheme in ("gfd", "gke", "karpenter"):
         config = OperatorConfig.model_validate({"labelScheme": scheme})
         for name, acc in presets(scheme).items():  # type: ignore[arg-type]
-            assert acc.node_selector, name
+            assert acc.node_selector or acc.node_affinity, name
             template = pod(vllm(type=name, vendor=str(acc.vendor)), config)
-            assert template["nodeSelector"] == acc.node_selector
+            assert template.get("nodeSelector", {}) == acc.node_selector
+            if acc.node_affinity:
+                assert len(_terms(template)) == len(acc.node_affinity)
+
+
+def test_the_users_affinity_and_the_pools_are_both_required() -> None:
+    zone = _in("topology.kubernetes.io/zone", "a", "b")
+    spot = {"key": "spot", "operator": "DoesNotExist"}
+    preferred = [{"weight": 1, "preference": {"matchExpressions": [zone]}}]
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [zone]}, {"matchExpressions": [spot]}]
+            },
+            "preferredDuringSchedulingIgnoredDuringExecution": preferred,
+        },
+        "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []},
+    }
+    template = pod({**vllm(type="MI300X", vendor="amd"), "affinity": affinity})
+    product = _in("amd.com/gpu.product-name", "AMD_Instinct_MI300X_OAM", "AMD_Instinct_MI300X")
+    device = _in("amd.com/gpu.device-id", "74a1", "74b5")
+    # (zone OR no spot) AND (product OR device): every user term with every pool term.
+    assert _terms(template) == [
+        {"matchExpressions": [zone, product]},
+        {"matchExpressions": [zone, device]},
+        {"matchExpressions": [spot, product]},
+        {"matchExpressions": [spot, device]},
+    ]
+    node = template["affinity"]["nodeAffinity"]
+    assert node["preferredDuringSchedulingIgnoredDuringExecution"] == preferred
+    assert template["affinity"]["podAntiAffinity"] == affinity["podAntiAffinity"]
+    # Without a GPU type, the user's affinity is left exactly as written.
+    assert pod({**vllm(), "affinity": affinity})["affinity"] == affinity
+
+
+def test_an_affinity_that_is_none_is_passed_on_for_the_api_server_to_refuse() -> None:
+    odd = {"nodeAffinity": "nodes with GPUs"}
+    assert pod({**vllm(type="H200"), "affinity": odd})["affinity"] == odd
+
+
+@pytest.mark.parametrize(
+    ("selector", "ok"),
+    [
+        ({PRODUCT: "NVIDIA-H100-PCIe"}, True),  # narrows the pool to PCIe boards: fine
+        ({PRODUCT: "NVIDIA-H100-80GB-HBM3"}, True),
+        ({PRODUCT: "NVIDIA-L4"}, False),  # in none of the type's values
+        ({"zone": "a"}, True),
+    ],
+)
+def test_a_node_selector_may_narrow_a_pool_not_leave_it(selector: dict[str, str], ok: bool) -> None:
+    found = problems({**vllm(type="H100-80GB"), "nodeSelector": selector})
+    assert (found == []) is ok, found
+    if not ok:
+        assert found[0].startswith(
+            "spec.nodeSelector['nvidia.com/gpu.product']: contradicts the node pool of GPU "
+            "type H100-80GB"
+        )
+
+
+def test_amd_device_id_alone_is_not_a_contradiction() -> None:
+    # A node selector on the product name leaves the device-id term: still a pool.
+    assert (
+        problems(
+            {
+                **vllm(type="MI300X", vendor="amd"),
+                "nodeSelector": {"amd.com/gpu.product-name": "Other"},
+            }
+        )
+        == []
+    )
+    both = {"amd.com/gpu.product-name": "Other", "amd.com/gpu.device-id": "0000"}
+    assert len(problems({**vllm(type="MI300X", vendor="amd"), "nodeSelector": both})) == 2
+
+
+def test_configured_accelerators_take_node_affinity(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("""
+accelerators:
+  RTX-PRO-6000:
+    nodeAffinity:
+      - nvidia.com/gpu.product:
+          [NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition, NVIDIA-RTX-PRO-6000]
+""")
+    template = pod(vllm(type="RTX-PRO-6000"), OperatorConfig.load(path))
+    assert _terms(template) == [
+        {
+            "matchExpressions": [
+                _in(
+                    PRODUCT,
+                    "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition",
+                    "NVIDIA-RTX-PRO-6000",
+                )
+            ]
+        }
+    ]
+    path.write_text("accelerators: {X: {nodeAffinity: [{a: []}]}}\n")
+    with pytest.raises(ValueError, match="a nodeAffinity term needs labels, each with values"):
+        OperatorConfig.load(path)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ own nodeSelector and tolerations (merged, never replaced)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ class Placement:
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     # nodeSelector keys where the user's value contradicts the GPU type's pool.
     conflicts: list[str] = field(default_factory=list)
+    affinity: dict[str, Any] | None = None  # the user's, with the pool's terms ANDed in
 
 
 def accelerator(backend: LLMBackend, config: OperatorConfig) -> Accelerator | None:
@@ -27,9 +29,7 @@ def placement(backend: LLMBackend, config: OperatorConfig) -> Placement:
     spec = backend.spec
     pool = accelerator(backend, config)
     selector = dict(pool.node_selector) if pool else {}
-    conflicts = [
-        k for k, v in (spec.node_selector or {}).items() if k in selector and selector[k] != v
-    ]
+    conflicts = pool.contradicted_by(spec.node_selector or {}) if pool else []
     selector.update(spec.node_selector or {})
 
     tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations or []]
@@ -40,4 +40,45 @@ def placement(backend: LLMBackend, config: OperatorConfig) -> Placement:
         dumped = tol.model_dump(by_alias=True, exclude_none=True)
         if dumped not in tolerations:
             tolerations.append(dumped)
-    return Placement(selector, tolerations, conflicts)
+    affinity = merge_affinity(spec.affinity, pool.node_affinity if pool else [])
+    return Placement(selector, tolerations, conflicts, affinity)
+
+
+REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
+
+
+def merge_affinity(
+    user: dict[str, Any] | None, pool_terms: list[dict[str, list[str]]]
+) -> dict[str, Any] | None:
+    """The user's affinity with the pool's terms required as well. Node selector terms are
+    ORed and the expressions within one ANDed, so "the user's and the pool's" is every
+    user term joined with every pool term; the user's other affinity stays as it is."""
+    if not pool_terms:
+        return user
+    pool = [
+        [{"key": k, "operator": "In", "values": list(v)} for k, v in sorted(t.items())]
+        for t in pool_terms
+    ]
+    out = copy.deepcopy(user or {})
+    node = out.get("nodeAffinity") or {}
+    required = node.get(REQUIRED) or {} if isinstance(node, dict) else None
+    theirs = required.get("nodeSelectorTerms") or [{}] if isinstance(required, dict) else None
+    if (
+        not isinstance(node, dict)
+        or not isinstance(required, dict)
+        or not isinstance(theirs, list)
+        or not all(
+            isinstance(t, dict) and isinstance(t.get("matchExpressions") or [], list)
+            for t in theirs
+        )
+    ):
+        return user  # not an Affinity: the API server's refusal says what is wrong
+    out["nodeAffinity"] = node
+    terms = []
+    for term in theirs:
+        for exprs in pool:
+            joined = dict(term)
+            joined["matchExpressions"] = list(term.get("matchExpressions") or []) + exprs
+            terms.append(joined)
+    node[REQUIRED] = {**required, "nodeSelectorTerms": terms}
+    return out

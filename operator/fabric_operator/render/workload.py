@@ -216,8 +216,8 @@ def _pod_spec(backend: LLMBackend, engine: EngineContainer, config: OperatorConf
         pod["nodeSelector"] = where.node_selector
     if where.tolerations:
         pod["tolerations"] = where.tolerations
-    if spec.affinity:
-        pod["affinity"] = spec.affinity
+    if where.affinity:
+        pod["affinity"] = where.affinity
     if spec.priority_class_name:
         pod["priorityClassName"] = spec.priority_class_name
     return pod
