@@ -16,6 +16,7 @@ from kubernetes.utils.quantity import parse_quantity
 from pydantic import ValidationError
 
 from fabric_operator.api.backend import LLMBackend
+from fabric_operator.api.rules import POD_FIELDS
 from fabric_operator.api.v1alpha1 import Engine, LabelSelector
 from fabric_operator.config import DEFAULT, OperatorConfig
 from fabric_operator.render import toolcalls
@@ -124,29 +125,6 @@ def check_name(name: str) -> Iterator[Problem]:
             f"label: at most {MAX_NAME} lowercase letters, digits and '-', starting with a "
             "letter",
         )
-
-
-# Fields that shape pods: meaningless for a remote backend, so refused rather than ignored.
-POD_FIELDS = (
-    "image",
-    "imagePullPolicy",
-    "imagePullSecrets",
-    "engineOptions",
-    "extraArgs",
-    "env",
-    "hfTokenSecretRef",
-    "resources",
-    "nodeSelector",
-    "tolerations",
-    "affinity",
-    "priorityClassName",
-    "service",
-    "strategy",
-    "networkPolicy",
-    "autoscaling",
-    "routing",
-    "toolCalling",
-)
 
 
 def check_remote(backend: LLMBackend) -> Iterator[Problem]:

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from fabric_operator.api.rules import AUTOSCALING_RULES, SPEC_RULES, validations
+
 GROUP = "llm.fabric.dev"
 VERSION = "v1alpha1"
 KIND = "LLMBackend"
@@ -443,6 +445,8 @@ class LocalObjectReference(Model):
 class Autoscaling(Model):
     """Replicas that follow demand: requests in flight and held at the gateway, per replica."""
 
+    model_config = ConfigDict(json_schema_extra=validations(AUTOSCALING_RULES))
+
     min_replicas: int = Field(
         default=1,
         ge=0,
@@ -564,7 +568,10 @@ class LLMBackendSpec(Model):
     """Desired state of an LLM inference backend."""
 
     model_config = ConfigDict(
-        json_schema_extra={"oneOf": [{"required": ["model"]}, {"required": ["remote"]}]}
+        json_schema_extra={
+            "oneOf": [{"required": ["model"]}, {"required": ["remote"]}],
+            **validations(SPEC_RULES),
+        }
     )
 
     engine: Engine = Field(
