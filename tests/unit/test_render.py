@@ -9,7 +9,7 @@ import pytest
 
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.config import OperatorConfig
-from fabric_operator.render import ollama, render
+from fabric_operator.render import llamacpp, llamacpp_python, ollama, render, tgi, vllm
 from fabric_operator.render.workload import endpoint
 from fabric_operator.validation import validate
 
@@ -759,3 +759,17 @@ def test_user_env_overrides_engine_defaults_once() -> None:
     assert [e for e in env if e["name"] == "HF_HOME"] == [
         {"name": "HF_HOME", "value": "/models/hf"}
     ]
+
+
+def test_every_default_engine_image_is_pinned_by_version() -> None:
+    """A floating tag (`latest`, llama.cpp's `server`) moves under running backends."""
+    refs = [
+        *vllm.IMAGE.values(),
+        *tgi.IMAGE.values(),
+        *llamacpp.IMAGE.values(),
+        llamacpp_python.IMAGE,
+        *ollama.IMAGE.values(),
+    ]
+    for ref in refs:
+        tag = ref.rsplit(":", 1)[1]
+        assert tag != "latest" and any(c.isdigit() for c in tag), ref
