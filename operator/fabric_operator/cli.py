@@ -22,7 +22,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator import __version__
-from fabric_operator.api.crd import crd_yaml
+from fabric_operator.api.crd import crd_yaml, crd_yaml_for_server
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from fabric_operator.autoscaler.discovery import Gateways
 from fabric_operator.autoscaler.loop import Autoscaler
@@ -161,9 +161,8 @@ def _own_namespace() -> str:
     return os.environ.get("POD_NAMESPACE", "default")
 
 
-def _crd(_: argparse.Namespace) -> int:
-
-    sys.stdout.write(crd_yaml())
+def _crd(args: argparse.Namespace) -> int:
+    sys.stdout.write(crd_yaml(cel=not args.without_cel))
     return 0
 
 
@@ -252,14 +251,15 @@ def _load_config(kubeconfig: str | None) -> None:
         config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
 
 
-def _kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> None:
-    subprocess.run(
+def _kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
+    """kubectl's output (the caller prints what matters; stderr goes to the user)."""
+    return subprocess.run(
         ["kubectl", f"--kubeconfig={kubeconfig}", *args],
         input=stdin,
         text=True,
         check=True,
-        stdout=subprocess.DEVNULL,
-    )
+        stdout=subprocess.PIPE,
+    ).stdout
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -275,7 +275,8 @@ def _dev(args: argparse.Namespace) -> int:
         kubeconfig = str(plane.kubeconfig)
     try:
         kc = Path(kubeconfig)
-        _kubectl(kc, "apply", "-f", "-", stdin=crd_yaml())
+        version = _kubectl(kc, "version", "-o", "json")
+        _kubectl(kc, "apply", "-f", "-", stdin=crd_yaml_for_server(version))
         _kubectl(kc, "wait", "--for=condition=Established", "crd/llmbackends.llm.fabric.dev")
         examples = repo / "examples"
         if examples.is_dir() and not args.no_examples:
@@ -383,7 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_operator_flags(run)
     run.set_defaults(func=_run_operator)
 
-    sub.add_parser("crd", help="print the LLMBackend CRD (YAML)").set_defaults(func=_crd)
+    crd = sub.add_parser("crd", help="print the LLMBackend CRD (YAML)")
+    crd.add_argument(
+        "--without-cel",
+        action="store_true",
+        help="leave out the CEL rules (x-kubernetes-validations), for Kubernetes before 1.25",
+    )
+    crd.set_defaults(func=_crd)
 
     render = sub.add_parser("render", help="print the children of LLMBackend manifests")
     render.add_argument(

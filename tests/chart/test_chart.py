@@ -104,10 +104,18 @@ def test_crd_is_the_generated_one_and_kept(helm: Path) -> None:
     assert (CHART / "files" / "crd.yaml").read_text() == (
         REPO / "crds" / "llm.fabric.dev_llmbackends.yaml"
     ).read_text(), "run `make crd`"
-    [crd] = by_kind(template(helm), "CustomResourceDefinition")
+    [crd] = by_kind(template(helm, "--kube-version=1.30.0"), "CustomResourceDefinition")
     assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     assert crd["spec"] == crd_manifest()["spec"]
     assert not by_kind(template(helm, "--set", "crds.install=false"), "CustomResourceDefinition")
+
+
+@pytest.mark.parametrize(("kube", "cel"), [("1.20.2", False), ("1.24.9", False), ("1.25.0", True)])
+def test_the_cel_rules_only_go_to_servers_that_check_them(helm: Path, kube: str, cel: bool) -> None:
+    """Before 1.23 the field is unknown (kubectl and Helm refuse the CRD), before 1.25 off."""
+    [crd] = by_kind(template(helm, f"--kube-version={kube}"), "CustomResourceDefinition")
+    assert crd["spec"] == crd_manifest(cel=cel)["spec"]
+    assert ("x-kubernetes-validations" in json.dumps(crd)) is cel
 
 
 def test_chart_versions_follow_the_package() -> None:

@@ -33,7 +33,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from kubernetes.utils import parse_quantity
 
-from fabric_operator.api.crd import crd_yaml
+from fabric_operator.api.crd import crd_yaml_for_server
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from fabric_operator.localcluster import LocalControlPlane, find_binaries
 from fabric_operator.render import render
@@ -77,7 +77,8 @@ def fault_cluster(
         garbage_collector=plane is None or plane.has_controller_manager,
     )
     try:
-        cluster.kubectl("apply", "-f", "-", stdin=crd_yaml())
+        version = cluster.kubectl("version", "-o", "json").stdout
+        cluster.kubectl("apply", "-f", "-", stdin=crd_yaml_for_server(version))
         cluster.kubectl(
             "wait", "--for=condition=Established", "--timeout=60s", "crd/llmbackends.llm.fabric.dev"
         )

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from fabric_operator.api.crd import crd_yaml
+from fabric_operator.api.crd import crd_yaml_for_server
 from fabric_operator.localcluster import LocalControlPlane, find_binaries, free_port
 from fabric_operator.machinery import metrics
 from tests.conftest import REPO
@@ -45,7 +45,8 @@ def local_cluster(
     )
     try:
         if install_crd:
-            c.kubectl("apply", "-f", "-", stdin=crd_yaml())
+            version = c.kubectl("version", "-o", "json").stdout
+            c.kubectl("apply", "-f", "-", stdin=crd_yaml_for_server(version))
             c.kubectl(
                 "wait",
                 "--for=condition=Established",

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
 
-from fabric_operator.api.crd import crd_manifest, crd_yaml
+from fabric_operator.api.crd import (
+    crd_manifest,
+    crd_yaml,
+    crd_yaml_for_server,
+    supports_cel,
+    without_cel,
+)
 from fabric_operator.api.v1alpha1 import LLMBackendSpec
 from fabric_operator.cli import main
 from tests.conftest import REPO
@@ -25,6 +32,9 @@ def test_committed_crd_matches_models() -> None:
 def test_cli_prints_the_crd(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["crd"]) == 0
     assert capsys.readouterr().out == crd_yaml()
+    assert main(["crd", "--without-cel"]) == 0
+    out = capsys.readouterr().out
+    assert out == crd_yaml(cel=False) and "x-kubernetes-validations" not in out
 
 
 def _walk(schema: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -140,3 +150,25 @@ def test_render_cli_prints_children_and_refuses_bad_specs(
     )
     assert main(["render", str(bad)]) == 1
     assert "spec.model.huggingface: engine ollama cannot load" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("version", "cel"),
+    [
+        ("v1.20.2", False),
+        ("v1.24.17-eks-1", False),
+        ("v1.25.0", True),
+        ("v1.28.3-gke.1286000", True),
+        ("v2.0.0", True),
+        ("", False),
+    ],
+)
+def test_the_cel_rules_only_go_to_servers_that_check_them(version: str, cel: bool) -> None:
+    assert supports_cel(version) is cel
+    served = yaml.safe_load(
+        crd_yaml_for_server(json.dumps({"serverVersion": {"gitVersion": version}}))
+    )
+    assert ("x-kubernetes-validations" in json.dumps(served)) is cel
+    assert served == crd_manifest(cel=cel)
+    # Only the rules differ.
+    assert without_cel(crd_manifest()) == crd_manifest(cel=False)
