@@ -65,13 +65,14 @@ class Accelerator(BaseModel):
         return out
 
 
-# Label values per scheme, checked against each project's source (2026-11): gfd: NVIDIA
-# GPU feature discovery's `nvidia.com/gpu.product` (the driver's name, sanitised; SXM
-# boards; nodes with time-slicing or MIG get -SHARED/-MIG-... suffixes and need a custom
-# accelerator); gke: `cloud.google.com/gke-accelerator` (A3 Mega H100s are
-# nvidia-h100-mega-80gb: configure them as their own type); karpenter:
+# Label values per scheme, checked against each project's source (2026-11/12): gfd: NVIDIA
+# GPU feature discovery's `nvidia.com/gpu.product` (the driver's name, sanitised; SXM and
+# PCIe/NVL boards of one type both listed; nodes with time-slicing or MIG get
+# -SHARED/-MIG-... suffixes and need a custom accelerator); gke:
+# `cloud.google.com/gke-accelerator` (A3 Mega H100s are nvidia-h100-mega-80gb: configure
+# them as their own type); karpenter:
 # `karpenter.k8s.aws/instance-gpu-name` (plus the GPU memory where the name is shared).
-# AMD: the ROCm node labeller's product name of bare-metal OAM boards.
+# AMD: see _AMD below (the node labeller's product name, or the PCI device id).
 _GPU_VALUES: dict[str, dict[str, str | tuple[str, ...]]] = {
     "gfd": {
         "B200": "NVIDIA-B200",

@@ -110,7 +110,16 @@ def test_crd_is_the_generated_one_and_kept(helm: Path) -> None:
     assert not by_kind(template(helm, "--set", "crds.install=false"), "CustomResourceDefinition")
 
 
-@pytest.mark.parametrize(("kube", "cel"), [("1.20.2", False), ("1.24.9", False), ("1.25.0", True)])
+@pytest.mark.parametrize(
+    ("kube", "cel"),
+    [
+        ("1.20.2", False),
+        ("1.24.9", False),
+        ("v1.24.17-eks-a5565ad", False),
+        ("1.25.0", True),
+        ("v1.25.0-gke.100", True),
+    ],
+)
 def test_the_cel_rules_only_go_to_servers_that_check_them(helm: Path, kube: str, cel: bool) -> None:
     """Before 1.23 the field is unknown (kubectl and Helm refuse the CRD), before 1.25 off."""
     [crd] = by_kind(template(helm, f"--kube-version={kube}"), "CustomResourceDefinition")

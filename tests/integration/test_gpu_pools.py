@@ -44,6 +44,14 @@ def pools(cluster: Cluster) -> Iterator[NodeSimulator]:
         capacity={"nvidia.com/gpu": "1"},
         taints=GPU_TAINT,
     )
+    # A decoy: free GPUs of another type (the 94 GB H100-NVL) that no H100-80GB pod may take.
+    add_node(
+        cluster,
+        "sim-h100nvl-0",
+        labels={"nvidia.com/gpu.product": "NVIDIA-H100-NVL"},
+        capacity={"nvidia.com/gpu": "8"},
+        taints=GPU_TAINT,
+    )
     add_node(
         cluster,
         "sim-mi300x-0",
@@ -91,6 +99,7 @@ def test_h100_backend_lands_on_the_h100_pool(
     apply(cluster, namespace, "big", resources={"gpu": {"count": 2, "type": "H100-80GB"}})
     wait_for("Ready", lambda: phase(cluster, namespace, "big") == "Ready", 20)
     [pod] = pods(cluster, namespace, "big")
+    # Not the H100-NVL node beside it, whose 8 GPUs are free: the pool's affinity holds.
     assert pod.spec.node_name == "sim-h100-0"
     assert pod.spec.containers[0].resources.limits == {"nvidia.com/gpu": "2"}
     args = pod.spec.containers[0].args
@@ -130,6 +139,7 @@ def test_a_gpu_type_with_several_labels_is_placed_by_node_affinity(
     assert pod.spec.node_name == node
     terms = pod.spec.affinity.node_affinity.required_during_scheduling_ignored_during_execution
     assert all(t.match_expressions[-1].operator == "In" for t in terms.node_selector_terms)
+    assert pods(cluster, namespace, name)[0].spec.node_name != "sim-h100nvl-0"
 
 
 def test_cpu_backend_stays_off_the_gpu_pools(

@@ -232,7 +232,25 @@ def test_the_users_affinity_and_the_pools_are_both_required() -> None:
     assert pod({**vllm(), "affinity": affinity})["affinity"] == affinity
 
 
-def test_an_affinity_that_is_none_is_passed_on_for_the_api_server_to_refuse() -> None:
+def test_empty_user_terms_stay_empty_and_match_fields_are_kept() -> None:
+    zone = _in("topology.kubernetes.io/zone", "a")
+    host = {"key": "metadata.name", "operator": "In", "values": ["gpu-7"]}
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [zone]}, {}, {"matchFields": [host]}]
+            }
+        }
+    }
+    product = _in(PRODUCT, "NVIDIA-H200", "NVIDIA-H200-NVL")
+    assert _terms(pod({**vllm(type="H200"), "affinity": affinity})) == [
+        {"matchExpressions": [zone, product]},
+        {},  # matches no node, as the user wrote it: not widened to the whole pool
+        {"matchFields": [host], "matchExpressions": [product]},
+    ]
+
+
+def test_an_affinity_that_is_not_one_is_passed_on_for_the_api_server_to_refuse() -> None:
     odd = {"nodeAffinity": "nodes with GPUs"}
     assert pod({**vllm(type="H200"), "affinity": odd})["affinity"] == odd
 

@@ -742,3 +742,26 @@ def test_a_status_differing_only_in_autoscaling_is_not_written() -> None:
     store.put("LLMBackend", obj)
     rec.reconcile("n", "m")
     assert len(kube.statuses) == 1
+
+
+class CelRefusingKube(FakeKube):
+    """An API server whose CRD rules (CEL) refuse every write of this stored object, status
+    included (before 1.30 nothing spares an object stored before the rules existed)."""
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        self.statuses.append(status)
+        raise ApiException(status=422, reason="Invalid")
+
+
+def test_an_invalid_spec_the_api_server_refuses_to_store_status_for_is_not_retried() -> None:
+    kube = CelRefusingKube()
+    rec, store = reconciler(kube)
+    bad = {"engine": "vllm", "model": {"huggingface": {"repo": "Qwen/Qwen3-8B"}}}  # no GPU
+    store.put("LLMBackend", {**BACKEND, "spec": bad})
+    assert rec.reconcile("n", "m") is None  # no retry storm: a spec change reconciles anew
+    assert kube.statuses[-1]["phase"] == "Invalid"
+    assert ("Warning", "InvalidSpec") in kube.events  # the user still hears of it
+    # A valid backend's status refused is an error, retried as before.
+    store.put("LLMBackend", dict(BACKEND))
+    with pytest.raises(ApiException):
+        rec.reconcile("n", "m")

@@ -13,7 +13,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator.api.backend import LLMBackend
-from fabric_operator.api.v1alpha1 import GROUP, KIND
+from fabric_operator.api.v1alpha1 import GROUP, KIND, Phase
 from fabric_operator.config import OperatorConfig
 from fabric_operator.controller import status as st
 from fabric_operator.controller.diagnose import diagnose
@@ -444,6 +444,19 @@ class Reconciler:
             except ApiException as err:
                 if err.status == 404:
                     return  # deleted meanwhile
+                if err.status == 422 and status.get("phase") == Phase.INVALID:
+                    # The CRD's CEL rules check the whole object on a status write too, and
+                    # before 1.30 they do not spare an object stored before they existed:
+                    # its InvalidSpec cannot be written. The Event above says it; retrying
+                    # cannot help until the spec is fixed (which is a new reconcile).
+                    log.warning(
+                        "%s/%s: InvalidSpec not written to status, the API server refuses "
+                        "the object: %s",
+                        meta["namespace"],
+                        meta["name"],
+                        api_message(err),
+                    )
+                    return
                 raise
             self.store.put(BACKEND, updated)
             changed = previous.get("phase") != status.get("phase")

@@ -1,5 +1,6 @@
-"""Where an LLMBackend's pods may run: the GPU type's node pool, merged with the user's
-own nodeSelector and tolerations (merged, never replaced)."""
+"""Where an LLMBackend's pods may run: the GPU type's node pool (a nodeSelector, and node
+affinity terms where one type has several label values), merged with the user's own
+nodeSelector, tolerations and affinity (merged, never replaced)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def placement(backend: LLMBackend, config: OperatorConfig) -> Placement:
 
 
 REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
+EVERY_NODE: dict[str, Any] = {}  # no term given: the pool's terms alone
 
 
 def merge_affinity(
@@ -62,7 +64,9 @@ def merge_affinity(
     out = copy.deepcopy(user or {})
     node = out.get("nodeAffinity") or {}
     required = node.get(REQUIRED) or {} if isinstance(node, dict) else None
-    theirs = required.get("nodeSelectorTerms") or [{}] if isinstance(required, dict) else None
+    theirs = (
+        required.get("nodeSelectorTerms") or [EVERY_NODE] if isinstance(required, dict) else None
+    )
     if (
         not isinstance(node, dict)
         or not isinstance(required, dict)
@@ -76,6 +80,10 @@ def merge_affinity(
     out["nodeAffinity"] = node
     terms = []
     for term in theirs:
+        if term is not EVERY_NODE and not (term.get("matchExpressions") or term.get("matchFields")):
+            # A user's empty term matches no node: joined with the pool's it would match some.
+            terms.append(term)
+            continue
         for exprs in pool:
             joined = dict(term)
             joined["matchExpressions"] = list(term.get("matchExpressions") or []) + exprs
