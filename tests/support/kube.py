@@ -52,8 +52,7 @@ class Cluster:
         self.apps = client.AppsV1Api(self.api)
         self.networking = client.NetworkingV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
-        self._cache_dir = tempfile.TemporaryDirectory(prefix="kubectl-cache-")  # gone with it
-        self._cache = self._cache_dir.name
+        self._cache = tempfile.TemporaryDirectory(prefix="kubectl-cache-")  # gone with it
 
     def kubectl(
         self, *args: str, stdin: str | None = None, check: bool = True
@@ -61,7 +60,12 @@ class Cluster:
         proc = subprocess.run(
             # A discovery cache of its own: kubectl's default one is per host:port, and an
             # earlier cluster of this run may have had the port without the CRD.
-            ["kubectl", f"--kubeconfig={self.kubeconfig}", f"--cache-dir={self._cache}", *args],
+            [
+                "kubectl",
+                f"--kubeconfig={self.kubeconfig}",
+                f"--cache-dir={self._cache.name}",
+                *args,
+            ],
             input=stdin,
             check=False,
             text=True,

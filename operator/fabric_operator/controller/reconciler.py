@@ -434,7 +434,7 @@ class Reconciler:
                 # otherwise only a change is, not the first status of a new backend.
                 if cond["reason"] == toolcalls.NO_PARSER_KNOWN:
                     self.kube.post_event(obj, "Warning", "ToolCallingOff", cond["message"], stamp)
-                elif _has_condition(previous, st.TOOL_CALLING):
+                elif st.TOOL_CALLING in st.by_type(previous):
                     on = "On" if cond["status"] == "True" else "Off"
                     self.kube.post_event(obj, "Normal", f"ToolCalling{on}", cond["message"], stamp)
         if status != previous:
@@ -501,10 +501,6 @@ def _conflict(manifest: dict[str, Any]) -> NameConflictError:
         f"{kind} {name} already exists and does not belong to this LLMBackend; it is left "
         "alone (not changed, not adopted): delete or rename it, or rename the LLMBackend"
     )
-
-
-def _has_condition(status: dict[str, Any], type_: str) -> bool:
-    return any(c.get("type") == type_ for c in status.get("conditions") or [])
 
 
 def _ours(child: dict[str, Any], backend: LLMBackend) -> bool:

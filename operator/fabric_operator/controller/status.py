@@ -117,6 +117,11 @@ def _rollout(
     }
 
 
+def by_type(status: dict[str, Any] | None) -> dict[Any, dict[str, Any]]:
+    """A status's conditions by type."""
+    return {c.get("type"): c for c in (status or {}).get("conditions") or []}
+
+
 def tool_calling(
     backend: LLMBackend, failure: Failure | None, previous: dict[str, Any] | None
 ) -> tuple[str | None, dict[str, Any]]:
@@ -124,7 +129,7 @@ def tool_calling(
     where it is off, so the condition says why. With a refused spec the children were left
     as they were, and so is what is said of them (nothing yet for a new backend)."""
     if failure is not None:
-        old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
+        old = by_type(previous)
         if TOOL_CALLING in old:
             return (previous or {}).get("toolCalling"), dict(old[TOOL_CALLING])
         return None, _condition(
@@ -134,6 +139,11 @@ def tool_calling(
     return plan.summary, _condition(TOOL_CALLING, plan.enabled, plan.reason, plan.message)
 
 
+def _without_unknown_tools(status: dict[str, Any]) -> dict[str, Any]:
+    """No status.toolCalling while nothing is known of it (a new backend refused)."""
+    return {k: v for k, v in status.items() if k != "toolCalling" or v is not None}
+
+
 def _stamp(
     conditions: list[dict[str, Any]],
     previous: dict[str, Any] | None,
@@ -141,7 +151,7 @@ def _stamp(
     stamp: str,
 ) -> None:
     """Set observedGeneration, and keep each lastTransitionTime whose status held."""
-    old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
+    old = by_type(previous)
     for cond in conditions:
         cond["observedGeneration"] = generation
         before = old.get(cond["type"]) or {}
@@ -197,7 +207,7 @@ def compute(
         "toolCalling": tools,
         "conditions": conditions,
     }
-    return {k: v for k, v in out.items() if k != "toolCalling" or v is not None}
+    return _without_unknown_tools(out)
 
 
 def remote_status(
@@ -240,7 +250,7 @@ def remote_status(
         "toolCalling": tools,
         "conditions": conditions,
     }
-    return {k: v for k, v in out.items() if k != "toolCalling" or v is not None}
+    return _without_unknown_tools(out)
 
 
 def invalid_status(
@@ -251,7 +261,7 @@ def invalid_status(
 ) -> dict[str, Any]:
     """Status of a backend whose spec cannot even be parsed: keep what was, flag the spec."""
     stamp = timestamp or now()
-    old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
+    old = by_type(previous)
     kept_ready = old.get(READY) or _condition(READY, False, REASON_INVALID, failure.message)
     conditions = [
         dict(kept_ready),
@@ -273,7 +283,7 @@ MESSAGE_MATTERS = {REASON_INVALID, REASON_APPLY_FAILED}
 
 def transitions(previous: dict[str, Any] | None, current: dict[str, Any]) -> list[dict[str, Any]]:
     """Conditions that changed status or reason: each one is worth one Event."""
-    old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
+    old = by_type(previous)
     changed = []
     for cond in current.get("conditions") or []:
         before = old.get(cond["type"], {})

@@ -44,6 +44,16 @@ def secret_env(name: str, ref: SecretKeyRef) -> Manifest:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
+def secrets_env(backend: LLMBackend, key_variable: str) -> list[Manifest]:
+    """HF_TOKEN and the engine's API-key variable, from the spec's Secret references."""
+    spec, out = backend.spec, []
+    if spec.hf_token_secret_ref:
+        out.append(secret_env("HF_TOKEN", spec.hf_token_secret_ref))
+    if spec.api_key_secret_ref:
+        out.append(secret_env(key_variable, spec.api_key_secret_ref))
+    return out
+
+
 def plain_env(name: str, value: str) -> Manifest:
     return {"name": name, "value": value}
 

@@ -12,7 +12,7 @@ from fabric_operator.render.engine import (
     flag,
     plain_env,
     pvc_model_path,
-    secret_env,
+    secrets_env,
 )
 
 # Pinned by build: the rolling tags move under a running backend (server-cuda broke at
@@ -53,11 +53,7 @@ def container(backend: LLMBackend) -> EngineContainer:
     if gpus:
         flag(args, "--n-gpu-layers", ALL_LAYERS)
 
-    env = [plain_env("LLAMA_CACHE", "/cache")]
-    if spec.hf_token_secret_ref:
-        env.append(secret_env("HF_TOKEN", spec.hf_token_secret_ref))
-    if spec.api_key_secret_ref:
-        env.append(secret_env("LLAMA_API_KEY", spec.api_key_secret_ref))
+    env = [plain_env("LLAMA_CACHE", "/cache"), *secrets_env(backend, "LLAMA_API_KEY")]
     cache, cache_mount = empty_dir("cache", "/cache")
     return EngineContainer(
         image=IMAGE[spec.gpu_vendor if gpus else "cpu"],

@@ -18,7 +18,7 @@ from fabric_operator.render.engine import (
     flag,
     plain_env,
     pvc_model_path,
-    secret_env,
+    secrets_env,
 )
 
 # The project's own image (docker/simple: CPU only, published now and then; v0.3.2 is the
@@ -43,11 +43,7 @@ def container(backend: LLMBackend) -> EngineContainer:
     if spec.gpu_count:
         flag(args, "--n_gpu_layers", ALL_LAYERS)
 
-    env = [plain_env("HF_HOME", "/cache/huggingface")]
-    if spec.hf_token_secret_ref:
-        env.append(secret_env("HF_TOKEN", spec.hf_token_secret_ref))
-    if spec.api_key_secret_ref:
-        env.append(secret_env("API_KEY", spec.api_key_secret_ref))
+    env = [plain_env("HF_HOME", "/cache/huggingface"), *secrets_env(backend, "API_KEY")]
     cache, cache_mount = empty_dir("cache", "/cache")
     return EngineContainer(
         image=IMAGE,

@@ -14,7 +14,7 @@ from fabric_operator.render.engine import (
     flag,
     plain_env,
     pvc_model_path,
-    secret_env,
+    secrets_env,
     shm_volume,
     tensor_parallel,
 )
@@ -39,11 +39,7 @@ def container(backend: LLMBackend) -> EngineContainer:
     flag(args, "--quantize", opts.quantization)
     flag(args, "--dtype", opts.dtype)
 
-    env = [plain_env("HF_HOME", "/data")]
-    if spec.hf_token_secret_ref:
-        env.append(secret_env("HF_TOKEN", spec.hf_token_secret_ref))
-    if spec.api_key_secret_ref:
-        env.append(secret_env("API_KEY", spec.api_key_secret_ref))
+    env = [plain_env("HF_HOME", "/data"), *secrets_env(backend, "API_KEY")]
     shm, shm_mount = shm_volume(backend)
     data, data_mount = empty_dir("data", "/data")
     return EngineContainer(

@@ -12,7 +12,7 @@ from fabric_operator.render.engine import (
     flag,
     plain_env,
     pvc_model_path,
-    secret_env,
+    secrets_env,
     shm_volume,
     tensor_parallel,
 )
@@ -43,12 +43,8 @@ def container(backend: LLMBackend) -> EngineContainer:
     flag(args, "--quantization", opts.quantization)
     flag(args, "--dtype", opts.dtype)
 
-    env = [plain_env("HF_HOME", "/cache/huggingface")]
-    if spec.hf_token_secret_ref:
-        env.append(secret_env("HF_TOKEN", spec.hf_token_secret_ref))
-    if spec.api_key_secret_ref:
-        # vLLM reads VLLM_API_KEY like --api-key, and /health stays open to probes.
-        env.append(secret_env("VLLM_API_KEY", spec.api_key_secret_ref))
+    # vLLM reads VLLM_API_KEY like --api-key, and /health stays open to probes.
+    env = [plain_env("HF_HOME", "/cache/huggingface"), *secrets_env(backend, "VLLM_API_KEY")]
     shm, shm_mount = shm_volume(backend)
     cache, cache_mount = empty_dir("cache", "/cache")
     return EngineContainer(
