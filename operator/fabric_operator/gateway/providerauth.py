@@ -185,6 +185,11 @@ class AccessTokens:
         # Shielded: a request whose client leaves does not cancel everyone's refresh.
         return await asyncio.shield(self._start(client))
 
+    async def settled(self) -> None:
+        """Wait for the token request under way, if any (tests; its outcome is kept)."""
+        if self._refresh is not None:
+            await asyncio.wait([self._refresh])
+
     def refused(self, token: str) -> bool:
         """The provider refused `token` (401): True if a new one is worth fetching (then
         the next `token` call does), False if it is the one just fetched (asking again at
