@@ -174,6 +174,25 @@ def check_remote(backend: LLMBackend) -> Iterator[Problem]:
     for field in POD_FIELDS:
         if field in given:
             yield Problem(f"spec.{field}", "a remote backend runs no pods; remove it")
+    yield from check_remote_provider(backend)
+
+
+# Providers that answer nothing without the credential apiKeySecretRef names (Provider).
+_CREDENTIAL = {
+    "bedrock": "an Amazon Bedrock API key",
+    "vertex": "a Google service-account JSON key (the gateway mints access tokens from it)",
+}
+
+
+def check_remote_provider(backend: LLMBackend) -> Iterator[Problem]:
+    """Amazon Bedrock and Vertex AI refuse every request without their credential: a
+    backend of theirs without apiKeySecretRef could never answer."""
+    remote, ref = backend.spec.remote, backend.spec.api_key_secret_ref
+    if remote is not None and remote.provider in _CREDENTIAL and ref is None:
+        yield Problem(
+            "spec.apiKeySecretRef",
+            f"provider {remote.provider} needs a Secret holding {_CREDENTIAL[remote.provider]}",
+        )
 
 
 def check_remote_host(backend: LLMBackend, config: OperatorConfig) -> Iterator[Problem]:

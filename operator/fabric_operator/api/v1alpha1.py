@@ -73,6 +73,8 @@ class Provider(StrEnum):
     AZURE = "azure"
     ANTHROPIC = "anthropic"
     GOOGLE = "google"
+    BEDROCK = "bedrock"  # Amazon Bedrock: its API key as the bearer
+    VERTEX = "vertex"  # Google Vertex AI: OAuth tokens minted from a service-account key
     OPENAI_COMPATIBLE = "openai-compatible"
 
 
@@ -432,7 +434,11 @@ class RemoteSpec(Model):
         description="OpenAI-compatible base URL, ending before /chat/completions, e.g. "
         "https://api.openai.com/v1, https://RESOURCE.openai.azure.com/openai/v1, "
         "https://api.anthropic.com/v1, "
-        "https://generativelanguage.googleapis.com/v1beta/openai.",
+        "https://generativelanguage.googleapis.com/v1beta/openai, "
+        "https://bedrock-runtime.REGION.amazonaws.com/openai/v1, "
+        "https://bedrock-mantle.REGION.api.aws/v1, "
+        "https://LOCATION-aiplatform.googleapis.com/v1/projects/PROJECT/locations/LOCATION/"
+        "endpoints/openapi.",
         pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
         max_length=2048,
     )
@@ -442,13 +448,16 @@ class RemoteSpec(Model):
         max_length=256,
         pattern=r"^\S+$",
         description="The provider's name of the model, sent upstream in place of "
-        "servedModelName, e.g. gpt-4o-mini or claude-sonnet-4-5; servedModelName if unset.",
+        "servedModelName, e.g. gpt-4o-mini, claude-sonnet-4-5, openai.gpt-oss-120b "
+        "(Bedrock) or google/gemini-2.0-flash-001 (Vertex); servedModelName if unset.",
     )
     provider: Provider = Field(
         default=Provider.OPENAI_COMPATIBLE,
         description="openai, azure (the key also goes in the api-key header), anthropic, "
-        "google or openai-compatible. Every one is called with OpenAI's chat-completions "
-        "protocol; nothing is translated.",
+        "google, bedrock (an Amazon Bedrock API key), vertex (apiKeySecretRef names a "
+        "Google service-account JSON key; the gateway sends short-lived OAuth access "
+        "tokens minted from it) or openai-compatible. Every one is called with OpenAI's "
+        "chat-completions protocol; nothing is translated.",
     )
 
 
