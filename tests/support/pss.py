@@ -295,7 +295,10 @@ def _seccomp_restricted(pod: Spec, _: Spec) -> Iterator[str]:
         return
     pod_type = _map(_map(pod.get("securityContext")).get("seccompProfile")).get("type")
     if pod_type is not None and pod_type not in SECCOMP_TYPES:
-        yield f"spec.securityContext.seccompProfile.type must be RuntimeDefault or Localhost, not {pod_type!r}"  # noqa: E501
+        yield (
+            "spec.securityContext.seccompProfile.type must be RuntimeDefault or Localhost, "
+            f"not {pod_type!r}"
+        )
     for path, container in _containers(pod):
         value = _map(_security(container).get("seccompProfile")).get("type")
         if value is None:
