@@ -199,8 +199,7 @@ def _app_armor(pod: Spec, annotations: Spec) -> Iterator[str]:
             value in ("", "runtime/default") or str(value).startswith("localhost/")
         ):
             yield (
-                f"metadata.annotations[{key}] must be runtime/default or localhost/*, "
-                f"not {value!r}"
+                f"metadata.annotations[{key}] must be runtime/default or localhost/*, not {value!r}"
             )
     for path, context in _contexts(pod):
         profile = context.get("appArmorProfile")
@@ -324,8 +323,7 @@ def _capabilities_restricted(pod: Spec, _: Spec) -> Iterator[str]:
         extra = [c for c in _added(container) if c not in RESTRICTED_CAPABILITIES]
         if extra:
             yield (
-                f"{path}.securityContext.capabilities.add may only be NET_BIND_SERVICE, "
-                f"not {extra}"
+                f"{path}.securityContext.capabilities.add may only be NET_BIND_SERVICE, not {extra}"
             )
 
 
