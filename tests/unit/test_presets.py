@@ -248,6 +248,13 @@ def test_any_server_status_says_the_image_decides_tool_calling() -> None:
         ({"toolCalling": {"enabled": True}}, "spec.toolCalling"),
         ({"engineOptions": {"contextLength": 4096}}, "spec.engineOptions.contextLength"),
         ({"env": [{"name": "FABRIC_MODEL", "value": "x"}]}, "spec.env[0].name"),
+        ({"server": {"port": 1, "apiKeyEnv": "HF_HOME"}}, "spec.server.apiKeyEnv"),
+        ({"server": {"port": 1, "apiKeyEnv": "FABRIC_PORT"}}, "spec.server.apiKeyEnv"),
+        ({"server": {"port": 1, "apiKeyEnv": "HOME"}}, "spec.server.apiKeyEnv"),
+        (
+            {"apiKeySecretRef": API_KEY, "env": [{"name": "SERVER_KEY", "value": "sk-literal"}]},
+            "spec.env[0].name",
+        ),
         ({"model": {"huggingface": {"repo": "o/r", "file": "q.gguf"}}}, None),
     ],
 )
