@@ -4,12 +4,13 @@ test_transformers_render.py)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
 
 from fabric_operator.api.backend import LLMBackend
-from fabric_operator.render import render, sglang
+from fabric_operator.render import render, sglang, toolcalls
 from fabric_operator.render.workload import endpoint
 from fabric_operator.validation import validate
 
@@ -83,7 +84,7 @@ def test_sglang_options_become_its_flags() -> None:
     }
     spec = {**SGLANG, "resources": {"gpu": {"count": 2}}, "engineOptions": options}
     args = engine_container(spec)["args"]
-    pairs = dict(zip(args[::1], args[1:], strict=False))
+    pairs = dict(itertools.pairwise(args))  # each flag -> the word after it
     assert pairs["--tp-size"] == "2"
     assert pairs["--context-length"] == "32768"
     assert pairs["--mem-fraction-static"] == "0.85"
@@ -233,8 +234,6 @@ def test_any_server_without_paths_is_probed_by_tcp_and_pvc_and_url_sources_reach
 
 
 def test_any_server_status_says_the_image_decides_tool_calling() -> None:
-    from fabric_operator.render import toolcalls
-
     plan = toolcalls.plan(LLMBackend.from_manifest(manifest(GENERIC)))
     assert plan.enabled is None and plan.summary == "image" and plan.args == []
 
