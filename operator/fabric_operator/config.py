@@ -18,7 +18,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fabric_operator.api.v1alpha1 import GPUVendor, Toleration
+from fabric_operator.api.v1alpha1 import Engine, GPUVendor, Toleration
 from fabric_operator.remotehosts import RemoteHosts
 
 LabelScheme = Literal["gfd", "gke", "karpenter", "none"]
@@ -230,6 +230,17 @@ class OperatorConfig(BaseModel):
         if errors:
             raise ValueError("; ".join(errors))
         return patterns
+
+    @field_validator("images")
+    @classmethod
+    def _engines(cls, images: dict[str, str]) -> dict[str, str]:
+        known = sorted(e.value for e in Engine if e != Engine.REMOTE)
+        unknown = sorted(set(images) - set(known))
+        if unknown:
+            raise ValueError(
+                f"images: unknown engine(s) {', '.join(unknown)}; known: {', '.join(known)}"
+            )
+        return images
 
     @field_validator("gateway_namespace")
     @classmethod

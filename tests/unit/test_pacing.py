@@ -111,3 +111,11 @@ def test_the_pacer_admits_up_to_its_limit_and_counts_the_admitted_until_they_sho
 def test_no_limit_admits_all() -> None:
     pacer = pacing.Pacer(0)
     assert all(pacer.admit(("n", str(i)), [("n", "x")])[0] for i in range(20))
+
+
+def test_image_mirrors_name_known_engines_only() -> None:
+    assert OperatorConfig(images={"vllm": "r/v:1"}).images == {"vllm": "r/v:1"}
+    with pytest.raises(ValueError, match="unknown engine"):
+        OperatorConfig(images={"vlm": "r/v:1"})
+    with pytest.raises(ValueError, match="unknown engine"):
+        OperatorConfig(images={"remote": "r/v:1"})
