@@ -25,12 +25,13 @@ from fabric_operator.gateway.providerauth import (
     AccessTokens,
     CredentialError,
     Credentials,
+    ServiceAccount,
     UpstreamAuthError,
     service_account,
 )
 from fabric_operator.gateway.proxy import Gateway
 from fabric_operator.gateway.routes import Backend, Tenant, build_snapshot, key_digest
-from fabric_operator.gateway.sources import Source, authorize
+from fabric_operator.gateway.sources import FileSource, KubeSource, Source, authorize
 from fabric_operator.gateway.upstream import AiohttpClient, Timeouts
 from fabric_operator.remotehosts import RemoteHosts
 from tests.support.gateway import gateway
@@ -436,3 +437,239 @@ def test_malformed_keys_are_refused_without_quoting_them(caplog: pytest.LogCaptu
             # Nothing chained: no library message (which might quote the key) rides along.
             assert err.value.__cause__ is None and err.value.__context__ is None
     assert marker not in caplog.text
+
+
+# ---- a hostile key: no crash, no blocked loop, no frozen routing -----------------------------
+
+MARKER = "SECRET-MATERIAL-51b7"
+VERTEX_URL = (
+    "https://us-central1-aiplatform.googleapis.com/v1/projects/p/locations/us-central1/"
+    "endpoints/openapi"
+)
+
+
+@pytest.fixture(scope="module")
+def big_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=8192)  # ~2 s, once
+
+
+class Loads:
+    """A spy on cryptography's PEM loader (google-auth's path calls it too): how often a
+    key is parsed, and whether any call asked for the full RSA key validation (seconds
+    for a large key, on the event loop)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
+        self.calls: list[bool] = []  # unsafe_skip_rsa_key_validation, per call
+        original = serialization.load_pem_private_key
+
+        def spy(data: bytes, password: bytes | None, *args: Any, **kw: Any) -> Any:
+            self.calls.append(bool(kw.get("unsafe_skip_rsa_key_validation")))
+            return original(data, password, *args, **kw)
+
+        monkeypatch.setattr(serialization, "load_pem_private_key", spy)
+
+    @property
+    def validated(self) -> int:
+        return sum(1 for skipped in self.calls if not skipped)
+
+
+def hostile_keys(good: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Keys that once escaped as RecursionError or TypeError: (text, what the error says)."""
+    return {
+        "nested past the parser's depth": ("[" * 15000, "could not be read"),
+        "nested in a field": (
+            json.dumps(good)[:-1] + ', "x": ' + "[" * 5000 + "]" * 5000 + "}",
+            "could not be read",
+        ),
+        "nested and huge": ("[" * 200000, "longer than 16 KiB"),
+        "token_uri a list": (json.dumps({**good, "token_uri": [MARKER]}), "'token_uri'"),
+        "token_uri an object": (json.dumps({**good, "token_uri": {MARKER: 1}}), "'token_uri'"),
+        "private_key a list": (json.dumps({**good, "private_key": [MARKER]}), "'private_key'"),
+        "private_key an object": (
+            json.dumps({**good, "private_key": {MARKER: 1}}),
+            "'private_key'",
+        ),
+        "client_email a list": (json.dumps({**good, "client_email": [MARKER]}), "client_email"),
+        "private_key_id an object": (
+            json.dumps({**good, "private_key_id": {MARKER: 1}}),
+            "private_key_id",
+        ),
+        "type a list": (json.dumps({**good, "type": [MARKER]}), "'type'"),
+        "oversized": (json.dumps({**good, "padding": MARKER * 2000}), "longer than 16 KiB"),
+    }
+
+
+def test_keys_that_broke_the_parser_are_refused_by_name(
+    key: rsa.RSAPrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = service_account_key(key, None)
+    credentials = Credentials()
+    with caplog.at_level(logging.DEBUG):
+        for case, (text, why) in hostile_keys(good).items():
+            for attempt in range(2):  # the refusal is kept: the second one too is by name
+                with pytest.raises(CredentialError) as err:
+                    credentials.tokens(f"ns/{attempt}", text)
+                assert why in str(err.value), (case, str(err.value))
+                assert MARKER not in str(err.value) and "[[" not in str(err.value)
+                assert err.value.__cause__ is None and err.value.__context__ is None
+            with pytest.raises(CredentialError) as err:
+                service_account(text, RemoteHosts())  # the same, called directly
+            assert why in str(err.value), case
+            assert err.value.__cause__ is None and err.value.__context__ is None
+    assert MARKER not in caplog.text
+
+
+def test_a_large_rsa_key_is_refused_without_validating_it(
+    big_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+
+    loads = Loads(monkeypatch)
+    credentials = Credentials()
+    with pytest.raises(CredentialError, match=r"8192-bit RSA 'private_key'.*2048 to 4096"):
+        credentials.tokens("ns/big", json.dumps(service_account_key(big_key, None)))
+    # Parsed once, and never through the full validation (4.8 s at 8192 bits, measured).
+    assert loads.calls == [True]
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    with pytest.raises(CredentialError, match="1024-bit"):
+        credentials.tokens("ns/small", json.dumps(service_account_key(small, None)))
+    curve = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(CredentialError, match="not an RSA key"):
+        credentials.tokens("ns/ec", json.dumps(service_account_key(curve, None)))  # type: ignore[arg-type]
+    assert loads.validated == 0 and len(loads.calls) == 3
+
+
+def test_a_key_named_by_several_backends_is_parsed_once(
+    key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads = Loads(monkeypatch)
+    credentials = Credentials(LOCAL)
+    text = json.dumps(service_account_key(key, "http://127.0.0.1:1/token"))
+    a, b = credentials.tokens("team-a/v", text), credentials.tokens("team-b/v", text)
+    assert a is not b  # tokens stay per backend ...
+    assert a.account.signer is b.account.signer  # ... the parsed key is shared
+    credentials.sweep()
+    credentials.tokens("team-a/v", text)
+    credentials.tokens("team-b/v", text)
+    credentials.sweep()  # the rebuild after: the signer is kept while tokens use it
+    c = credentials.tokens("team-c/v", text)  # a backend added later
+    assert c.account.signer is a.account.signer
+    assert loads.calls == [True] and credentials.signers.parsed == 1
+    rotated = json.dumps(service_account_key(rsa_key(), "http://127.0.0.1:1/token"))
+    credentials.tokens("team-a/v", rotated)
+    assert credentials.signers.parsed == 2 and len(loads.calls) == 2
+    credentials.sweep()
+    credentials.tokens("team-a/v", rotated)
+    credentials.sweep()
+    assert len(credentials) == 1 and len(credentials.signers) == 1  # the old key is gone
+
+
+def test_a_key_that_cannot_sign_fails_the_token_request_not_the_gateway(
+    key: rsa.RSAPrivateKey,
+) -> None:
+    class Broken:
+        key_id = None
+
+        def sign(self, message: bytes) -> bytes:
+            raise ValueError(MARKER)
+
+    async def scenario() -> None:
+        account = service_account(json.dumps(service_account_key(key, None)), RemoteHosts())
+        tokens = AccessTokens(ServiceAccount(account.email, account.token_uri, Broken()))
+        async with upstream_client() as client:
+            with pytest.raises(UpstreamAuthError, match="could not sign") as err:
+                await tokens.token(client)
+        assert MARKER not in str(err.value) and err.value.__context__ is None
+
+    asyncio.run(scenario())
+
+
+def vertex_object(name: str) -> dict[str, Any]:
+    spec = {
+        "engine": "remote",
+        "remote": {"baseURL": VERTEX_URL, "provider": "vertex", "model": "google/gemini"},
+        "apiKeySecretRef": {"name": name, "key": "key.json"},
+    }
+    return {"metadata": {"name": name, "namespace": "team-a", "uid": name}, "spec": spec}
+
+
+def test_a_broken_vertex_key_leaves_the_other_backends_routed(
+    key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through KubeSource._rebuild: the keys that escaped it (and so froze every later
+    rebuild) leave their own backend unrouted, named in the log once, and nothing else."""
+    good = service_account_key(key, None)
+    keys = {
+        "good": json.dumps(good),
+        "nested": "[" * 15000,
+        "listed": json.dumps({**good, "token_uri": [MARKER]}),
+        "boom": json.dumps(good) + " ",  # its parse raises what nothing expects (below)
+    }
+    src = KubeSource(object(), ["team-a"], require_keys=False)  # type: ignore[arg-type]
+    src.backends[0].objects = {("team-a", n): vertex_object(n) for n in keys}
+    src.backend_keys = {("team-a", n, "key.json"): text for n, text in keys.items()}
+    tokens = src.credentials.tokens
+
+    def unexpected(backend: str, text: str) -> AccessTokens:
+        if backend == "team-a/boom":
+            raise RuntimeError(MARKER)
+        return tokens(backend, text)
+
+    monkeypatch.setattr(src.credentials, "tokens", unexpected)
+    with caplog.at_level(logging.WARNING):
+        src._rebuild()
+        src._rebuild()  # the same problems: not logged again
+    routed = {b.id: b for bs in src.snapshot.routes.values() for b in bs}
+    assert routed["team-a/good"].urls == (VERTEX_URL,) and routed["team-a/good"].auth is not None
+    for name in ("nested", "listed", "boom"):
+        assert routed.get(f"team-a/{name}") is None or routed[f"team-a/{name}"].urls == ()
+    messages = sorted(r.getMessage() for r in caplog.records)
+    assert messages == [
+        "LLMBackend team-a/boom is not routed: its key (spec.apiKeySecretRef) could not be "
+        "used (RuntimeError)",
+        "LLMBackend team-a/listed is not routed: its service-account key "
+        "(spec.apiKeySecretRef) names a 'token_uri' that is not "
+        f"{GOOGLE_TOKEN_URI} and whose host is not an allowed remote host: the gateway "
+        "sends its assertion nowhere else",
+        "LLMBackend team-a/nested is not routed: its service-account key "
+        "(spec.apiKeySecretRef) could not be read as a service-account key file",
+    ]
+    assert MARKER not in caplog.text and "PRIVATE KEY" not in caplog.text
+    # A backend added later is routed: the rebuild is not stuck on the broken ones.
+    src.backends[0].objects[("team-a", "later")] = vertex_object("later")
+    src.backend_keys[("team-a", "later", "key.json")] = json.dumps(good)
+    src._rebuild()
+    routed = {b.id: b for bs in src.snapshot.routes.values() for b in bs}
+    assert routed["team-a/later"].urls == (VERTEX_URL,)
+
+
+def test_a_broken_vertex_key_in_the_file_leaves_the_others_routed(
+    key: rsa.RSAPrivateKey,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("GOOD", json.dumps(service_account_key(key, None)))
+    monkeypatch.setenv("NESTED", "[" * 15000)
+    monkeypatch.setenv("LISTED", json.dumps({**service_account_key(key, None), "token_uri": {}}))
+    backends = [
+        {
+            "id": f"ns/{env.lower()}",
+            "model": env.lower(),
+            "baseURLs": [VERTEX_URL],
+            "apiKeyEnv": env,
+            "provider": "vertex",
+        }
+        for env in ("NESTED", "LISTED", "GOOD")
+    ]
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps({"requireKeys": False, "backends": backends}))
+    with caplog.at_level(logging.WARNING):
+        src = FileSource(path)
+    routed = {b.id: b for bs in src.snapshot.routes.values() for b in bs}
+    assert routed["ns/good"].urls == (VERTEX_URL,) and routed["ns/good"].auth is not None
+    assert all(routed[f"ns/{n}"].urls == () for n in ("nested", "listed") if f"ns/{n}" in routed)
+    assert "ns/nested is not routed" in caplog.text and "ns/listed is not routed" in caplog.text
+    assert "[[" not in caplog.text and "PRIVATE KEY" not in caplog.text

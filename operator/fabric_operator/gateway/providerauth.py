@@ -19,8 +19,15 @@ try, and what stops it:
   to make the gateway POST there and use the answer: the assertion goes to Google's
   token endpoint only, or to a host the platform admin allows for remote backends
   (`RemoteHosts`: how a test points it at a fake). Anything else: the key is refused.
-- A key that is none (not JSON, another `type`, no or a broken `private_key`): the
-  backend is not routed and says why, never quoting the key; other backends carry on.
+- A key that is none (not JSON, another `type`, no or a broken `private_key`, a field
+  of the wrong JSON type, nesting past the parser's depth, over MAX_KEY_TEXT): the
+  backend is not routed and says why, never quoting the key; other backends carry on
+  (whatever parsing it raises becomes CredentialError, and the sources skip a backend
+  whose key fails in any other way).
+- A key that is slow: an RSA key of 8192 bits takes seconds to validate, on the event
+  loop. Keys are loaded without that validation (an invalid one only makes a signature
+  Google refuses), only RSA keys of 2048..4096 bits are taken, and each key is parsed
+  once however many backends name it (`Signers`).
 - Another team's token: tokens are per backend and per key (its SHA-256), never shared.
 
 Neither keys nor tokens are logged, or put in errors or metrics: the messages here are
@@ -40,6 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from google.auth import crypt, jwt
 
 from fabric_operator.gateway.upstream import (
@@ -70,6 +79,8 @@ REFUSED_AFTER = 30.0  # a token this old that the provider refuses (401) is repl
 TOKEN_TIMEOUT = 10.0  # seconds for the whole token request
 RETRY_AFTER = 5.0  # after a failed refresh, the next waits this long (no storm on an outage)
 MAX_ANSWER = 64 * 1024
+MAX_KEY_TEXT = 16 * 1024  # a key file longer than this is refused unread (Google's: ~2.4 KiB)
+MIN_RSA_BITS, MAX_RSA_BITS = 2048, 4096  # the private keys taken (Google issues 2048-bit ones)
 FORM = [
     (b"content-type", b"application/x-www-form-urlencoded"),
     (b"accept", b"application/json"),
@@ -112,37 +123,120 @@ class ServiceAccount:
         return signed
 
 
-def service_account(text: str, hosts: RemoteHosts) -> ServiceAccount:
-    """Parse a service-account JSON key; CredentialError names what is wrong with it."""
+def service_account(
+    text: str, hosts: RemoteHosts, signers: Signers | None = None
+) -> ServiceAccount:
+    """Parse a service-account JSON key; CredentialError names what is wrong with it.
+
+    Whatever the key holds, nothing but CredentialError leaves: a key nested past the
+    parser's depth (RecursionError), a field of the wrong JSON type, whatever a library
+    raises on it. The error is raised afresh, outside the handler: nothing is chained
+    (a library's message might quote the key)."""
+    try:
+        return _service_account(text, hosts, signers if signers is not None else Signers())
+    except CredentialError as err:
+        problem = str(err)
+    except Exception:  # any other failure is the key's, and is named as such
+        problem = "could not be read as a service-account key file"
+    raise CredentialError(problem)
+
+
+def _service_account(text: str, hosts: RemoteHosts, signers: Signers) -> ServiceAccount:
+    if not isinstance(text, str) or len(text) > MAX_KEY_TEXT:
+        raise CredentialError(
+            f"is longer than {MAX_KEY_TEXT // 1024} KiB (a service-account key file is not)"
+        )
     try:
         info = json.loads(text)
     except ValueError:
         raise CredentialError("is not JSON (a service-account key file is)") from None
     if not isinstance(info, dict):
         raise CredentialError("is not a JSON object (a service-account key file is)")
-    if info.get("type") != "service_account":
+    kind = info.get("type")
+    if not isinstance(kind, str) or kind != "service_account":
         raise CredentialError("is not a service-account key (its 'type' is not service_account)")
     email = info.get("client_email")
     if not isinstance(email, str) or not _EMAIL.fullmatch(email):
         raise CredentialError("has no valid 'client_email'")
-    if not isinstance(info.get("private_key"), str) or not info["private_key"]:
+    pem = info.get("private_key")
+    if not isinstance(pem, str) or not pem:
         raise CredentialError("has no 'private_key'")
     key_id = info.get("private_key_id")
     if key_id is not None and not isinstance(key_id, str):
         raise CredentialError("has a 'private_key_id' that is not a string")
     token_uri = token_endpoint(info.get("token_uri"), hosts)
+    return ServiceAccount(email=email, token_uri=token_uri, signer=signers.signer(pem, key_id))
+
+
+def signer_of(pem: str, key_id: str | None) -> Any:
+    """google-auth's RSA signer for a PEM private key, or CredentialError.
+
+    The key is loaded without cryptography's RSA key validation: checking that p and q are
+    prime costs seconds for a large key (4.8 s at 8192 bits), on the event loop, and buys
+    nothing here. The key only signs the gateway's own assertion; an inconsistent one makes
+    a bad signature, which Google refuses (a failed token request, as for a revoked key).
+    Only RSA keys of MIN_RSA_BITS..MAX_RSA_BITS are taken: what Google issues is 2048."""
     try:
-        signer = crypt.RSASigner.from_service_account_info(info)  # type: ignore[no-untyped-call]
+        key = serialization.load_pem_private_key(
+            pem.encode(), password=None, unsafe_skip_rsa_key_validation=True
+        )
     except Exception:  # whatever the library raises, its message is not repeated
-        raise CredentialError("has a 'private_key' that is not a PEM RSA private key") from None
-    return ServiceAccount(email=email, token_uri=token_uri, signer=signer)
+        key = None
+    if key is None:
+        raise CredentialError("has a 'private_key' that is not a PEM RSA private key")
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise CredentialError("has a 'private_key' that is not an RSA key")
+    if not MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS:
+        raise CredentialError(
+            f"has a {key.key_size}-bit RSA 'private_key': the gateway takes "
+            f"{MIN_RSA_BITS} to {MAX_RSA_BITS} bits"
+        )
+    return crypt.RSASigner(key, key_id)  # type: ignore[no-untyped-call]
+
+
+class Signers:
+    """Parsed private keys, by the SHA-256 of the PEM and its key id: backends that name the
+    same key share its signer (signing holds no state), never its tokens. `sweep` drops
+    what was not asked for since the last one. Refusals are kept too, as their message."""
+
+    def __init__(self) -> None:
+        self.parsed = 0  # keys loaded so far (tests)
+        self._held: dict[bytes, Any] = {}  # a signer, or CredentialError's message
+        self._asked: set[bytes] = set()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def signer(self, pem: str, key_id: str | None) -> Any:
+        ident = hashlib.sha256(json.dumps([pem, key_id]).encode()).digest()
+        self._asked.add(ident)
+        held = self._held.get(ident)
+        if held is None:
+            self.parsed += 1
+            try:
+                held = signer_of(pem, key_id)
+            except CredentialError as err:
+                held = str(err)
+            self._held[ident] = held
+        if isinstance(held, str):
+            raise CredentialError(held)
+        return held
+
+    def sweep(self, live: list[Any]) -> None:
+        """Keep what was asked for since the last sweep, and the signers in `live` (those
+        of the tokens kept: a later backend with the same key shares them)."""
+        kept = {id(signer) for signer in live}
+        self._held = {
+            i: held for i, held in self._held.items() if i in self._asked or id(held) in kept
+        }
+        self._asked = set()
 
 
 def token_endpoint(uri: object, hosts: RemoteHosts) -> str:
     """Where the assertion goes: Google's token endpoint, whatever older address of it
     the key names, or the key's `token_uri` if `hosts` allows it (an emulator, a test);
     never anywhere else."""
-    if uri is None or uri in GOOGLE_TOKEN_URIS:
+    if uri is None or (isinstance(uri, str) and uri in GOOGLE_TOKEN_URIS):
         return GOOGLE_TOKEN_URI
     if not isinstance(uri, str) or hosts.refusal(uri) is not None:
         raise CredentialError(
@@ -230,9 +324,13 @@ class AccessTokens:
         return token
 
     async def _request(self, client: Client, now: float) -> tuple[str, float]:
-        body = urlencode(
-            {"grant_type": JWT_BEARER, "assertion": self.account.assertion(now).decode()}
-        ).encode()
+        try:
+            assertion = self.account.assertion(now).decode()
+        except Exception:  # an inconsistent key (loaded unvalidated) fails here
+            assertion = None
+        if assertion is None:
+            raise UpstreamAuthError("the service-account key could not sign an assertion")
+        body = urlencode({"grant_type": JWT_BEARER, "assertion": assertion}).encode()
         try:
             async with asyncio.timeout(TOKEN_TIMEOUT):
                 response = await client.post(self.account.token_uri, body, FORM, TOKEN_TIMEOUT)
@@ -299,18 +397,19 @@ class Credentials:
         self.clock = clock
         self._held: dict[tuple[str, bytes], AccessTokens | str] = {}  # or why it is unusable
         self._asked: set[tuple[str, bytes]] = set()
+        self.signers = Signers()  # each private key parsed once, whatever backends name it
 
     def __len__(self) -> int:
         return len(self._held)
 
     def tokens(self, backend: str, key: str) -> AccessTokens:
         """The tokens of backend `backend` with this key; raises CredentialError."""
-        ident = (backend, hashlib.sha256(key.encode()).digest())
+        ident = (backend, hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest())
         self._asked.add(ident)
         held = self._held.get(ident)
         if held is None:
             try:
-                held = AccessTokens(service_account(key, self.hosts), self.clock)
+                held = AccessTokens(service_account(key, self.hosts, self.signers), self.clock)
             except CredentialError as err:
                 held = str(err)
             self._held[ident] = held
@@ -324,3 +423,6 @@ class Credentials:
         for ident in [i for i in self._held if i not in self._asked]:
             del self._held[ident]
         self._asked = set()
+        self.signers.sweep(
+            [held.account.signer for held in self._held.values() if isinstance(held, AccessTokens)]
+        )

@@ -196,7 +196,7 @@ class FileSource(Source):
             for b in cfg.backends
         ]
         for backend in backends:
-            problem = authorize(backend, backend.api_key, self.credentials, "apiKeyEnv")
+            problem = authorized(backend, backend.api_key, self.credentials, "apiKeyEnv")
             if problem:
                 log.warning("backend %s is not routed: %s", backend.id, problem)
         tenants: dict[bytes, Tenant] = {}
@@ -351,7 +351,7 @@ class KubeSource(Source):
                 if pending:  # not routable before its key is known: it would answer 401
                     b.urls = ()
                 else:
-                    problem = authorize(b, key, self.credentials)
+                    problem = authorized(b, key, self.credentials)
                     if problem:
                         warnings.append(f"LLMBackend {ns}/{name} is not routed: {problem}")
                 backends.append(b)
@@ -435,6 +435,21 @@ def authorize(
             backend.problem = f"its service-account key ({where}) {err}"
     if backend.problem is not None:
         backend.urls = ()
+    return backend.problem
+
+
+def authorized(
+    backend: Backend, key: str | None, credentials: Credentials, where: str = "spec.apiKeySecretRef"
+) -> str | None:
+    """`authorize`, for a rebuild: whatever goes wrong with one backend's key leaves that
+    backend unrouted, with its problem said (never the key), and never stops the rebuild
+    of the others."""
+    try:
+        return authorize(backend, key, credentials, where)
+    except Exception as err:  # its type is named, never its message
+        kind = type(err).__name__
+    backend.api_key, backend.auth, backend.urls = None, None, ()
+    backend.problem = f"its key ({where}) could not be used ({kind})"
     return backend.problem
 
 
