@@ -39,7 +39,7 @@ from tests.support.gateway import gateway  # noqa: E402
 from tests.support.kube import Cluster, wait_for  # noqa: E402
 from tests.support.realcluster import RealCluster, real_cluster  # noqa: E402
 
-from fabric_operator.api.crd import crd_yaml_for_server  # noqa: E402
+from fabric_operator.api.crd import crd_yaml_for_server, wait_established  # noqa: E402
 from fabric_operator.cli import main as fabric_operator  # noqa: E402
 from fabric_operator.gateway.routes import KEY_LABEL  # noqa: E402
 from fabric_operator.localcluster import free_port  # noqa: E402
@@ -138,7 +138,7 @@ def _cluster(stack: contextlib.ExitStack, workdir: Path) -> RealCluster:
     cluster = real.cluster
     version = cluster.kubectl("version", "-o", "json").stdout
     cluster.kubectl("apply", "-f", "-", stdin=crd_yaml_for_server(version))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/llmbackends.llm.fabric.dev")
+    wait_established(lambda *a: cluster.kubectl(*a).stdout)
     wait_for(
         "the default service account",
         lambda: cluster.core.list_namespaced_service_account("default").items,

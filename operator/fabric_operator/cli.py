@@ -22,7 +22,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator import __version__
-from fabric_operator.api.crd import crd_yaml, crd_yaml_for_server
+from fabric_operator.api.crd import crd_yaml, crd_yaml_for_server, wait_established
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from fabric_operator.autoscaler.discovery import Gateways
 from fabric_operator.autoscaler.loop import Autoscaler
@@ -277,7 +277,7 @@ def _dev(args: argparse.Namespace) -> int:
         kc = Path(kubeconfig)
         version = _kubectl(kc, "version", "-o", "json")
         _kubectl(kc, "apply", "-f", "-", stdin=crd_yaml_for_server(version))
-        _kubectl(kc, "wait", "--for=condition=Established", "crd/llmbackends.llm.fabric.dev")
+        wait_established(lambda *a: _kubectl(kc, *a))
         examples = repo / "examples"
         if examples.is_dir() and not args.no_examples:
             _kubectl(kc, "apply", "-f", str(examples))

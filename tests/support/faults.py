@@ -33,7 +33,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from kubernetes.utils import parse_quantity
 
-from fabric_operator.api.crd import crd_yaml_for_server
+from fabric_operator.api.crd import crd_yaml_for_server, wait_established
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from fabric_operator.localcluster import LocalControlPlane, find_binaries
 from fabric_operator.render import render
@@ -79,9 +79,7 @@ def fault_cluster(
     try:
         version = cluster.kubectl("version", "-o", "json").stdout
         cluster.kubectl("apply", "-f", "-", stdin=crd_yaml_for_server(version))
-        cluster.kubectl(
-            "wait", "--for=condition=Established", "--timeout=60s", "crd/llmbackends.llm.fabric.dev"
-        )
+        wait_established(lambda *a: cluster.kubectl(*a).stdout)
         wait_for(
             "the default service account controller",
             lambda: cluster.core.list_namespaced_service_account("default").items,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from fabric_operator.api.crd import crd_yaml_for_server
+from fabric_operator.api.crd import crd_yaml_for_server, wait_established
 from fabric_operator.localcluster import LocalControlPlane, find_binaries, free_port
 from fabric_operator.machinery import metrics
 from tests.conftest import REPO
@@ -47,12 +47,7 @@ def local_cluster(
         if install_crd:
             version = c.kubectl("version", "-o", "json").stdout
             c.kubectl("apply", "-f", "-", stdin=crd_yaml_for_server(version))
-            c.kubectl(
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/llmbackends.llm.fabric.dev",
-            )
+            wait_established(lambda *a: c.kubectl(*a).stdout)
         wait_for(
             "the default service account controller",
             lambda: c.core.list_namespaced_service_account("default").items,

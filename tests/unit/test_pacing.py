@@ -94,23 +94,41 @@ def test_rolling(obj: dict[str, Any], expected: bool) -> None:
     assert pacing.rolling(obj) is expected
 
 
-def test_the_pacer_admits_up_to_its_limit_and_counts_the_admitted_until_they_show() -> None:
+def test_the_pacer_admits_up_to_its_limit_and_counts_the_admitted_until_done() -> None:
     now = [0.0]
+    finished: set[tuple[str, str]] = set()
     pacer = pacing.Pacer(2, clock=lambda: now[0])
+
+    def admit(key: tuple[str, str], rolling_now: list[tuple[str, str]]) -> tuple[bool, int]:
+        return pacer.admit(key, "t1", rolling_now, lambda k, t: k in finished and t == "t1")
+
     a, b, c = ("n", "a"), ("n", "b"), ("n", "c")
-    assert pacer.admit(a, []) == (True, 0)
-    assert pacer.admit(b, []) == (True, 1)  # a counts though its Deployment says nothing yet
-    assert pacer.admit(c, []) == (False, 2)
-    assert pacer.admit(c, [a, b]) == (False, 2)  # the same two, not four
-    assert pacer.admit(a, [a]) == (True, 1)  # asking again for itself: b is the other
-    now[0] += pacing.ADMIT_GRACE_SECONDS + 1
-    assert pacer.admit(c, [b]) == (True, 1)  # a is done (not rolling, grace over)
-    assert pacer.admit(("n", "d"), [b, c]) == (False, 2)
+    assert admit(a, []) == (True, 0)
+    assert admit(b, []) == (True, 1)  # a counts though its Deployment says nothing yet
+    assert admit(c, []) == (False, 2)
+    assert admit(c, [a, b]) == (False, 2)  # the same two, not four
+    assert admit(a, [a]) == (True, 1)  # asking again for itself: b is the other
+    finished.add(a)  # a's Deployment runs the new template everywhere
+    assert admit(c, [b]) == (True, 1)
+    assert admit(("n", "d"), [b, c]) == (False, 2)
+    now[0] += pacing.ADMIT_GRACE_SECONDS + 1  # no news of b and c for that long
+    assert admit(("n", "d"), []) == (True, 0)
+
+
+def test_rolled_reads_the_template_and_the_rollout() -> None:
+    dep = deployment(2, **DONE)
+    dep["metadata"]["annotations"] = {pacing.TEMPLATE_HASH: "t1"}
+    assert pacing.rolled(dep, "t1") and not pacing.rolled(dep, "t0")
+    dep["status"]["updatedReplicas"] = 1
+    assert not pacing.rolled(dep, "t1")
+    assert pacing.rolled(None, "t1")
 
 
 def test_no_limit_admits_all() -> None:
     pacer = pacing.Pacer(0)
-    assert all(pacer.admit(("n", str(i)), [("n", "x")])[0] for i in range(20))
+    assert all(
+        pacer.admit(("n", str(i)), "t", [("n", "x")], lambda k, t: False)[0] for i in range(20)
+    )
 
 
 def test_image_mirrors_name_known_engines_only() -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -237,3 +239,19 @@ def crd_yaml_for_server(version_json: str) -> str:
     """The CRD for the server `kubectl version -o json` describes."""
     server = json.loads(version_json).get("serverVersion") or {}
     return crd_yaml(cel=supports_cel(str(server.get("gitVersion", ""))))
+
+
+ESTABLISHED = '{.status.conditions[?(@.type=="Established")].status}'
+
+
+def wait_established(kubectl: Callable[..., str], timeout: float = 60.0) -> None:
+    """Until the API server serves the CRD. `kubectl wait --for=condition=Established`
+    fails at once (not waits) while a fresh CRD's status has no conditions yet (kubectl
+    1.32 against a loaded API server: "accessor error: <nil>"), so its condition is
+    polled. `kubectl(*args)` returns kubectl's stdout."""
+    deadline = time.monotonic() + timeout
+    name = f"crd/{api.PLURAL}.{api.GROUP}"
+    while kubectl("get", name, "-o", f"jsonpath={ESTABLISHED}") != "True":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} not Established after {timeout:.0f}s")
+        time.sleep(0.2)

@@ -25,8 +25,9 @@ from fabric_operator.api.backend import LLMBackend
 
 SPEC_HASH = "llm.fabric.dev/spec-hash"
 TEMPLATE_HASH = "llm.fabric.dev/template-hash"
-# An admitted rollout counts until its Deployment shows it (the store lags the write).
-ADMIT_GRACE_SECONDS = 60.0
+# An admitted rollout counts until its Deployment shows it done (the store lags the
+# write), at most this long without news (a lost watch event must not hold a slot).
+ADMIT_GRACE_SECONDS = 300.0
 
 Key = tuple[str, str]
 
@@ -71,6 +72,15 @@ def is_upgrade(
     return bool(observed_generation == backend.generation)
 
 
+def rolled(deployment: dict[str, Any] | None, template: str) -> bool:
+    """Whether `deployment` runs `template` (a TEMPLATE_HASH) everywhere: the rollout
+    admitted for it is over."""
+    if deployment is None:
+        return True  # gone: nothing rolls
+    notes = (deployment.get("metadata") or {}).get("annotations") or {}
+    return notes.get(TEMPLATE_HASH) == template and not rolling(deployment)
+
+
 def rolling(deployment: dict[str, Any]) -> bool:
     """A Deployment still rolling out (not all replicas updated and available), unless it
     gave up (ProgressDeadlineExceeded): a stuck backend must not hold the others forever."""
@@ -99,20 +109,28 @@ class Pacer:
     def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit, self._clock = limit, clock
         self._lock = threading.Lock()
-        self._admitted: dict[Key, float] = {}
+        self._admitted: dict[Key, tuple[float, str]] = {}  # when, and to which template
 
-    def admit(self, key: Key, rolling_now: Iterable[Key]) -> tuple[bool, int]:
+    def admit(
+        self,
+        key: Key,
+        template: str,
+        rolling_now: Iterable[Key],
+        done: Callable[[Key, str], bool],
+    ) -> tuple[bool, int]:
         """(admitted, how many others roll): `rolling_now` are the backends whose
-        Deployments are rolling; those admitted lately count until theirs shows it."""
+        Deployments are rolling; one admitted counts until `done(key, template)` says its
+        Deployment runs that template everywhere (the watch may not have shown the write
+        yet)."""
         if self.limit == 0:
             return True, 0
         with self._lock:
             now = self._clock()
-            for k, at in list(self._admitted.items()):
-                if now - at > ADMIT_GRACE_SECONDS:
+            for k, (at, wanted) in list(self._admitted.items()):
+                if now - at > ADMIT_GRACE_SECONDS or (k != key and done(k, wanted)):
                     del self._admitted[k]
             busy = (set(rolling_now) | set(self._admitted)) - {key}
             if len(busy) >= self.limit:
                 return False, len(busy)
-            self._admitted[key] = now
+            self._admitted[key] = (now, template)
             return True, len(busy)

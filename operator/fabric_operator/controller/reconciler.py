@@ -347,7 +347,13 @@ class Reconciler:
             return None
         if not pacing.is_upgrade(backend, deployment, live, previous.get("observedGeneration")):
             return None
-        admitted, busy = self.pacer.admit(key, self._rolling())
+        template = deployment["metadata"]["annotations"][pacing.TEMPLATE_HASH]
+        admitted, busy = self.pacer.admit(
+            key,
+            template,
+            self._rolling(),
+            lambda k, t: pacing.rolled(self.store.get("Deployment", *k), t),
+        )
         if admitted:
             return None
         stale.remove(deployment)
