@@ -29,7 +29,7 @@ from fabric_operator.autoscaler.loop import Autoscaler
 from fabric_operator.autoscaler.signal import Signal
 from fabric_operator.config import OperatorConfig
 from fabric_operator.controller.handlers import build_registry, install_kopf_wraps
-from fabric_operator.controller.kube import Kube
+from fabric_operator.controller.kube import Kube, child_versions
 from fabric_operator.controller.reconciler import Reconciler, Settings, new_store
 from fabric_operator.controller.runtime import Controller
 from fabric_operator.localcluster import LocalControlPlane, find_binaries
@@ -71,7 +71,8 @@ def _run_operator(args: argparse.Namespace) -> int:
     configuration = client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = max(4, args.workers)
     store = new_store()
-    kube = Kube(client.ApiClient(configuration))
+    api = client.ApiClient(configuration)
+    kube = Kube(api, _child_versions(api))
     reconciler = Reconciler(
         store, kube, Settings(cluster_domain=args.cluster_domain, config=operator_config)
     )
@@ -104,7 +105,7 @@ async def _operate(
     electing = asyncio.create_task(elector.run()) if elector else None
     try:
         await kopf.operator(
-            registry=build_registry(),
+            registry=build_registry(reconciler.kube.versions),
             memo=kopf.Memo(
                 controller=controller,
                 configuration=configuration,
@@ -124,6 +125,16 @@ async def _operate(
         # cleanup, on SIGTERM): a follower takes over at its next look, not a lease later.
         if elector is not None and controller.drained:
             await elector.release()
+
+
+def _child_versions(api: client.ApiClient) -> dict[str, str]:
+    """Which API versions the children take on this server (policy/v1beta1 before 1.21);
+    the current ones if the server cannot tell yet (it is down: kopf waits for it)."""
+    try:
+        return child_versions(Kube(api).ping())
+    except Exception as err:
+        log.warning("cannot read the API server's version (%s): assuming 1.21 or later", err)
+        return {}
 
 
 def _autoscaler(

@@ -209,6 +209,12 @@ class OperatorConfig(BaseModel):
         alias="remoteHttpHosts",
         description="Hosts also allowed over plain http.",
     )
+    pod_disruption_budgets: bool = Field(
+        default=True,
+        alias="podDisruptionBudgets",
+        description="Give each backend with more than one replica a PodDisruptionBudget "
+        "(maxUnavailable 1), so a node drain never takes a model fully down.",
+    )
     images: dict[str, str] = Field(
         default_factory=dict,
         description="Engine -> image used in place of the pinned one (a mirror in a "

@@ -143,6 +143,7 @@ EXPECTED_RULES = {
     ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
     ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},
     ("", "secrets"): {"get"},
     ("", "events"): {"create"},
@@ -543,3 +544,38 @@ def test_an_upgrade_reusing_older_values_still_renders(helm: Path) -> None:
     assert not [a for a in args if "timeout" in a or "max-held-requests" in a or "body" in a]
     assert "--max-held-mib=256" in args  # what is still set is still passed
     assert not by_kind(docs, "NetworkPolicy")
+
+
+def test_disruption_budgets_for_the_operator_and_gateway_when_they_run_several(
+    helm: Path,
+) -> None:
+    # Defaults: one operator (no budget: it would block every drain), two gateways.
+    docs = template(helm, "--set", "gateway.enabled=true", "--kube-version=1.33.0")
+    [pdb] = by_kind(docs, "PodDisruptionBudget")
+    [gateway] = [
+        d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("gateway")
+    ]
+    assert pdb["apiVersion"] == "policy/v1" and pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == gateway["spec"]["selector"]["matchLabels"]
+    # Two operators (leader election), on Kubernetes 1.20: policy/v1beta1, both budgets.
+    docs = template(
+        helm,
+        *("--set", "gateway.enabled=true", "--set", "replicaCount=2"),
+        *("--set", "leaderElection.enabled=true", "--kube-version=1.20.15"),
+    )
+    budgets = by_kind(docs, "PodDisruptionBudget")
+    assert len(budgets) == 2 and {b["apiVersion"] for b in budgets} == {"policy/v1beta1"}
+    [operator] = [
+        d for d in by_kind(docs, "Deployment") if not d["metadata"]["name"].endswith("gateway")
+    ]
+    selectors = [b["spec"]["selector"]["matchLabels"] for b in budgets]
+    assert operator["spec"]["selector"]["matchLabels"] in selectors
+    # Off: none; and the backends' own follow podDisruptionBudgets.backends.
+    docs = template(
+        helm,
+        *("--set", "gateway.enabled=true", "--set", "podDisruptionBudgets.operator=false"),
+        *("--set", "podDisruptionBudgets.backends=false"),
+    )
+    assert by_kind(docs, "PodDisruptionBudget") == []
+    [config] = by_kind(docs, "ConfigMap")
+    assert "podDisruptionBudgets: false" in config["data"]["config.yaml"]

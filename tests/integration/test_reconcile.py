@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from typing import Any
 
@@ -671,3 +672,30 @@ def test_tool_calling_off_for_want_of_a_parser_is_a_warning_then_on_when_named(
     assert "--enable-auto-tool-choice" in args
     reasons = [(e["type"], e["reason"]) for e in cluster.events(namespace, "gemma")]
     assert ("Normal", "ToolCallingOn") in reasons
+
+
+def test_a_disruption_budget_while_more_than_one_replica(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """policy/v1 from Kubernetes 1.21, v1beta1 before: the API version the server has."""
+    version = cluster.kubectl("version", "-o", "json").stdout
+    minor = int("".join(c for c in json.loads(version)["serverVersion"]["minor"] if c.isdigit()))
+    group_version = "policy/v1" if minor >= 21 else "policy/v1beta1"
+    path = f"/apis/{group_version}/namespaces/{namespace}/poddisruptionbudgets/tiny"
+
+    def budget() -> dict[str, Any] | None:
+        got = cluster.kubectl("get", "--raw", path, check=False)
+        return json.loads(got.stdout) if got.returncode == 0 else None
+
+    cluster.apply(backend(namespace, replicas=2))
+    created = wait_for("the PodDisruptionBudget", budget)
+    assert created["spec"]["maxUnavailable"] == 1
+    assert created["spec"]["selector"] == {"matchLabels": {"llm.fabric.dev/backend": "tiny"}}
+    [owner] = created["metadata"]["ownerReferences"]
+    assert owner["kind"] == "LLMBackend" and owner["controller"] is True
+    scaled = cluster.kubectl("scale", "llmb", "tiny", "-n", namespace, "--replicas=1")
+    assert scaled.returncode == 0, scaled.stderr
+    wait_for("the PodDisruptionBudget pruned at one replica", lambda: budget() is None)
+    assert children(cluster, namespace) is not None  # the rest stays
+    cluster.kubectl("scale", "llmb", "tiny", "-n", namespace, "--replicas=3")
+    assert wait_for("the budget back at three", budget)["spec"]["maxUnavailable"] == 1

@@ -7,6 +7,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from fabric_operator.config import OperatorConfig
 from fabric_operator.render import render
 from fabric_operator.validation import validate
 
@@ -61,6 +62,27 @@ SPECS = {
         "apiKeySecretRef": {"name": "k", "key": "v"},
     },
     "ollama": {"engine": "ollama", "model": {"ollama": "llama3.2:1b"}},
+    "sglang": {
+        "engine": "sglang",
+        "model": {"huggingface": {"repo": "a/b"}},
+        "resources": {"gpu": {"count": 1}},
+        "apiKeySecretRef": {"name": "k", "key": "v"},
+        "cache": {"size": "100Gi", "persistentVolumeClaim": {"storageClassName": "fast"}},
+    },
+    "openai-compatible": {
+        "engine": "openai-compatible",
+        "image": "r/s:1",
+        "model": {"huggingface": {"repo": "a/b"}},
+        "server": {"port": 9000, "args": ["--model", "$(FABRIC_MODEL)"], "healthPath": "/h"},
+        "cache": {"size": "10Gi", "preload": False},
+    },
+    "vllm-preload": {
+        "engine": "vllm",
+        "model": {"huggingface": {"repo": "a/b"}},
+        "resources": {"gpu": {"count": 1}},
+        "cache": {"size": "100Gi", "preload": True},
+        "podSecurity": {"runAsUser": 1000},
+    },
 }
 
 
@@ -80,3 +102,24 @@ def test_children_validate_against_kubernetes_schemas(engine: str, full: bool) -
     assert backend is not None and problems == []
     for child in render(backend).all():
         kubernetes_validate.validate(child, "1.33", strict=True)
+
+
+def test_a_disruption_budget_follows_the_replicas_and_the_servers_version() -> None:
+    spec = {**SPECS["llamacpp"], "replicas": 2}
+    backend, _ = validate({"metadata": {"name": "m", "namespace": "ns"}, "spec": spec})
+    assert backend is not None
+    pdb = render(backend).disruption_budget
+    assert pdb is not None
+    kubernetes_validate.validate(pdb, "1.33", strict=True)
+    assert pdb["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": {"llm.fabric.dev/backend": "m"}},
+    }
+    assert render(backend, policy_version="v1beta1").disruption_budget["apiVersion"] == (  # type: ignore[index]
+        "policy/v1beta1"
+    )
+    assert [m["kind"] for m in render(backend).all()][-1] == "PodDisruptionBudget"
+    one, _ = validate({"metadata": {"name": "m", "namespace": "ns"}, "spec": SPECS["llamacpp"]})
+    assert one is not None and render(one).disruption_budget is None
+    off = OperatorConfig(podDisruptionBudgets=False)
+    assert render(backend, off).disruption_budget is None

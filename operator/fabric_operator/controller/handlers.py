@@ -83,21 +83,25 @@ def install_kopf_wraps() -> None:
     relist.install()  # complete listings are told to the controller (`configure`)
 
 
-def _watch_child(registry: kopf.OperatorRegistry, kind: str, group: str, plural: str) -> None:
+def _watch_child(
+    registry: kopf.OperatorRegistry, kind: str, group: str, plural: str, version: str
+) -> None:
     """The index handler (fills the store) and event handler (queues the backend) of one
     child kind."""
 
-    @kopf.index(group, "v1", plural, id=f"{plural}_cache", registry=registry)
+    @kopf.index(group, version, plural, id=f"{plural}_cache", registry=registry)
     async def child_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].keep(kind, dict(body))
         shed(body, content=False)
 
-    @kopf.on.event(group, "v1", plural, id=f"{plural}_event", registry=registry)
+    @kopf.on.event(group, version, plural, id=f"{plural}_event", registry=registry)
     async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].observe_child(kind, dict(event))
 
 
-def build_registry() -> kopf.OperatorRegistry:
+def build_registry(versions: dict[str, str] | None = None) -> kopf.OperatorRegistry:
+    """`versions`: child kind -> API version where not v1 (the server's, see
+    kube.child_versions)."""
     install_kopf_wraps()
     registry = kopf.OperatorRegistry()
 
@@ -147,7 +151,7 @@ def build_registry() -> kopf.OperatorRegistry:
     # must still be seen (and restored); `Controller.keep` keeps only ours, labelled or
     # remembered.
     for kind, (group, plural) in CHILD_APIS.items():
-        _watch_child(registry, kind, group, plural)
+        _watch_child(registry, kind, group, plural, (versions or {}).get(kind, "v1"))
 
     @kopf.index("", "v1", "pods", labels=MANAGED, registry=registry)
     async def pod_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import threading
 from collections import Counter
@@ -39,7 +40,20 @@ CHILD_APIS = {
     "Service": ("", "services"),
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "PersistentVolumeClaim": ("", "persistentvolumeclaims"),
+    "PodDisruptionBudget": ("policy", "poddisruptionbudgets"),
 }
+
+
+def child_versions(server: Any) -> dict[str, str]:
+    """Child kind -> the API version to use on a server of this /version answer (v1 unless
+    listed): policy/v1 PodDisruptionBudgets exist from Kubernetes 1.21; 1.20 has v1beta1."""
+    if not isinstance(server, dict):
+        return {}
+    major = re.match(r"\d+", str(server.get("major")))
+    minor = re.match(r"\d+", str(server.get("minor")))  # "20+" on some managed clusters
+    if major and minor and (int(major.group()), int(minor.group())) < (1, 21):
+        return {"PodDisruptionBudget": "v1beta1"}
+    return {}
 
 
 class Kube:
@@ -50,8 +64,11 @@ class Kube:
     validate_call wrappers) for eight endpoints whose paths are fixed, and their methods
     refuse a bytes body and serialize dicts as ASCII JSON (see apply_body)."""
 
-    def __init__(self, api_client: client.ApiClient) -> None:
+    def __init__(
+        self, api_client: client.ApiClient, versions: dict[str, str] | None = None
+    ) -> None:
         self.api_client = api_client
+        self.versions = versions or {}  # child kind -> API version, when not v1
         self.requests: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -62,13 +79,13 @@ class Kube:
     def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         return request(self.api_client, method, path, **kwargs)
 
-    @staticmethod
-    def _child_path(kind: str, namespace: str, name: str) -> tuple[str, str]:
+    def _child_path(self, kind: str, namespace: str, name: str) -> tuple[str, str]:
         """(resource, path) of a child."""
         if kind not in CHILD_APIS:
             raise ValueError(f"unexpected child kind {kind}")
         group, resource = CHILD_APIS[kind]
-        group_path = f"/apis/{group}/v1" if group else "/api/v1"
+        version = self.versions.get(kind, "v1")
+        group_path = f"/apis/{group}/{version}" if group else f"/api/{version}"
         return resource, f"{group_path}/namespaces/{segment(namespace)}/{resource}/{segment(name)}"
 
     @staticmethod

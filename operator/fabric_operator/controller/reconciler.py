@@ -49,7 +49,9 @@ STALE_RECHECK_SECONDS = 2.0
 # its own).
 PACE_RECHECK_SECONDS = 5.0
 REASON_NAME_CONFLICT = "NameConflict"
-CHILD_KINDS = frozenset({"Deployment", "Service", "NetworkPolicy", "PersistentVolumeClaim"})
+CHILD_KINDS = frozenset(
+    {"Deployment", "Service", "NetworkPolicy", "PersistentVolumeClaim", "PodDisruptionBudget"}
+)
 # Status keys another writer owns (the autoscaler loop), which the reconciler leaves alone.
 FOREIGN_STATUS = frozenset({"autoscaling"})
 MANAGED_LABEL = "app.kubernetes.io/managed-by"
@@ -103,7 +105,12 @@ class Reconciler:
         if backend.spec.remote is not None:
             return self._reconcile_remote(obj, backend, problems)
 
-        rendered = render(backend, self.settings.config).all() if not problems else []
+        policy = getattr(self.kube, "versions", {}).get("PodDisruptionBudget", "v1")
+        rendered = (
+            render(backend, self.settings.config, policy_version=policy).all()
+            if not problems
+            else []
+        )
         for m in rendered:
             if m["kind"] == "Deployment":
                 pacing.annotate(m, backend)

@@ -75,6 +75,7 @@ class Children:
     service: Manifest
     network_policy: Manifest | None = None
     cache_claim: Manifest | None = None  # the backend's own weight cache
+    disruption_budget: Manifest | None = None
 
     def all(self) -> list[Manifest]:
         """In the order they are applied (and `fabric-operator render` prints them): the
@@ -83,7 +84,8 @@ class Children:
         be refused by the API server, so that a refusal leaves no Service without its
         Deployment."""
         first = [m for m in (self.network_policy, self.cache_claim) if m is not None]
-        return [*first, self.deployment, self.service]
+        last = [self.disruption_budget] if self.disruption_budget is not None else []
+        return [*first, self.deployment, self.service, *last]
 
 
 def selector_labels(backend: LLMBackend) -> dict[str, str]:
@@ -450,11 +452,34 @@ def network_policy(backend: LLMBackend, config: OperatorConfig = DEFAULT) -> Man
     }
 
 
-def render(backend: LLMBackend, config: OperatorConfig = DEFAULT) -> Children:
-    """The children of a *valid* backend (see fabric_operator.validation)."""
+def disruption_budget(
+    backend: LLMBackend, config: OperatorConfig = DEFAULT, policy_version: str = "v1"
+) -> Manifest | None:
+    """A node drain takes one replica at a time (maxUnavailable 1), never the model away:
+    for backends of more than one replica (a single replica would block drains)."""
+    if not config.pod_disruption_budgets or backend.spec.replicas < 2:
+        return None
+    return {
+        "apiVersion": f"policy/{policy_version}",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": backend.name,
+            "namespace": backend.namespace,
+            "labels": labels(backend),
+        },
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(backend)}},
+    }
+
+
+def render(
+    backend: LLMBackend, config: OperatorConfig = DEFAULT, *, policy_version: str = "v1"
+) -> Children:
+    """The children of a *valid* backend (see fabric_operator.validation). `policy_version`:
+    the PodDisruptionBudget API version the server takes (v1beta1 before 1.21)."""
     return Children(
         deployment=deployment(backend, config),
         service=service(backend),
         network_policy=network_policy(backend, config),
         cache_claim=cache_claim(backend, labels(backend)),
+        disruption_budget=disruption_budget(backend, config, policy_version),
     )
