@@ -310,7 +310,7 @@ def test_service_type_and_annotations() -> None:
 
 def test_children_order_and_deployment_identity() -> None:
     children = render(backend(spec("vllm", replicas=3), name="qwen", namespace="ai"))
-    assert children.all() == [children.deployment, children.service]
+    assert children.all() == [children.deployment, children.service, children.disruption_budget]
     dep = children.deployment
     assert (dep["apiVersion"], dep["kind"]) == ("apps/v1", "Deployment")
     assert dep["metadata"]["name"] == "qwen" and dep["metadata"]["namespace"] == "ai"
