@@ -19,7 +19,8 @@ from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.rules import POD_FIELDS
 from fabric_operator.api.v1alpha1 import Engine, LabelSelector
 from fabric_operator.config import DEFAULT, OperatorConfig
-from fabric_operator.render import toolcalls
+from fabric_operator.render import openai_compatible, toolcalls
+from fabric_operator.render.cache import claim_name
 from fabric_operator.render.placement import accelerator, placement
 
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -32,19 +33,31 @@ SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 MAX_NAME = 63
 MAX_ANNOTATIONS = 256 * 1024  # apimachinery's total size of an object's annotations
 
-GPU_ENGINES = {Engine.VLLM, Engine.TGI}
+GPU_ENGINES = {Engine.VLLM, Engine.TGI, Engine.SGLANG}
 SOURCES_BY_ENGINE = {
     Engine.VLLM: ("huggingface", "pvc"),
     Engine.TGI: ("huggingface", "pvc"),
     Engine.LLAMACPP: ("huggingface", "url", "pvc"),
     Engine.LLAMACPP_PYTHON: ("huggingface", "pvc"),
     Engine.OLLAMA: ("ollama",),
+    Engine.SGLANG: ("huggingface", "pvc"),
+    Engine.TRANSFORMERS: ("huggingface", "pvc"),
+    Engine.OPENLLM: ("openllm",),
+    Engine.OPENAI_COMPATIBLE: ("huggingface", "url", "pvc"),
 }
 OPTION_ENGINES = {
-    "tensorParallel": (Engine.VLLM, Engine.TGI),
-    "gpuMemoryUtilization": (Engine.VLLM,),
-    "quantization": (Engine.VLLM, Engine.TGI),
-    "dtype": (Engine.VLLM, Engine.TGI),
+    "contextLength": (
+        Engine.VLLM,
+        Engine.TGI,
+        Engine.LLAMACPP,
+        Engine.LLAMACPP_PYTHON,
+        Engine.OLLAMA,
+        Engine.SGLANG,
+    ),
+    "tensorParallel": (Engine.VLLM, Engine.TGI, Engine.SGLANG),
+    "gpuMemoryUtilization": (Engine.VLLM, Engine.SGLANG),
+    "quantization": (Engine.VLLM, Engine.TGI, Engine.SGLANG),
+    "dtype": (Engine.VLLM, Engine.TGI, Engine.SGLANG, Engine.TRANSFORMERS),
 }
 # text-generation-launcher's own value lists (launcher/src/main.rs, TGI 3.3).
 TGI_DTYPES = ("float16", "bfloat16")
@@ -76,8 +89,20 @@ MANAGED_FLAGS = {
     "--model_alias",
     "--api_key",
     "--hf_model_repo_id",
+    "--model-path",
+    "--model_path",
+    "--force-model",
 }
 GGUF_ENGINES = (Engine.LLAMACPP, Engine.LLAMACPP_PYTHON)
+# Engines without a key of their own: the gateway checks keys in front of them.
+NO_KEY_ENGINES = frozenset({Engine.OLLAMA, Engine.OPENLLM})
+# Engines with no image the operator could default to.
+IMAGE_REQUIRED = {
+    Engine.OPENLLM: "OpenLLM publishes no image for `openllm serve`; name one with openllm "
+    "installed (and, without internet access, its catalogue and environment built in)",
+}
+# Engines whose image has huggingface_hub for spec.cache.preload.
+PRELOAD_ENGINES = frozenset({Engine.VLLM, Engine.TGI, Engine.SGLANG, Engine.TRANSFORMERS})
 SERVER_NAMES = {Engine.LLAMACPP: "llama-server", Engine.LLAMACPP_PYTHON: "llama-cpp-python"}
 # llama-cpp-python's own settings the operator sets (as flags or variables), and its config
 # file, which would make it ignore them all.
@@ -92,7 +117,15 @@ PY_MANAGED_FLAGS = {
 }
 PY_MANAGED_ENV = {f.removeprefix("--") for f in PY_MANAGED_FLAGS} | {"chat_format"}
 # Env the operator sets from Secrets; a literal in spec.env would override (and leak) them.
-MANAGED_ENV = {"HF_TOKEN", "VLLM_API_KEY", "API_KEY", "LLAMA_API_KEY", "OLLAMA_HOST"}
+MANAGED_ENV = {
+    "HF_TOKEN",
+    "VLLM_API_KEY",
+    "API_KEY",
+    "LLAMA_API_KEY",
+    "OLLAMA_HOST",
+    "SGLANG_API_KEY",
+    *openai_compatible.MANAGED_ENV,
+}
 
 
 @dataclass(frozen=True)
@@ -141,6 +174,25 @@ def check_remote(backend: LLMBackend) -> Iterator[Problem]:
     for field in POD_FIELDS:
         if field in given:
             yield Problem(f"spec.{field}", "a remote backend runs no pods; remove it")
+    yield from check_remote_provider(backend)
+
+
+# Providers that answer nothing without the credential apiKeySecretRef names (Provider).
+_CREDENTIAL = {
+    "bedrock": "an Amazon Bedrock API key",
+    "vertex": "a Google service-account JSON key (the gateway mints access tokens from it)",
+}
+
+
+def check_remote_provider(backend: LLMBackend) -> Iterator[Problem]:
+    """Amazon Bedrock and Vertex AI refuse every request without their credential: a
+    backend of theirs without apiKeySecretRef could never answer."""
+    remote, ref = backend.spec.remote, backend.spec.api_key_secret_ref
+    if remote is not None and remote.provider in _CREDENTIAL and ref is None:
+        yield Problem(
+            "spec.apiKeySecretRef",
+            f"provider {remote.provider} needs a Secret holding {_CREDENTIAL[remote.provider]}",
+        )
 
 
 def check_remote_host(backend: LLMBackend, config: OperatorConfig) -> Iterator[Problem]:
@@ -264,31 +316,13 @@ def check_spec(backend: LLMBackend) -> Iterator[Problem]:
             f"{tp} must divide spec.resources.gpu.count ({gpus})",
         )
 
-    if engine == Engine.TGI:
-        opts = spec.options
-        if opts.dtype is not None and opts.dtype not in TGI_DTYPES:
-            yield Problem(
-                "spec.engineOptions.dtype",
-                f"tgi accepts {' or '.join(TGI_DTYPES)}, not {opts.dtype}",
-            )
-        if opts.quantization is not None and opts.quantization not in TGI_QUANTIZE:
-            yield Problem(
-                "spec.engineOptions.quantization",
-                f"tgi does not know {opts.quantization!r}; it accepts {', '.join(TGI_QUANTIZE)}",
-            )
-        if opts.dtype is not None and opts.quantization is not None:
-            yield Problem(
-                "spec.engineOptions.dtype",
-                "tgi cannot combine dtype with quantization; set one of them",
-            )
+    yield from check_tgi(backend)
+    yield from check_server(backend)
+    yield from check_cache(backend)
+    yield from check_pod_security(backend)
+    yield from check_image_and_key(backend)
 
     if engine == Engine.OLLAMA:
-        if spec.api_key_secret_ref:
-            yield Problem(
-                "spec.apiKeySecretRef",
-                "ollama has no built-in API key; leave it unset and put the fabric "
-                "gateway (which checks keys) in front of this backend",
-            )
         if spec.hf_token_secret_ref:
             yield Problem(
                 "spec.hfTokenSecretRef",
@@ -303,6 +337,147 @@ def check_spec(backend: LLMBackend) -> Iterator[Problem]:
 
     yield from check_tool_calling(backend)
     yield from check_overrides(backend)
+
+
+def check_tgi(backend: LLMBackend) -> Iterator[Problem]:
+    """text-generation-launcher's own value lists."""
+    if backend.spec.engine != Engine.TGI:
+        return
+    spec = backend.spec
+    opts = spec.options
+    if opts.dtype is not None and opts.dtype not in TGI_DTYPES:
+        yield Problem(
+            "spec.engineOptions.dtype",
+            f"tgi accepts {' or '.join(TGI_DTYPES)}, not {opts.dtype}",
+        )
+    if opts.quantization is not None and opts.quantization not in TGI_QUANTIZE:
+        yield Problem(
+            "spec.engineOptions.quantization",
+            f"tgi does not know {opts.quantization!r}; it accepts {', '.join(TGI_QUANTIZE)}",
+        )
+    if opts.dtype is not None and opts.quantization is not None:
+        yield Problem(
+            "spec.engineOptions.dtype",
+            "tgi cannot combine dtype with quantization; set one of them",
+        )
+
+
+def check_image_and_key(backend: LLMBackend) -> Iterator[Problem]:
+    """What each engine's image can do: take a key, run as another user, exist at all."""
+    spec = backend.spec
+    engine = spec.engine
+    if engine in NO_KEY_ENGINES and spec.api_key_secret_ref:
+        yield Problem(
+            "spec.apiKeySecretRef",
+            f"{engine} has no built-in API key; leave it unset and put the fabric "
+            "gateway (which checks keys) in front of this backend",
+        )
+    if engine in IMAGE_REQUIRED and spec.image is None:
+        yield Problem("spec.image", IMAGE_REQUIRED[engine])
+    if engine == Engine.SGLANG and spec.gpu_vendor == "amd" and spec.image is None:
+        yield Problem(
+            "spec.image",
+            "SGLang names no ROCm image of its own; name one built for your AMD GPUs",
+        )
+    wanted = spec.pod_security
+    if (
+        wanted is not None
+        and wanted.profile == "Restricted"
+        and engine == Engine.TGI
+        and spec.image is None
+    ):
+        yield Problem(
+            "spec.podSecurity.profile",
+            "the pinned tgi image cannot run as another user than root (its Python is "
+            "under /root: huggingface/text-generation-inference#3082); use Baseline or "
+            "name an image that can",
+        )
+
+
+def check_server(backend: LLMBackend) -> Iterator[Problem]:
+    """spec.server describes an openai-compatible image, and only that."""
+    spec = backend.spec
+    if spec.engine != Engine.OPENAI_COMPATIBLE:
+        if spec.server is not None:
+            yield Problem(
+                "spec.server",
+                f"is for engine openai-compatible; {spec.engine} is run as the operator knows",
+            )
+        return
+    if spec.server is None:
+        yield Problem(
+            "spec.server",
+            "engine openai-compatible needs spec.server: at least the port the image listens "
+            "on (and its command/args, naming the model as $(FABRIC_MODEL))",
+        )
+    if spec.image is None:
+        yield Problem("spec.image", "engine openai-compatible runs the image named here; set it")
+    if spec.tool_calling is not None and (spec.tool_calling.parser or spec.tool_calling.enabled):
+        yield Problem(
+            "spec.toolCalling",
+            "the operator cannot switch tool calling on in an image it does not know; put the "
+            "server's own flags in spec.server.args",
+        )
+    if spec.model is not None and spec.model.huggingface and spec.model.huggingface.file:
+        yield Problem(
+            "spec.model.huggingface.file",
+            "openai-compatible hands the server the repository ($(FABRIC_MODEL)); name the "
+            "file in spec.server.args",
+        )
+
+
+def check_cache(backend: LLMBackend) -> Iterator[Problem]:
+    """spec.cache: a claim needs a size; preload needs a Hub model and an image with its
+    downloader; the backend's own claim takes the backend's name."""
+    spec = backend.spec
+    cache = spec.cache
+    if cache is None:
+        return
+    claim = cache.persistent_volume_claim
+    if claim is not None and cache.size is None:
+        yield Problem(
+            "spec.cache.size", "is required with persistentVolumeClaim (the claim's size)"
+        )
+    if cache.size is not None:
+        try:
+            if parse_quantity(cache.size) <= 0:  # type: ignore[no-untyped-call]
+                yield Problem("spec.cache.size", "must be more than 0")
+        except (ValueError, ArithmeticError):
+            yield Problem("spec.cache.size", "is not a valid quantity")
+    pvc = spec.model.pvc if spec.model else None
+    if claim is not None and pvc is not None and pvc.claim_name == claim_name(backend):
+        yield Problem(
+            "spec.cache.persistentVolumeClaim",
+            f"the cache claim would be named {pvc.claim_name!r}, the claim the model is read "
+            "from; rename one of them or set shared: true",
+        )
+    if cache.preload:
+        if spec.model is None or spec.model.huggingface is None:
+            yield Problem(
+                "spec.cache.preload",
+                "downloads a Hugging Face model; this backend's model comes from "
+                f"{spec.model.kind if spec.model else 'nowhere'}"
+                + (
+                    " (ollama already pulls before it serves)"
+                    if spec.engine == Engine.OLLAMA
+                    else ""
+                ),
+            )
+        elif spec.engine not in PRELOAD_ENGINES:
+            yield Problem(
+                "spec.cache.preload",
+                f"{spec.engine}'s image has no downloader the operator can run; it downloads "
+                "as it starts (status.lastStart shows how long)",
+            )
+
+
+def check_pod_security(backend: LLMBackend) -> Iterator[Problem]:
+    wanted = backend.spec.pod_security
+    if wanted is not None and wanted.profile == "Baseline" and wanted.run_as_user is not None:
+        yield Problem(
+            "spec.podSecurity.runAsUser",
+            "is for profile Restricted; Baseline runs as the image's own user",
+        )
 
 
 def check_tool_calling(backend: LLMBackend) -> Iterator[Problem]:
@@ -326,6 +501,7 @@ def check_tool_calling(backend: LLMBackend) -> Iterator[Problem]:
         known = {
             Engine.VLLM: toolcalls.VLLM_PARSERS,
             Engine.LLAMACPP_PYTHON: toolcalls.LLAMACPP_PYTHON_FORMATS,
+            Engine.SGLANG: toolcalls.SGLANG_PARSERS,
         }.get(engine)
         # A custom image may be a newer engine with parsers this table does not know.
         if asked.parser and known and spec.image is None and asked.parser not in known:
@@ -337,10 +513,11 @@ def check_tool_calling(backend: LLMBackend) -> Iterator[Problem]:
         if asked.chat_template and engine != Engine.VLLM:
             yield Problem(f"{where}.chatTemplate", f"is for engine vllm, not {engine}")
         if asked.enabled is False:
-            if engine in toolcalls.BUILT_IN_ENGINES:
+            if engine in toolcalls.BUILT_IN_ENGINES or engine in toolcalls.IMAGE_DECIDES:
                 yield Problem(
                     f"{where}.enabled",
-                    f"{engine} always accepts tools and has no switch to turn them off; remove it",
+                    f"{engine} has no switch the operator can turn tool calling off with; "
+                    "remove it",
                 )
             for name in ("parser", "chatTemplate"):
                 if getattr(asked, "chat_template" if name == "chatTemplate" else name):
@@ -381,6 +558,8 @@ def check_overrides(backend: LLMBackend) -> Iterator[Problem]:
     managed = (
         MANAGED_FLAGS | PY_MANAGED_FLAGS if spec.engine == Engine.LLAMACPP_PYTHON else MANAGED_FLAGS
     )
+    if spec.engine == Engine.OPENAI_COMPATIBLE:
+        managed = set()  # the user writes the whole command line
     for i, arg in enumerate(spec.extra_args or []):
         name = toolcalls.flag_name(spec.engine, arg, managed) or arg.split("=", 1)[0]
         if name in managed:

@@ -82,6 +82,25 @@ VALID: list[dict[str, Any]] = [
     },
     REMOTE,
     {**REMOTE, "fallback": ["other"], "apiKeySecretRef": {"name": "k", "key": "v"}},
+    {"engine": "sglang", "model": HF, **GPU, "engineOptions": {"gpuMemoryUtilization": 0.8}},
+    {"engine": "sglang", "model": HF, **GPU, "toolCalling": {"parser": "qwen25"}},
+    {"engine": "transformers", "model": HF, "engineOptions": {"dtype": "float32"}},
+    {"engine": "openllm", "model": {"openllm": "llama3.2:1b"}, "image": "r/openllm:1"},
+    {
+        "engine": "openai-compatible",
+        "model": {"url": "https://h.invalid/m.gguf"},
+        "image": "r/server:1",
+        "server": {"port": 8000, "args": ["--model", "$(FABRIC_MODEL)"]},
+    },
+    {"engine": "vllm", "model": HF, **GPU, "cache": {"size": "40Gi", "preload": True}},
+    {
+        "engine": "vllm",
+        "model": HF,
+        **GPU,
+        "cache": {"size": "40Gi", "persistentVolumeClaim": {"shared": True}},
+    },
+    {"engine": "llamacpp", "model": HF, "podSecurity": {"runAsUser": 1000}},
+    {"engine": "tgi", "model": HF, **GPU, "podSecurity": {"profile": "Baseline"}},
 ]
 
 
@@ -98,7 +117,7 @@ INVALID: list[tuple[dict[str, Any], str]] = [
     ({**REMOTE, "toolCalling": {"enabled": True}}, "a remote backend runs no pods"),
     (
         {"engine": "vllm", **GPU, "model": {"url": "https://h.invalid/m.gguf"}},
-        "spec.model.url (a GGUF URL) is for engine llamacpp",
+        "spec.model.url (a GGUF URL) is for engines llamacpp and openai-compatible",
     ),
     ({"engine": "vllm", **GPU, "model": {"ollama": "x"}}, "engine ollama takes spec.model.ollama"),
     ({"engine": "ollama", "model": HF}, "engine ollama takes spec.model.ollama"),
@@ -110,14 +129,14 @@ INVALID: list[tuple[dict[str, Any], str]] = [
         {"engine": "llamacpp-python", "model": HF, "image": "r/x:1"},
         "llamacpp-python needs spec.model.huggingface.file",
     ),
-    ({"engine": "vllm", "model": HF}, "engines vllm and tgi need at least 1 GPU"),
+    ({"engine": "vllm", "model": HF}, "engines vllm, tgi and sglang need at least 1 GPU"),
     (
         {"engine": "tgi", "model": HF, "resources": {"gpu": {"count": 0}}},
-        "engines vllm and tgi need at least 1 GPU",
+        "engines vllm, tgi and sglang need at least 1 GPU",
     ),
     (
         {"engine": "tgi", "model": HF, **GPU, "engineOptions": {"gpuMemoryUtilization": 0.5}},
-        "spec.engineOptions.gpuMemoryUtilization is for engine vllm",
+        "spec.engineOptions.gpuMemoryUtilization is for engines vllm and sglang",
     ),
     (
         {
@@ -125,7 +144,7 @@ INVALID: list[tuple[dict[str, Any], str]] = [
             "model": {"url": "https://h.invalid/m.gguf"},
             "engineOptions": {"dtype": "float16"},
         },
-        "spec.engineOptions tensorParallel, quantization and dtype are for engines vllm and tgi",
+        "spec.engineOptions.dtype is for engines vllm, tgi, sglang and transformers",
     ),
     (
         {
@@ -133,7 +152,7 @@ INVALID: list[tuple[dict[str, Any], str]] = [
             "model": {"ollama": "x"},
             "apiKeySecretRef": {"name": "a", "key": "b"},
         },
-        "ollama has no built-in API key",
+        "ollama and openllm have no built-in API key",
     ),
     (
         {"engine": "llamacpp", "model": HF, "toolCalling": {"parser": "hermes"}},
@@ -146,7 +165,7 @@ INVALID: list[tuple[dict[str, Any], str]] = [
     ),
     (
         {"engine": "tgi", "model": HF, **GPU, "toolCalling": {"enabled": False}},
-        "tgi and ollama always accept tools",
+        "tgi, ollama, transformers, openllm and openai-compatible have no switch",
     ),
     (
         {
@@ -163,6 +182,53 @@ INVALID: list[tuple[dict[str, Any], str]] = [
             "autoscaling": {"minReplicas": 3, "maxReplicas": 2},
         },
         "minReplicas must be at most maxReplicas",
+    ),
+    ({"engine": "sglang", "model": HF}, "engines vllm, tgi and sglang need at least 1 GPU"),
+    (
+        {"engine": "llamacpp", "model": HF, "engineOptions": {"tensorParallel": 1}},
+        "spec.engineOptions tensorParallel and quantization are for engines vllm, tgi and sglang",
+    ),
+    (
+        {"engine": "transformers", "model": HF, "engineOptions": {"contextLength": 4096}},
+        "spec.engineOptions.contextLength is not something",
+    ),
+    (
+        {"engine": "openllm", "model": HF, "image": "r/o:1"},
+        "engine openllm takes spec.model.openllm",
+    ),
+    (
+        {"engine": "vllm", **GPU, "model": {"openllm": "llama3.2:1b"}},
+        "engine openllm takes spec.model.openllm",
+    ),
+    ({"engine": "openllm", "model": {"openllm": "x"}}, "engines openai-compatible and openllm run"),
+    (
+        {"engine": "openai-compatible", "model": HF, "image": "r/s:1"},
+        "engine openai-compatible needs spec.server",
+    ),
+    (
+        {"engine": "llamacpp", "model": HF, "server": {"port": 8000}},
+        "engine openai-compatible needs spec.server",
+    ),
+    (
+        {"engine": "vllm", "model": HF, **GPU, "cache": {"persistentVolumeClaim": {}}},
+        "spec.cache.size is required with spec.cache.persistentVolumeClaim",
+    ),
+    (
+        {"engine": "llamacpp", "model": HF, "cache": {"preload": True}},
+        "spec.cache.preload downloads a Hugging Face model",
+    ),
+    (
+        {"engine": "vllm", **GPU, "model": {"pvc": {"claimName": "w", "path": "m"}}}
+        | {"cache": {"preload": True}},
+        "spec.cache.preload downloads a Hugging Face model",
+    ),
+    (
+        {"engine": "llamacpp", "model": HF, "podSecurity": {"profile": "Baseline", "runAsUser": 5}},
+        "spec.podSecurity.runAsUser is for profile Restricted",
+    ),
+    (
+        {"engine": "sglang", "model": HF, **GPU, "toolCalling": {"chatTemplate": "/t.jinja"}},
+        "spec.toolCalling.chatTemplate is for engine vllm",
     ),
 ]
 

@@ -76,6 +76,10 @@ def test_schema_validates_what_it_can() -> None:
         "llamacpp",
         "llamacpp-python",
         "ollama",
+        "sglang",
+        "transformers",
+        "openllm",
+        "openai-compatible",
         "remote",
     ]
     assert props["remote"]["required"] == ["baseURL"]
@@ -88,7 +92,7 @@ def test_schema_validates_what_it_can() -> None:
         "type": "integer",
     }
     assert props["model"]["oneOf"] == [
-        {"required": [s]} for s in ("huggingface", "url", "ollama", "pvc")
+        {"required": [s]} for s in ("huggingface", "url", "ollama", "pvc", "openllm")
     ]
     gpu = props["resources"]["properties"]["gpu"]["properties"]
     assert gpu["count"]["minimum"] == 0

@@ -69,10 +69,14 @@ def translate(
 @pytest.mark.parametrize(
     ("spec", "model"),
     [
-        pytest.param({"model": {"url": URL}}, TINY, id="url"),
-        pytest.param({"model": {"huggingface": {"repo": "o/r"}}}, TINY, id="hf-repo"),
+        pytest.param({"model": {"url": URL}}, f"/cache/{URL.rsplit('/', 1)[-1]}", id="url"),
         pytest.param(
-            {"model": {"huggingface": {"repo": "o/r", "file": "q4.gguf"}}}, TINY, id="hf-file"
+            {"model": {"huggingface": {"repo": "o/r"}}}, "/cache/o_r_model.gguf", id="hf-repo"
+        ),
+        pytest.param(
+            {"model": {"huggingface": {"repo": "o/r", "file": "q4.gguf"}}},
+            "/cache/o_r_q4.gguf",
+            id="hf-file",
         ),
         pytest.param(
             {"model": {"pvc": {"claimName": "weights", "path": "gguf/m.gguf"}}},
@@ -80,7 +84,9 @@ def translate(
             id="pvc",
         ),
         pytest.param(
-            {"model": {"url": URL}, "resources": {"gpu": {"count": 1}}}, TINY, id="gpu-layers"
+            {"model": {"url": URL}, "resources": {"gpu": {"count": 1}}},
+            f"/cache/{URL.rsplit('/', 1)[-1]}",
+            id="gpu-layers",
         ),
     ],
 )
@@ -306,3 +312,29 @@ def test_tool_calling_off_renders_no_jinja_and_the_shim_keeps_the_template() -> 
     assert "--no-jinja" in args and "--jinja" not in args
     argv, _ = translate(args, env)
     assert "--chat_format" not in argv
+
+
+# --- the stand-in's download into LLAMA_CACHE ---------------------------------------------
+
+
+def test_a_download_lands_in_the_cache_once_and_is_found_there_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    baked = tmp_path / "tiny.gguf"
+    baked.write_bytes(b"GGUF weights")
+    monkeypatch.setattr(shim, "TINY_MODEL", str(baked))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    argv, _ = translate(["--model-url", URL], {"LLAMA_CACHE": str(cache)})
+    model = option(argv, "--model")
+    assert model == f"{cache}/{URL.rsplit('/', 1)[-1]}"
+    shim.fetch(model, str(cache))
+    assert Path(model).read_bytes() == b"GGUF weights"
+    assert "downloaded to cache" in capsys.readouterr().err
+    first = Path(model).stat().st_mtime_ns
+    shim.fetch(model, str(cache))
+    assert "found in cache" in capsys.readouterr().err
+    assert Path(model).stat().st_mtime_ns == first  # not written again
+    assert sorted(p.name for p in cache.iterdir()) == [Path(model).name]  # no partial left
+    shim.fetch("/data/m.gguf", str(cache))  # a model outside the cache: nothing written
+    assert not Path("/data/m.gguf").exists() and capsys.readouterr().err == ""

@@ -368,45 +368,33 @@ PVC_VOLUME = {"name": "model", "persistentVolumeClaim": {"claimName": "weights",
 PVC_MOUNT = {"name": "model", "mountPath": "/models", "readOnly": True}
 
 
+CACHE = {"name": "cache", "emptyDir": {}}
+CACHE_MOUNT = {"name": "cache", "mountPath": "/cache"}
+HOME_VOLUME = {"name": "home", "emptyDir": {}}
+HOME_MOUNT = {"name": "home", "mountPath": "/home/fabric"}
+# Restricted engines: HOME on a volume of its own, and a user name (no passwd entry).
+HOME_ENV = [
+    {"name": "HOME", "value": "/home/fabric"},
+    {"name": "USER", "value": "fabric"},
+    {"name": "LOGNAME", "value": "fabric"},
+]
+
+
 @pytest.mark.parametrize(
     ("engine", "count", "volumes", "mounts"),
     [
-        (
-            "vllm",
-            1,
-            [_shm("2Gi"), {"name": "cache", "emptyDir": {}}],
-            [SHM_MOUNT, {"name": "cache", "mountPath": "/cache"}],
-        ),
-        (
-            "vllm",
-            4,
-            [_shm("8Gi"), {"name": "cache", "emptyDir": {}}],
-            [SHM_MOUNT, {"name": "cache", "mountPath": "/cache"}],
-        ),
-        (
-            "tgi",
-            2,
-            [_shm("4Gi"), {"name": "data", "emptyDir": {}}],
-            [SHM_MOUNT, {"name": "data", "mountPath": "/data"}],
-        ),
-        (
-            "llamacpp",
-            1,
-            [{"name": "cache", "emptyDir": {}}],
-            [{"name": "cache", "mountPath": "/cache"}],
-        ),
+        ("vllm", 1, [_shm("2Gi"), CACHE, HOME_VOLUME], [SHM_MOUNT, CACHE_MOUNT, HOME_MOUNT]),
+        ("vllm", 4, [_shm("8Gi"), CACHE, HOME_VOLUME], [SHM_MOUNT, CACHE_MOUNT, HOME_MOUNT]),
+        # TGI keeps its image's user (root): no HOME volume; its cache is its /data.
+        ("tgi", 2, [_shm("4Gi"), CACHE], [SHM_MOUNT, {"name": "cache", "mountPath": "/data"}]),
+        ("llamacpp", 1, [CACHE, HOME_VOLUME], [CACHE_MOUNT, HOME_MOUNT]),
         (
             "llamacpp-python",
             0,
-            [{"name": "cache", "emptyDir": {}}, PVC_VOLUME],
-            [{"name": "cache", "mountPath": "/cache"}, PVC_MOUNT],
+            [CACHE, HOME_VOLUME, PVC_VOLUME],
+            [CACHE_MOUNT, HOME_MOUNT, PVC_MOUNT],
         ),
-        (
-            "ollama",
-            0,
-            [{"name": "ollama", "emptyDir": {}}],
-            [{"name": "ollama", "mountPath": "/root/.ollama"}],
-        ),
+        ("ollama", 0, [CACHE, HOME_VOLUME], [CACHE_MOUNT, HOME_MOUNT]),
     ],
 )
 def test_volumes_and_mounts(engine: str, count: int, volumes: list[Any], mounts: list[Any]) -> None:
@@ -439,11 +427,12 @@ def _env(name: str, value: str) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("engine", "fields", "env"),
     [
-        ("vllm", {}, [_env("HF_HOME", "/cache/huggingface")]),
+        ("vllm", {}, [*HOME_ENV, _env("HF_HOME", "/cache/huggingface")]),
         (
             "vllm",
             {"apiKeySecretRef": API_KEY, "hfTokenSecretRef": HF_TOKEN},
             [
+                *HOME_ENV,
                 _env("HF_HOME", "/cache/huggingface"),
                 _secret("HF_TOKEN", HF_TOKEN),
                 _secret("VLLM_API_KEY", API_KEY),
@@ -455,32 +444,45 @@ def _env(name: str, value: str) -> dict[str, str]:
             {"apiKeySecretRef": API_KEY, "hfTokenSecretRef": HF_TOKEN},
             [_env("HF_HOME", "/data"), _secret("HF_TOKEN", HF_TOKEN), _secret("API_KEY", API_KEY)],
         ),
-        ("llamacpp", {}, [_env("LLAMA_CACHE", "/cache")]),
+        ("llamacpp", {}, [*HOME_ENV, _env("LLAMA_CACHE", "/cache")]),
         (
             "llamacpp",
             {"apiKeySecretRef": API_KEY, "hfTokenSecretRef": HF_TOKEN},
             [
+                *HOME_ENV,
                 _env("LLAMA_CACHE", "/cache"),
                 _secret("HF_TOKEN", HF_TOKEN),
                 _secret("LLAMA_API_KEY", API_KEY),
             ],
         ),
-        ("llamacpp-python", {}, [_env("HF_HOME", "/cache/huggingface")]),
+        ("llamacpp-python", {}, [*HOME_ENV, _env("HF_HOME", "/cache/huggingface")]),
         (
             "llamacpp-python",
             {"apiKeySecretRef": API_KEY, "hfTokenSecretRef": HF_TOKEN},
             [
+                *HOME_ENV,
                 _env("HF_HOME", "/cache/huggingface"),
                 _secret("HF_TOKEN", HF_TOKEN),
                 _secret("API_KEY", API_KEY),
             ],
         ),
-        ("ollama", {}, [_env("OLLAMA_HOST", "0.0.0.0:11434"), _env("OLLAMA_KEEP_ALIVE", "-1")]),
+        (
+            "ollama",
+            {},
+            [
+                *HOME_ENV,
+                _env("OLLAMA_HOST", "0.0.0.0:11434"),
+                _env("OLLAMA_MODELS", "/cache/models"),
+                _env("OLLAMA_KEEP_ALIVE", "-1"),
+            ],
+        ),
         (
             "ollama",
             {"engineOptions": {"contextLength": 8192}},
             [
+                *HOME_ENV,
                 _env("OLLAMA_HOST", "0.0.0.0:11434"),
+                _env("OLLAMA_MODELS", "/cache/models"),
                 _env("OLLAMA_KEEP_ALIVE", "-1"),
                 _env("OLLAMA_CONTEXT_LENGTH", "8192"),
             ],
@@ -642,8 +644,13 @@ def test_ollama_init_container_shape() -> None:
     init = _init()
     assert init["name"] == "pull-model"
     assert init["command"][:2] == ["/bin/sh", "-c"]
-    assert init["env"] == [_env("OLLAMA_HOST", "127.0.0.1:11434")]
-    assert init["volumeMounts"] == [{"name": "ollama", "mountPath": "/root/.ollama"}]
+    # The engine's HOME and model store: what it pulls, the engine serves.
+    assert init["env"] == [
+        *HOME_ENV,
+        _env("OLLAMA_HOST", "127.0.0.1:11434"),
+        _env("OLLAMA_MODELS", "/cache/models"),
+    ]
+    assert init["volumeMounts"] == [CACHE_MOUNT, HOME_MOUNT]
     assert "imagePullPolicy" not in init
 
 
@@ -683,9 +690,10 @@ def test_inference_pods_are_locked_down(engine: str) -> None:
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
         }, c["name"]
-    # Non-root only where the image writes nowhere but its volumes.
-    assert spec_pod["securityContext"].get("runAsNonRoot", False) is (engine == "llamacpp")
-    if engine == "llamacpp":
+    # Non-root wherever the image can run as another user (not TGI's: its Python is
+    # under /root).
+    assert spec_pod["securityContext"].get("runAsNonRoot", False) is (engine != "tgi")
+    if engine != "tgi":
         assert (
             spec_pod["securityContext"]["fsGroup"]
             == spec_pod["securityContext"]["runAsUser"]

@@ -315,7 +315,7 @@ def test_remote_backends_leave_tools_to_the_provider() -> None:
             {"engine": "tgi", "model": {"huggingface": {"repo": "o/r"}}, **GPU}
             | {"toolCalling": {"enabled": False}},
             "spec.toolCalling.enabled",
-            "tgi always accepts tools and has no switch to turn them off; remove it",
+            "tgi has no switch the operator can turn tool calling off with; remove it",
             id="tgi-cannot-turn-off",
         ),
         pytest.param(

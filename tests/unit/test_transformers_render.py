@@ -1,11 +1,13 @@
-"""`transformers serve`'s container (render/transformers.py), field by field, and its
-launcher run for real with stand-ins for transformers and huggingface_hub (no torch here:
-tests/gateway/test_transformers_serve.py runs the real server)."""
+"""`transformers serve`'s container (render/transformers.py) and its pod, field by field,
+and its launcher run for real with stand-ins for transformers and huggingface_hub (no
+torch here: tests/gateway/test_transformers_serve.py runs the real server)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +16,10 @@ from typing import Any
 import pytest
 
 from fabric_operator.api.backend import LLMBackend
-from fabric_operator.render import transformers
+from fabric_operator.render import cache, render, transformers
 from fabric_operator.render.engine import EngineContainer
 
-# Until api/v1alpha1.py has Engine.TRANSFORMERS, any engine parses: container() reads
-# only the spec's model, options, image and Secret references.
-ENGINE = "llamacpp-python"
+ENGINE = "transformers"
 REPO = "Qwen/Qwen2.5-0.5B-Instruct"
 IMAGE = "registry.example/transformers-serve:5.25.0"
 HF = {"model": {"huggingface": {"repo": REPO}}}
@@ -32,7 +32,7 @@ def backend(fields: dict[str, Any], name: str = "m") -> LLMBackend:
     return LLMBackend.from_manifest({"metadata": {"name": name, "namespace": "ns"}, "spec": spec})
 
 
-def render(fields: dict[str, Any] | None = None, name: str = "m") -> EngineContainer:
+def container(fields: dict[str, Any] | None = None, name: str = "m") -> EngineContainer:
     return transformers.container(backend(fields or {}, name))
 
 
@@ -44,22 +44,34 @@ def env(c: EngineContainer) -> dict[str, Any]:
 
 
 def test_no_default_image_the_spec_names_it() -> None:
-    assert transformers.IMAGE is None
-    assert render().image == IMAGE
+    assert not hasattr(transformers, "IMAGE")
+    assert container().image == IMAGE
 
 
-def test_port_probes_and_user() -> None:
-    c = render()
+def test_port_probes_user_and_preload() -> None:
+    c = container()
     assert (c.port, transformers.PORT) == (8000, 8000)
     assert (c.liveness_path, c.readiness_path) == ("/health", "/health")
-    assert c.non_root is True
+    assert c.non_root is True  # restricted by default: runs as 65532 (e2e proves it)
+    assert c.python == "python3"  # spec.cache.preload can fetch the weights first
     assert c.init_containers == []
 
 
 def test_the_launcher_runs_transformers_serve() -> None:
-    c = render()
+    c = container()
     assert c.command == ["python3", "-c", transformers.LAUNCHER]
     compile(transformers.LAUNCHER, "launcher", "exec")  # valid Python as rendered
+
+
+def test_launcher_skips_what_the_preload_skips() -> None:
+    """Both fetch into the same HF_HOME: a file one skips and the other wants would be
+    downloaded at every start after a preload."""
+    found = re.search(r"^skip = (\[.*\])$", cache.PRELOAD_SCRIPT, re.MULTILINE)
+    assert found is not None
+    assert ast.literal_eval(found.group(1)) == transformers.SKIPPED
+    assert '.endswith(".safetensors")' in cache.PRELOAD_SCRIPT
+    assert 'skip.append("*.bin")' in cache.PRELOAD_SCRIPT
+    assert 'skip.append("*.bin")' in transformers.LAUNCHER
 
 
 @pytest.mark.parametrize(
@@ -81,37 +93,36 @@ def test_the_launcher_runs_transformers_serve() -> None:
     ],
 )
 def test_args(fields: dict[str, Any], args: list[str]) -> None:
-    assert render(fields).args == args
+    assert container(fields).args == args
 
 
 def test_tensor_parallel_has_no_flag() -> None:
     """transformers serve has none: device_map "auto" spreads the weights instead."""
-    args = render({"engineOptions": {"tensorParallel": 2}, "resources": {"gpu": {"count": 2}}})
+    args = container({"engineOptions": {"tensorParallel": 2}, "resources": {"gpu": {"count": 2}}})
     assert args.args == [REPO, *HEAD]
 
 
 def test_env_served_name_cache_and_no_update_check() -> None:
-    assert render().env == [
+    assert container().env == [
         {"name": "HF_HOME", "value": "/cache/huggingface"},
         {"name": "HF_HUB_DISABLE_UPDATE_CHECK", "value": "1"},
         {"name": "FABRIC_SERVED_MODEL_NAME", "value": "m"},
-        {"name": "FABRIC_SERVED_DIR", "value": "/cache/served"},
+        {"name": "FABRIC_SERVED_DIR", "value": "/served"},
     ]
-    assert env(render({"servedModelName": "team/qwen-small"}))["FABRIC_SERVED_MODEL_NAME"] == (
-        "team/qwen-small"
-    )
+    named = env(container({"servedModelName": "team/qwen-small"}))
+    assert named["FABRIC_SERVED_MODEL_NAME"] == "team/qwen-small"
 
 
 def test_revision_goes_to_the_download_not_the_server() -> None:
-    c = render({"model": {"huggingface": {"repo": REPO, "revision": "a1b2c3"}}})
+    c = container({"model": {"huggingface": {"repo": REPO, "revision": "a1b2c3"}}})
     assert env(c)["FABRIC_MODEL_REVISION"] == "a1b2c3"
     assert "a1b2c3" not in " ".join(c.args)
-    assert "FABRIC_MODEL_REVISION" not in env(render(PVC))
+    assert "FABRIC_MODEL_REVISION" not in env(container(PVC))
 
 
 def test_hf_token_from_its_secret_and_no_api_key_variable() -> None:
     """The server has no key: a key Secret must not look as if it guarded anything."""
-    c = render(
+    c = container(
         {
             "hfTokenSecretRef": {"name": "hf", "key": "token"},
             "apiKeySecretRef": {"name": "keys", "key": "api"},
@@ -124,13 +135,51 @@ def test_hf_token_from_its_secret_and_no_api_key_variable() -> None:
     assert all("value" not in e for e in secrets)
 
 
-def test_the_cache_volume_holds_hf_home_and_the_served_dir() -> None:
-    c = render()
-    assert c.volumes == [{"name": "cache", "emptyDir": {}}]
-    assert c.volume_mounts == [{"name": "cache", "mountPath": "/cache"}]
-    values = env(c)
-    assert values["HF_HOME"].startswith("/cache/")
-    assert values["FABRIC_SERVED_DIR"].startswith("/cache/")
+def test_the_served_dir_is_the_pods_own_volume() -> None:
+    """Not on the cache, which may be a claim other backends share."""
+    c = container()
+    assert c.volumes == [{"name": "served", "emptyDir": {}}]
+    assert c.volume_mounts == [{"name": "served", "mountPath": "/served"}]
+
+
+# --- the pod around it (render/workload.py) -----------------------------------------------
+
+
+def pod(fields: dict[str, Any]) -> dict[str, Any]:
+    deployment = render(backend(fields)).deployment
+    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return spec
+
+
+def test_pod_restricted_with_home_cache_and_served_volumes() -> None:
+    spec = pod(PVC)
+    assert spec["securityContext"]["runAsUser"] == 65532
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    [engine] = spec["containers"]
+    assert engine["image"] == IMAGE
+    assert engine["command"] == ["python3", "-c", transformers.LAUNCHER]
+    assert engine["args"][0] == "/models/qwen2.5-0.5b"
+    mounts = {m["mountPath"]: m for m in engine["volumeMounts"]}
+    assert {"/served", "/cache", "/models"} <= set(mounts)
+    assert mounts["/models"]["readOnly"] is True
+    names = {e["name"]: e.get("value") for e in engine["env"]}
+    assert names["HOME"].startswith("/") and names["HOME"] in mounts  # writable HOME
+    assert names["HF_HOME"].startswith(mounts["/cache"]["mountPath"] + "/")
+    probes = [engine[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe")]
+    assert probes == ["/health", "/health"]
+    assert engine["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert engine["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+
+
+def test_preload_fetches_into_the_hf_home_the_launcher_reads() -> None:
+    spec = pod({"cache": {"preload": True, "size": "20Gi"}})
+    [preload] = spec["initContainers"]
+    [engine] = spec["containers"]
+    assert preload["image"] == IMAGE
+    assert preload["command"][:2] == ["python3", "-c"]
+    assert preload["command"][3] == REPO
+    hf_home = {e["name"]: e.get("value") for e in preload["env"]}["HF_HOME"]
+    assert hf_home == {e["name"]: e.get("value") for e in engine["env"]}["HF_HOME"]
 
 
 # --- the launcher, run ------------------------------------------------------------------
@@ -143,6 +192,11 @@ print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd()}))
 """
 FAKE_HUB = """\
 import json, os
+class HfApi:
+    def list_repo_files(self, repo, revision=None):
+        if "FAKE_REPO_FILES" not in os.environ:
+            raise OSError("the Hub is out of reach")
+        return json.loads(os.environ["FAKE_REPO_FILES"])
 def snapshot_download(repo, revision=None, ignore_patterns=None):
     path = os.path.join(os.environ["FAKE_SNAPSHOTS"], repo.replace("/", "--"))
     os.makedirs(path, exist_ok=True)
@@ -165,7 +219,7 @@ def fakes(tmp_path: Path) -> Path:
 
 
 def launch(
-    fakes: Path, tmp_path: Path, c: EngineContainer, *extra: str
+    fakes: Path, tmp_path: Path, c: EngineContainer, *extra: str, **fake_env: str
 ) -> subprocess.CompletedProcess[str]:
     """The container's command and args as the kubelet would run them, on this python."""
     variables = {e["name"]: e["value"] for e in c.env if "value" in e}
@@ -178,6 +232,7 @@ def launch(
             "PYTHONPATH": str(fakes),
             "FAKE_SNAPSHOTS": str(tmp_path / "snapshots"),
             **variables,
+            **fake_env,
         },
         cwd=tmp_path,
         capture_output=True,
@@ -185,6 +240,11 @@ def launch(
         timeout=30,
         check=False,
     )
+
+
+def downloads(tmp_path: Path) -> list[list[Any]]:
+    lines = (tmp_path / "snapshots" / "calls.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def test_launcher_links_a_pvc_folder_under_the_served_name(fakes: Path, tmp_path: Path) -> None:
@@ -201,24 +261,43 @@ def test_launcher_links_a_pvc_folder_under_the_served_name(fakes: Path, tmp_path
 
 
 def test_launcher_downloads_a_hub_repo_at_its_revision(fakes: Path, tmp_path: Path) -> None:
-    c = render({"model": {"huggingface": {"repo": REPO, "revision": "v2"}}}, name="qwen")
+    c = container({"model": {"huggingface": {"repo": REPO, "revision": "v2"}}}, name="qwen")
+    files = json.dumps(["config.json", "model.safetensors", "pytorch_model.bin"])
     for _ in range(2):  # a restart finds the link of the last start and replaces it
-        ran = launch(fakes, tmp_path, c)
+        ran = launch(fakes, tmp_path, c, FAKE_REPO_FILES=files)
         assert ran.returncode == 0, ran.stderr
     assert json.loads(ran.stdout)["argv"][:2] == ["serve", "qwen"]
-    calls = (tmp_path / "snapshots" / "calls.jsonl").read_text().splitlines()
-    repo, revision, skipped = json.loads(calls[-1])
+    [repo, revision, skipped] = downloads(tmp_path)[-1]
     assert (repo, revision) == (REPO, "v2")
-    assert "*.gguf" in skipped and "original/*" in skipped and "*.safetensors" not in skipped
+    assert skipped == [*transformers.SKIPPED, "*.bin"]  # safetensors there: no pickles
     link = tmp_path / "served" / "qwen"
     assert os.readlink(link) == str(tmp_path / "snapshots" / "Qwen--Qwen2.5-0.5B-Instruct")
+    assert sorted(p.name for p in link.parent.iterdir()) == ["qwen"]
+
+
+def test_launcher_keeps_bin_weights_of_a_repo_without_safetensors(
+    fakes: Path, tmp_path: Path
+) -> None:
+    ran = launch(fakes, tmp_path, container(), FAKE_REPO_FILES='["pytorch_model.bin"]')
+    assert ran.returncode == 0, ran.stderr
+    assert downloads(tmp_path)[-1][2] == transformers.SKIPPED
+
+
+def test_launcher_with_the_hub_out_of_reach_lets_the_cache_decide(
+    fakes: Path, tmp_path: Path
+) -> None:
+    """snapshot_download answers from HF_HOME when the Hub is unreachable (a preloaded or
+    earlier download); the launcher must not fail before asking it."""
+    ran = launch(fakes, tmp_path, container())
+    assert ran.returncode == 0, ran.stderr
+    assert downloads(tmp_path)[-1][:2] == [REPO, None]
 
 
 @pytest.mark.parametrize("name", ["/abs", "a/../b", "./m", "a//b", "m/", "repo:w.gguf", ".."])
 def test_launcher_refuses_names_that_are_no_relative_path(
     fakes: Path, tmp_path: Path, name: str
 ) -> None:
-    ran = launch(fakes, tmp_path, render({"servedModelName": name, **PVC}))
+    ran = launch(fakes, tmp_path, container({"servedModelName": name, **PVC}))
     assert ran.returncode == 1
     assert "transformers serve needs a relative path" in ran.stderr
     assert not (tmp_path / "served").exists()

@@ -164,22 +164,22 @@ OLLAMA_ARGS = "`ollama serve` takes no arguments; configure it with OLLAMA_* var
         pytest.param(
             "tgi",
             {"engineOptions": {"gpuMemoryUtilization": 0.8}},
-            [(f"{OPTIONS}.gpuMemoryUtilization", _unsupported("tgi", "vllm"))],
+            [(f"{OPTIONS}.gpuMemoryUtilization", _unsupported("tgi", "vllm, sglang"))],
         ),
         pytest.param(
             "llamacpp",
             {"engineOptions": {"quantization": "q4", "dtype": "float16"}},
             [
-                (f"{OPTIONS}.quantization", _unsupported("llamacpp", "vllm, tgi")),
-                (f"{OPTIONS}.dtype", _unsupported("llamacpp", "vllm, tgi")),
+                (f"{OPTIONS}.quantization", _unsupported("llamacpp", "vllm, tgi, sglang")),
+                (f"{OPTIONS}.dtype", _unsupported("llamacpp", "vllm, tgi, sglang, transformers")),
             ],
         ),
         pytest.param(
             "ollama",
             {"engineOptions": {"tensorParallel": 1, "gpuMemoryUtilization": 0.5}},
             [
-                (f"{OPTIONS}.tensorParallel", _unsupported("ollama", "vllm, tgi")),
-                (f"{OPTIONS}.gpuMemoryUtilization", _unsupported("ollama", "vllm")),
+                (f"{OPTIONS}.tensorParallel", _unsupported("ollama", "vllm, tgi, sglang")),
+                (f"{OPTIONS}.gpuMemoryUtilization", _unsupported("ollama", "vllm, sglang")),
             ],
         ),
         pytest.param(
@@ -260,7 +260,14 @@ def test_managed_flags_in_extra_args(engine: str, arg: str, flag: str, hint: str
 
 @pytest.mark.parametrize("name", sorted(MANAGED_ENV))
 def test_managed_env_names(name: str) -> None:
-    assert name in {"HF_TOKEN", "VLLM_API_KEY", "API_KEY", "LLAMA_API_KEY", "OLLAMA_HOST"}
+    assert name in {
+        "HF_TOKEN",
+        "VLLM_API_KEY",
+        "API_KEY",
+        "LLAMA_API_KEY",
+        "OLLAMA_HOST",
+        "SGLANG_API_KEY",
+    } or name.startswith("FABRIC_")
     env = [{"name": "OK", "value": "1"}, {"name": name, "value": "literal"}]
     assert problems("llamacpp", env=env) == [
         (
@@ -347,7 +354,7 @@ def test_unparsable_spec_still_reports_a_bad_name() -> None:
 def test_model_source_needs_exactly_one(source: dict[str, Any], got: str) -> None:
     with pytest.raises(
         ValidationError,
-        match=f"exactly one of huggingface, url, ollama, pvc must be set, got {got}",
+        match=f"exactly one of huggingface, url, ollama, pvc, openllm must be set, got {got}",
     ):
         ModelSource.model_validate(source)
 

@@ -43,8 +43,10 @@ template is used and `tools` are not parsed.
 
 The model: no model hub is reachable, so a URL or Hugging Face source maps onto the tiny
 random-weight GGUF baked into the image at /app/models/tiny.gguf (generated at build time
-by tests/support/tiny_model.py; label `dev.fabric.engine.model`), as if it had been
-downloaded into `LLAMA_CACHE`. Nothing is written: neither the cache nor anything else.
+by tests/support/tiny_model.py; label `dev.fabric.engine.model`). With `LLAMA_CACHE` set,
+as llama-server does, the "download" is a copy of it into the cache (named after the URL's
+file, or `<org>_<repo>_<file>`), made once: a later start finds it there and says so, as a
+weight cache on a volume should make it. Without `LLAMA_CACHE`, nothing is written.
 
 Always added: `--verbose false` (llama.cpp's loader log is noise) and
 `--interrupt_requests false` (llama_cpp.server would otherwise cut a running stream short
@@ -251,7 +253,8 @@ def translate(
     if "hf-file" in given and "hf-repo" not in given:
         raise UntranslatableError("--hf-file without --hf-repo")
     if "model-url" in given or "hf-repo" in given:
-        model = TINY_MODEL
+        cache = env.get("LLAMA_CACHE")
+        model = f"{cache.rstrip('/')}/{cache_name(given)}" if cache else TINY_MODEL
     elif "model" in given:
         model = given["model"]
     else:
@@ -283,6 +286,29 @@ def translate(
     return argv, out
 
 
+def cache_name(given: Mapping[str, str]) -> str:
+    """The file a download lands in, in LLAMA_CACHE."""
+    if "hf-repo" in given:
+        repo = given["hf-repo"].split(":", 1)[0]
+        return f"{repo.replace('/', '_')}_{given.get('hf-file', 'model.gguf').replace('/', '_')}"
+    name = given["model-url"].split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return name if name.endswith(".gguf") and name != ".gguf" else "model.gguf"
+
+
+def fetch(model: str, cache: str | None) -> None:
+    """The stand-in's download: the baked model copied into the cache unless it is there."""
+    if not cache or not model.startswith(cache.rstrip("/") + "/"):
+        return
+    target = Path(model)
+    if target.exists():
+        print(f"llama-server (fabric CPU stand-in): found in cache: {model}", file=sys.stderr)
+        return
+    partial = target.with_name(target.name + ".downloadInProgress")
+    partial.write_bytes(Path(TINY_MODEL).read_bytes())
+    partial.rename(target)
+    print(f"llama-server (fabric CPU stand-in): downloaded to cache: {model}", file=sys.stderr)
+
+
 def _settings() -> frozenset[str]:
     """llama_cpp.server's setting names, listed at build time (see the Containerfile)."""
     try:
@@ -301,6 +327,7 @@ def main(argv: list[str]) -> None:
         print(f"llama-server (fabric CPU stand-in): error: {err}", file=sys.stderr)
         print("  see `/app/llama-server --help` for what this image supports", file=sys.stderr)
         sys.exit(2)
+    fetch(args[args.index("--model") + 1], os.environ.get("LLAMA_CACHE"))
     os.execve(args[0], args, env)
 
 

@@ -139,6 +139,13 @@ PRINTER_COLUMNS = [
     _column("Reason", '.status.conditions[?(@.type=="Ready")].reason', priority=1),
     _column("Restarts", ".status.restarts", kind="integer", priority=1),
     _column(
+        "Start",
+        ".status.lastStart.totalSeconds",
+        kind="integer",
+        priority=1,
+        desc="Seconds the newest pod took from creation to ready",
+    ),
+    _column(
         "Tools",
         ".status.toolCalling",
         priority=1,

@@ -32,6 +32,9 @@ POD_FIELDS = (
     "autoscaling",
     "routing",
     "toolCalling",
+    "server",
+    "cache",
+    "podSecurity",
 )
 
 
@@ -54,8 +57,40 @@ SPEC_RULES: list[dict[str, str]] = [
         f"({', '.join(POD_FIELDS)})",
     ),
     _rule(
-        "!has(self.model) || !has(self.model.url) || self.engine == 'llamacpp'",
-        "spec.model.url (a GGUF URL) is for engine llamacpp",
+        "!has(self.model) || !has(self.model.url) || self.engine in ['llamacpp', "
+        "'openai-compatible']",
+        "spec.model.url (a GGUF URL) is for engines llamacpp and openai-compatible",
+    ),
+    _rule(
+        "!has(self.model) || has(self.model.openllm) == (self.engine == 'openllm')",
+        "engine openllm takes spec.model.openllm (a catalogue tag), and spec.model.openllm is "
+        "for engine openllm",
+    ),
+    _rule(
+        "has(self.server) == (self.engine == 'openai-compatible')",
+        "engine openai-compatible needs spec.server (its port, command and args), and "
+        "spec.server is for engine openai-compatible",
+    ),
+    _rule(
+        "!(self.engine in ['openai-compatible', 'openllm']) || has(self.image)",
+        "engines openai-compatible and openllm run the image named in spec.image; set it",
+    ),
+    _rule(
+        "!has(self.cache) || !has(self.cache.persistentVolumeClaim) || has(self.cache.size)",
+        "spec.cache.size is required with spec.cache.persistentVolumeClaim (the claim's size)",
+    ),
+    _rule(
+        "!has(self.cache) || !has(self.cache.preload) || !self.cache.preload"
+        " || (has(self.model) && has(self.model.huggingface)"
+        " && self.engine in ['vllm', 'tgi', 'sglang', 'transformers'])",
+        "spec.cache.preload downloads a Hugging Face model (spec.model.huggingface) for "
+        "engines vllm, tgi, sglang and transformers",
+    ),
+    _rule(
+        "!has(self.podSecurity) || !has(self.podSecurity.runAsUser)"
+        " || !has(self.podSecurity.profile) || self.podSecurity.profile == 'Restricted'",
+        "spec.podSecurity.runAsUser is for profile Restricted; Baseline runs as the image's "
+        "own user",
     ),
     _rule(
         "!has(self.model) || has(self.model.ollama) == (self.engine == 'ollama')",
@@ -72,32 +107,43 @@ SPEC_RULES: list[dict[str, str]] = [
         "llamacpp-python needs spec.model.huggingface.file, the GGUF (or a glob) to load",
     ),
     _rule(
-        "!(self.engine in ['vllm', 'tgi']) || (has(self.resources) && has(self.resources.gpu)"
-        " && has(self.resources.gpu.count) && self.resources.gpu.count >= 1)",
-        "engines vllm and tgi need at least 1 GPU (spec.resources.gpu.count); for a CPU "
-        "backend use llamacpp, llamacpp-python or ollama",
+        "!(self.engine in ['vllm', 'tgi', 'sglang']) || (has(self.resources)"
+        " && has(self.resources.gpu) && has(self.resources.gpu.count)"
+        " && self.resources.gpu.count >= 1)",
+        "engines vllm, tgi and sglang need at least 1 GPU (spec.resources.gpu.count); for a "
+        "CPU backend use llamacpp, llamacpp-python, ollama or transformers",
     ),
     _rule(
         "!has(self.engineOptions) || !has(self.engineOptions.gpuMemoryUtilization)"
-        " || self.engine == 'vllm'",
-        "spec.engineOptions.gpuMemoryUtilization is for engine vllm",
+        " || self.engine in ['vllm', 'sglang']",
+        "spec.engineOptions.gpuMemoryUtilization is for engines vllm and sglang",
     ),
     _rule(
-        "!has(self.engineOptions) || self.engine in ['vllm', 'tgi']"
-        " || !(has(self.engineOptions.tensorParallel) || has(self.engineOptions.quantization)"
-        " || has(self.engineOptions.dtype))",
-        "spec.engineOptions tensorParallel, quantization and dtype are for engines vllm and tgi",
+        "!has(self.engineOptions) || self.engine in ['vllm', 'tgi', 'sglang']"
+        " || !(has(self.engineOptions.tensorParallel) || has(self.engineOptions.quantization))",
+        "spec.engineOptions tensorParallel and quantization are for engines vllm, tgi and sglang",
     ),
     _rule(
-        "self.engine != 'ollama' || !has(self.apiKeySecretRef)",
-        "ollama has no built-in API key: leave spec.apiKeySecretRef unset and put the fabric "
-        "gateway in front of it",
+        "!has(self.engineOptions) || !has(self.engineOptions.dtype)"
+        " || self.engine in ['vllm', 'tgi', 'sglang', 'transformers']",
+        "spec.engineOptions.dtype is for engines vllm, tgi, sglang and transformers",
+    ),
+    _rule(
+        "!has(self.engineOptions) || !has(self.engineOptions.contextLength)"
+        " || !(self.engine in ['transformers', 'openllm', 'openai-compatible'])",
+        "spec.engineOptions.contextLength is not something transformers, openllm or "
+        "openai-compatible servers take as a flag the operator knows",
+    ),
+    _rule(
+        "!(self.engine in ['ollama', 'openllm']) || !has(self.apiKeySecretRef)",
+        "ollama and openllm have no built-in API key: leave spec.apiKeySecretRef unset and "
+        "put the fabric gateway in front of them",
     ),
     _rule(
         "!has(self.toolCalling) || !has(self.toolCalling.parser)"
-        " || self.engine in ['vllm', 'llamacpp-python']",
-        "spec.toolCalling.parser is for engines vllm (--tool-call-parser) and llamacpp-python "
-        "(--chat_format); the others read tools without one",
+        " || self.engine in ['vllm', 'sglang', 'llamacpp-python']",
+        "spec.toolCalling.parser is for engines vllm and sglang (--tool-call-parser) and "
+        "llamacpp-python (--chat_format); the others read tools without one",
     ),
     _rule(
         "!has(self.toolCalling) || !has(self.toolCalling.chatTemplate) || self.engine == 'vllm'",
@@ -105,8 +151,10 @@ SPEC_RULES: list[dict[str, str]] = [
     ),
     _rule(
         "!has(self.toolCalling) || !has(self.toolCalling.enabled) || self.toolCalling.enabled"
-        " || !(self.engine in ['tgi', 'ollama'])",
-        "tgi and ollama always accept tools: spec.toolCalling.enabled cannot be false",
+        " || !(self.engine in ['tgi', 'ollama', 'transformers', 'openllm', "
+        "'openai-compatible'])",
+        "tgi, ollama, transformers, openllm and openai-compatible have no switch for tool "
+        "calling: spec.toolCalling.enabled cannot be false",
     ),
     _rule(
         "!has(self.autoscaling) || !has(self.autoscaling.fallbackAfterSeconds)"

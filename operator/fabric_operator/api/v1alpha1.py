@@ -59,6 +59,10 @@ class Engine(StrEnum):
     LLAMACPP = "llamacpp"
     LLAMACPP_PYTHON = "llamacpp-python"
     OLLAMA = "ollama"
+    SGLANG = "sglang"
+    TRANSFORMERS = "transformers"
+    OPENLLM = "openllm"
+    OPENAI_COMPATIBLE = "openai-compatible"
     REMOTE = "remote"
 
 
@@ -69,6 +73,8 @@ class Provider(StrEnum):
     AZURE = "azure"
     ANTHROPIC = "anthropic"
     GOOGLE = "google"
+    BEDROCK = "bedrock"  # Amazon Bedrock: its API key as the bearer
+    VERTEX = "vertex"  # Google Vertex AI: OAuth tokens minted from a service-account key
     OPENAI_COMPATIBLE = "openai-compatible"
 
 
@@ -118,11 +124,11 @@ class PVCSource(Model):
     )
 
 
-MODEL_SOURCES = ("huggingface", "url", "ollama", "pvc")
+MODEL_SOURCES = ("huggingface", "url", "ollama", "pvc", "openllm")
 
 
 class ModelSource(Model):
-    """Where the weights come from: exactly one of huggingface, url, ollama or pvc."""
+    """Where the weights come from: exactly one of huggingface, url, ollama, pvc or openllm."""
 
     model_config = ConfigDict(
         json_schema_extra={"oneOf": [{"required": [s]} for s in MODEL_SOURCES]}
@@ -147,7 +153,15 @@ class ModelSource(Model):
     )
     pvc: PVCSource | None = Field(
         default=None,
-        description="Weights on a PersistentVolumeClaim (vllm, tgi, llamacpp, llamacpp-python).",
+        description="Weights on a PersistentVolumeClaim (vllm, tgi, llamacpp, "
+        "llamacpp-python, sglang, transformers, openai-compatible).",
+    )
+    openllm: str | None = Field(
+        default=None,
+        description="A model of OpenLLM's catalogue (bentoml/openllm-models), e.g. "
+        "llama3.2:1b (openllm).",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$",
+        max_length=256,
     )
 
     @model_validator(mode="after")
@@ -175,6 +189,8 @@ class ModelSource(Model):
             return self.url
         if self.ollama is not None:
             return f"ollama:{self.ollama}"
+        if self.openllm is not None:
+            return f"openllm:{self.openllm}"
         assert self.pvc is not None
         return f"pvc:{self.pvc.claim_name}/{self.pvc.path}"
 
@@ -418,7 +434,11 @@ class RemoteSpec(Model):
         description="OpenAI-compatible base URL, ending before /chat/completions, e.g. "
         "https://api.openai.com/v1, https://RESOURCE.openai.azure.com/openai/v1, "
         "https://api.anthropic.com/v1, "
-        "https://generativelanguage.googleapis.com/v1beta/openai.",
+        "https://generativelanguage.googleapis.com/v1beta/openai, "
+        "https://bedrock-runtime.REGION.amazonaws.com/openai/v1, "
+        "https://bedrock-mantle.REGION.api.aws/v1, "
+        "https://LOCATION-aiplatform.googleapis.com/v1/projects/PROJECT/locations/LOCATION/"
+        "endpoints/openapi.",
         pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
         max_length=2048,
     )
@@ -428,13 +448,16 @@ class RemoteSpec(Model):
         max_length=256,
         pattern=r"^\S+$",
         description="The provider's name of the model, sent upstream in place of "
-        "servedModelName, e.g. gpt-4o-mini or claude-sonnet-4-5; servedModelName if unset.",
+        "servedModelName, e.g. gpt-4o-mini, claude-sonnet-4-5, openai.gpt-oss-120b "
+        "(Bedrock) or google/gemini-2.0-flash-001 (Vertex); servedModelName if unset.",
     )
     provider: Provider = Field(
         default=Provider.OPENAI_COMPATIBLE,
         description="openai, azure (the key also goes in the api-key header), anthropic, "
-        "google or openai-compatible. Every one is called with OpenAI's chat-completions "
-        "protocol; nothing is translated.",
+        "google, bedrock (an Amazon Bedrock API key), vertex (apiKeySecretRef names a "
+        "Google service-account JSON key; the gateway sends short-lived OAuth access "
+        "tokens minted from it) or openai-compatible. Every one is called with OpenAI's "
+        "chat-completions protocol; nothing is translated.",
     )
 
 
@@ -564,6 +587,124 @@ class ToolCalling(Model):
     )
 
 
+class ServerSpec(Model):
+    """Engine openai-compatible: how to run a container that already speaks the OpenAI API.
+
+    The model reaches it as environment variables the args may name with Kubernetes'
+    own $(VAR) expansion: FABRIC_MODEL (the Hugging Face repo id, the file or directory
+    on the PVC, or the URL), FABRIC_SERVED_MODEL_NAME and FABRIC_PORT.
+    """
+
+    port: int = Field(
+        ge=1, le=65535, description="Port the server listens on, on every address (0.0.0.0)."
+    )
+    command: list[Annotated[str, Field(max_length=4096)]] | None = Field(
+        default=None, max_length=64, description="Entrypoint; the image's own if unset."
+    )
+    args: list[Annotated[str, Field(max_length=32768)]] | None = Field(
+        default=None,
+        max_length=256,
+        description="Arguments, e.g. [--model, $(FABRIC_MODEL), --port, $(FABRIC_PORT)].",
+    )
+    health_path: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=r"^/\S*$",
+        description="HTTP path answering 200 while the server is alive (startup and liveness "
+        "probes). Unset: a TCP connect to the port.",
+    )
+    readiness_path: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=r"^/\S*$",
+        description="HTTP path answering 200 once the model is loaded (readiness probe); "
+        "healthPath if unset.",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        pattern=ENV_NAME_PATTERN,
+        description="Environment variable the server reads its bearer key from; "
+        "spec.apiKeySecretRef fills it. Without it the key is only available to the args "
+        "as $(FABRIC_API_KEY).",
+    )
+
+
+class CacheAccessMode(StrEnum):
+    READ_WRITE_ONCE = "ReadWriteOnce"
+    READ_WRITE_MANY = "ReadWriteMany"
+    READ_WRITE_ONCE_POD = "ReadWriteOncePod"
+
+
+class CacheClaim(Model):
+    """A PersistentVolumeClaim that holds the downloaded weights across restarts."""
+
+    storage_class_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="StorageClass of the claim; the cluster's default if unset.",
+    )
+    access_mode: CacheAccessMode = Field(
+        default=CacheAccessMode.READ_WRITE_ONCE,
+        description="ReadWriteOnce (replicas on one node share it), ReadWriteMany (replicas "
+        "anywhere: needs a storage class that offers it) or ReadWriteOncePod.",
+    )
+    shared: bool = Field(
+        default=False,
+        description="false: a claim of this backend's own (<name>-cache), deleted with it "
+        "or when the cache is turned off. true: one claim per model in the namespace "
+        "(fabric-cache-<hash of the model source>), reused by every backend of that model "
+        "and kept when they go (delete it by hand).",
+    )
+
+
+class Cache(Model):
+    """Where the engine downloads the weights (and keeps its compile caches)."""
+
+    size: Quantity | None = Field(
+        default=None,
+        description="Room for the weights, e.g. 40Gi: the claim's size, or, without a claim, "
+        "the emptyDir's limit and an ephemeral-storage request (the pod goes to a node with "
+        "the room). Required with persistentVolumeClaim.",
+    )
+    persistent_volume_claim: CacheClaim | None = Field(
+        default=None,
+        description="Keep the cache on a PersistentVolumeClaim: a restarted pod finds the "
+        "weights already there. Unset: an emptyDir, emptied with each pod.",
+    )
+    preload: bool = Field(
+        default=False,
+        description="Download the Hugging Face weights in an init container before the "
+        "engine starts (vllm, tgi, sglang, transformers, openllm with spec.model.huggingface):"
+        " a download failure is its own container's error, and status.lastStart shows the "
+        "download apart from the load.",
+    )
+
+
+class PodSecurityProfile(StrEnum):
+    RESTRICTED = "Restricted"
+    BASELINE = "Baseline"
+
+
+class PodSecurity(Model):
+    """The Pod Security Standards profile the engine pods meet."""
+
+    profile: PodSecurityProfile = Field(
+        default=PodSecurityProfile.RESTRICTED,
+        description="Restricted: the engine runs as a non-root user (runAsUser) with HOME and "
+        "its caches on writable volumes. Baseline: as the image's own user (often root), for "
+        "images that cannot run as another user.",
+    )
+    run_as_user: int | None = Field(
+        default=None,
+        ge=1,
+        le=2147483647,
+        description="Restricted: the user (and group) id the engine runs as; 65532 if unset.",
+    )
+
+
 class LLMBackendSpec(Model):
     """Desired state of an LLM inference backend."""
 
@@ -576,8 +717,10 @@ class LLMBackendSpec(Model):
 
     engine: Engine = Field(
         description="Inference server: vllm, tgi, llamacpp (llama.cpp's llama-server), "
-        "llamacpp-python (llama-cpp-python's server) or ollama; remote for an endpoint "
-        "outside the cluster (spec.remote)."
+        "llamacpp-python (llama-cpp-python's server), ollama, sglang, transformers "
+        "(`transformers serve`), openllm, or openai-compatible (any image that speaks the "
+        "OpenAI API, described by spec.server); remote for an endpoint outside the cluster "
+        "(spec.remote)."
     )
     model: ModelSource | None = Field(
         default=None,
@@ -679,6 +822,22 @@ class LLMBackendSpec(Model):
         default=None,
         description="Tool calling (every engine but remote, whose provider decides). Unset: "
         "on wherever the engine and model can.",
+    )
+    server: ServerSpec | None = Field(
+        default=None,
+        description="Engine openai-compatible: the container's port, command, args, probes "
+        "and key variable (required for it, refused for the other engines).",
+    )
+    cache: Cache | None = Field(
+        default=None,
+        description="Where the weights are downloaded: a sized emptyDir or a "
+        "PersistentVolumeClaim that keeps them across restarts. Unset: an emptyDir without "
+        "a limit.",
+    )
+    pod_security: PodSecurity | None = Field(
+        default=None,
+        description="Pod Security Standards profile of the engine pods. Unset: Restricted "
+        "(non-root, uid 65532).",
     )
     strategy: Strategy | None = Field(
         default=None,
@@ -806,6 +965,38 @@ class AutoscalingStatus(Model):
     )
 
 
+class LastStart(Model):
+    """Where the time of the newest pod's start went, from what the pod reports."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    pod: str | None = Field(default=None, description="The pod measured.")
+    created: str | None = Field(
+        default=None,
+        description="When the pod was created (RFC 3339).",
+        json_schema_extra={"format": "date-time"},
+    )
+    scheduled_seconds: int | None = Field(
+        default=None, description="Created to bound to a node (waiting for a GPU node shows here)."
+    )
+    init_seconds: int | None = Field(
+        default=None,
+        description="Bound to init containers done: the weights' download with "
+        "spec.cache.preload, the model pull for ollama.",
+    )
+    started_seconds: int | None = Field(
+        default=None, description="To the engine container running: mostly the image pull."
+    )
+    ready_seconds: int | None = Field(
+        default=None,
+        description="Engine running to ready: loading the weights (and downloading them "
+        "without preload).",
+    )
+    total_seconds: int | None = Field(
+        default=None, description="Created to ready; unset while the pod is not ready yet."
+    )
+
+
 class LLMBackendStatus(Model):
     """Observed state of an LLMBackend, written by the operator."""
 
@@ -837,6 +1028,11 @@ class LLMBackendStatus(Model):
     )
     autoscaling: AutoscalingStatus | None = Field(
         default=None, description="The autoscaler's decision (with spec.autoscaling set)."
+    )
+    last_start: LastStart | None = Field(
+        default=None,
+        description="Where the newest pod's start went: scheduling, init containers (weights "
+        "with preload), image pull, loading.",
     )
     tool_calling: str | None = Field(
         default=None,

@@ -12,6 +12,7 @@ from typing import Any
 import kopf
 
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+from fabric_operator.controller.kube import CHILD_APIS
 from fabric_operator.controller.reconciler import BACKEND
 from fabric_operator.controller.runtime import Controller
 from fabric_operator.machinery import indexgate, metrics, relist
@@ -82,6 +83,20 @@ def install_kopf_wraps() -> None:
     relist.install()  # complete listings are told to the controller (`configure`)
 
 
+def _watch_child(registry: kopf.OperatorRegistry, kind: str, group: str, plural: str) -> None:
+    """The index handler (fills the store) and event handler (queues the backend) of one
+    child kind."""
+
+    @kopf.index(group, "v1", plural, id=f"{plural}_cache", registry=registry)
+    async def child_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        memo["controller"].keep(kind, dict(body))
+        shed(body, content=False)
+
+    @kopf.on.event(group, "v1", plural, id=f"{plural}_event", registry=registry)
+    async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        memo["controller"].observe_child(kind, dict(event))
+
+
 def build_registry() -> kopf.OperatorRegistry:
     install_kopf_wraps()
     registry = kopf.OperatorRegistry()
@@ -131,20 +146,8 @@ def build_registry() -> kopf.OperatorRegistry:
     # queues its backend. Children are not filtered by label: a child whose labels someone removed
     # must still be seen (and restored); `Controller.keep` keeps only ours, labelled or
     # remembered.
-    @kopf.index("apps", "v1", "deployments", registry=registry)
-    async def deployment_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        memo["controller"].keep("Deployment", dict(body))
-        shed(body, content=False)
-
-    @kopf.index("", "v1", "services", registry=registry)
-    async def service_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        memo["controller"].keep("Service", dict(body))
-        shed(body, content=False)
-
-    @kopf.index("networking.k8s.io", "v1", "networkpolicies", registry=registry)
-    async def network_policy_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        memo["controller"].keep("NetworkPolicy", dict(body))
-        shed(body, content=False)
+    for kind, (group, plural) in CHILD_APIS.items():
+        _watch_child(registry, kind, group, plural)
 
     @kopf.index("", "v1", "pods", labels=MANAGED, registry=registry)
     async def pod_cache(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -159,18 +162,6 @@ def build_registry() -> kopf.OperatorRegistry:
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def backend_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         memo["controller"].observe(BACKEND, dict(event), stored=True)
-
-    @kopf.on.event("apps", "v1", "deployments", registry=registry)
-    async def deployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        memo["controller"].observe_child("Deployment", dict(event))
-
-    @kopf.on.event("", "v1", "services", registry=registry)
-    async def service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        memo["controller"].observe_child("Service", dict(event))
-
-    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", registry=registry)
-    async def network_policy_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        memo["controller"].observe_child("NetworkPolicy", dict(event))
 
     @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=registry)
     async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:

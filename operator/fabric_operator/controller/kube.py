@@ -38,6 +38,7 @@ CHILD_APIS = {
     "Deployment": ("apps", "deployments"),
     "Service": ("", "services"),
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
+    "PersistentVolumeClaim": ("", "persistentvolumeclaims"),
 }
 
 

@@ -25,9 +25,11 @@ from fabric_operator.controller.diff import (
 )
 from fabric_operator.controller.kube import Kube
 from fabric_operator.controller.lists import list_ops, port_ops, snapshot
+from fabric_operator.controller.startup import last_start
 from fabric_operator.machinery.rest import api_message
 from fabric_operator.machinery.store import Store
 from fabric_operator.render import render, toolcalls
+from fabric_operator.render.cache import shared_cache_claim
 from fabric_operator.render.workload import BACKEND_LABEL, MANAGED_BY
 from fabric_operator.validation import Problem, referenced_secrets, validate
 
@@ -43,7 +45,7 @@ FAILED_APPLY_RECHECK_SECONDS = 300.0
 # first; this is the net under a missed one (or a 409 a proxy made up).
 STALE_RECHECK_SECONDS = 2.0
 REASON_NAME_CONFLICT = "NameConflict"
-CHILD_KINDS = frozenset({"Deployment", "Service", "NetworkPolicy"})
+CHILD_KINDS = frozenset({"Deployment", "Service", "NetworkPolicy", "PersistentVolumeClaim"})
 # Status keys another writer owns (the autoscaler loop), which the reconciler leaves alone.
 FOREIGN_STATUS = frozenset({"autoscaling"})
 MANAGED_LABEL = "app.kubernetes.io/managed-by"
@@ -141,6 +143,8 @@ class Reconciler:
             diagnosis=diagnosis,
             cluster_domain=self.settings.cluster_domain,
             restarts=_restarts(pods),
+            # Kept once the pods are gone (scaled to zero): the last start still tells.
+            last_start=last_start(pods) or previous.get("lastStart"),
         )
         self._report(obj, status, applied)
         if transient is not None:
@@ -276,6 +280,7 @@ class Reconciler:
         held: dict[str, dict[str, Any] | None] = {}
         manifest: dict[str, Any] = {}
         try:
+            self._ensure_shared_claim(backend)
             for i, manifest in enumerate(stale):
                 meta = manifest["metadata"]
                 kind = manifest["kind"]
@@ -301,6 +306,35 @@ class Reconciler:
                 return failure, err, settled
             return st.Failure(st.REASON_APPLY_FAILED, message), None, settled
         return None, None, settled
+
+    def _ensure_shared_claim(self, backend: LLMBackend) -> None:
+        """Create the namespace's weight cache claim for this model if it does not exist
+        (spec.cache.persistentVolumeClaim.shared). It has no owner and is never written
+        again: other backends of the model use it too, and it outlives them all. Whatever
+        holds the name in the namespace is used as it is (it is the team's own)."""
+        manifest = shared_cache_claim(backend, MANAGED_BY)
+        if manifest is None:
+            return
+        meta = manifest["metadata"]
+        if self.kube.get(manifest["kind"], meta["namespace"], meta["name"]) is not None:
+            return
+        try:
+            self.kube.create(manifest)
+        except ApiException as err:
+            if err.status != 409:
+                raise
+            return
+        obj = self.store.get(BACKEND, backend.namespace, backend.name)
+        if obj is not None:
+            self.kube.post_event(
+                obj,
+                "Normal",
+                "CacheClaimCreated",
+                f"PersistentVolumeClaim {meta['name']} created for the weights of "
+                f"{backend.spec.source.describe()}, shared by this namespace's backends of "
+                "that model; it is kept when they are deleted",
+                st.now(),
+            )
 
     def _write(
         self, backend: LLMBackend, manifest: dict[str, Any], before: dict[str, Any] | None

@@ -139,9 +139,12 @@ def tool_calling(
     return plan.summary, _condition(TOOL_CALLING, plan.enabled, plan.reason, plan.message)
 
 
-def _without_unknown_tools(status: dict[str, Any]) -> dict[str, Any]:
-    """No status.toolCalling while nothing is known of it (a new backend refused)."""
-    return {k: v for k, v in status.items() if k != "toolCalling" or v is not None}
+def _without_unknown(status: dict[str, Any]) -> dict[str, Any]:
+    """No status.toolCalling while nothing is known of it (a new backend refused), no
+    status.lastStart before a pod exists."""
+    return {
+        k: v for k, v in status.items() if k not in ("toolCalling", "lastStart") or v is not None
+    }
 
 
 def _stamp(
@@ -169,6 +172,7 @@ def compute(
     cluster_domain: str = "cluster.local",
     timestamp: str | None = None,
     restarts: int = 0,
+    last_start: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole status; `previous` supplies transition times that did not change."""
     rollout = _rollout(backend, deployment, diagnosis)
@@ -203,11 +207,12 @@ def compute(
         "readyReplicas": rollout["readyReplicas"],
         "ready": f"{rollout['readyReplicas']}/{backend.spec.replicas}",
         "restarts": restarts,
+        "lastStart": last_start,
         "selector": f"{BACKEND_LABEL}={backend.name}",
         "toolCalling": tools,
         "conditions": conditions,
     }
-    return _without_unknown_tools(out)
+    return _without_unknown(out)
 
 
 def remote_status(
@@ -250,7 +255,7 @@ def remote_status(
         "toolCalling": tools,
         "conditions": conditions,
     }
-    return _without_unknown_tools(out)
+    return _without_unknown(out)
 
 
 def invalid_status(

@@ -55,7 +55,9 @@ class GatewayMetrics:
             "fabric_gateway_upstream_errors",
             "Upstream attempts that failed: unreachable, timeout (no first byte in time), "
             "saturated (no free connection in time), bad_response (not HTTP we can pass "
-            "on), no_ready_endpoint, the HTTP status (429, 5xx); and answers that broke "
+            "on), no_ready_endpoint, unusable_key (a Vertex key that is none), auth (no "
+            "access token), the HTTP status (429, 5xx; 401: a token refused, retried with a "
+            "new one); and answers that broke "
             "after they began: broken, idle_timeout.",
             ["backend", "reason"],
             **kw,  # type: ignore[arg-type]

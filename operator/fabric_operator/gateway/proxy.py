@@ -42,6 +42,7 @@ from typing import Any
 from fabric_operator.gateway import balance
 from fabric_operator.gateway.load import Load
 from fabric_operator.gateway.metrics import NONE, UNKNOWN, GatewayMetrics
+from fabric_operator.gateway.providerauth import UpstreamAuthError
 from fabric_operator.gateway.ratelimit import RateLimiter
 from fabric_operator.gateway.routes import Backend, Tenant
 from fabric_operator.gateway.sources import Source
@@ -105,6 +106,7 @@ ATTEMPT_FAILURES = (
     UpstreamSaturatedError,
     UpstreamUnreachableError,
     UpstreamBadResponseError,
+    UpstreamAuthError,
 )
 
 
@@ -437,7 +439,7 @@ class Gateway:
             self.load.enter(backend.id)
             try:
                 try:
-                    response = await self._post(backend, call, content, headers, wait)
+                    response = await self._send(backend, call, content, headers, wait)
                 except ATTEMPT_FAILURES as err:
                     failure = self._failed(backend, err, wait)
                     continue
@@ -462,7 +464,16 @@ class Gateway:
         raise failure
 
     def _unavailable(self, backend: Backend) -> HTTPError:
-        """A backend with no ready pod (and none came while its request was held)."""
+        """A backend with no ready pod (and none came while its request was held), or
+        with a key it cannot use (`Backend.problem`)."""
+        if backend.problem is not None:
+            self.metrics.upstream_errors.labels(backend.id, "unusable_key").inc()
+            return HTTPError(
+                503,
+                f"upstream {backend.id} is not usable: {backend.problem}",
+                "service_unavailable",
+                "upstream_unavailable",
+            )
         self.metrics.upstream_errors.labels(backend.id, "no_ready_endpoint").inc()
         held = backend.hold is not None
         return HTTPError(
@@ -495,6 +506,14 @@ class Gateway:
                 "upstream_saturated",
                 [(b"retry-after", b"1")],
             )
+        elif isinstance(err, UpstreamAuthError):
+            reason = "auth"
+            error = HTTPError(
+                502,
+                f"upstream {which} could not be authenticated: no access token ({err})",
+                "upstream_error",
+                "upstream_auth_failed",
+            )
         elif isinstance(err, UpstreamBadResponseError):
             reason = "bad_response"
             error = HTTPError(
@@ -514,6 +533,32 @@ class Gateway:
             )
         self.metrics.upstream_errors.labels(which, reason).inc()
         return error
+
+    async def _send(
+        self,
+        backend: Backend,
+        call: Call,
+        content: bytes,
+        headers: list[tuple[bytes, bytes]],
+        first_byte: float,
+    ) -> Response:
+        """`_post`, with the backend's access token if it sends tokens (Vertex AI): the
+        one held (no wait but for the first, or after an outage), and once more with a
+        new one if the provider refuses it (401), as when it was revoked."""
+        tokens = backend.auth
+        if tokens is None:
+            return await self._post(backend, call, content, headers, first_byte)
+        token = await tokens.token(self.client)
+        response = await self._post(
+            backend, call, content, [*headers, _bearer_of(token)], first_byte
+        )
+        if response.status != 401 or not tokens.refused(token):
+            return response
+        self.metrics.upstream_errors.labels(backend.id, "401").inc()
+        await response.abort()
+        self.slots.release(call.slot)
+        token = await tokens.token(self.client)
+        return await self._post(backend, call, content, [*headers, _bearer_of(token)], first_byte)
 
     async def _post(
         self,
@@ -740,6 +785,10 @@ def _unpassable(response: Response, call: Call) -> str | None:
         if name.lower() not in HOP_BY_HOP:
             passed.append((name, value))
     return None
+
+
+def _bearer_of(token: str) -> tuple[bytes, bytes]:
+    return (b"authorization", b"Bearer " + token.encode())
 
 
 def _too_large(limit: int) -> HTTPError:

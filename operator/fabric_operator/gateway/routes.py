@@ -43,6 +43,7 @@ from pydantic import ValidationError
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.v1alpha1 import Provider, Routing, RoutingStrategy
 from fabric_operator.gateway.enginequeue import QUEUE_GAUGES
+from fabric_operator.gateway.providerauth import AccessTokens
 from fabric_operator.remotehosts import RemoteHosts
 from fabric_operator.render.engine import PORT_NAME
 
@@ -88,6 +89,10 @@ class Backend:
     affinity: int | None = None  # PrefixAffinity: characters of the key; else least in flight
     # The engine's queue gauges (enginequeue): read from each pod URL when autoscaled.
     queue_gauges: tuple[str, ...] | None = None
+    # provider vertex: access tokens minted from its service-account key (providerauth),
+    # sent instead of the key; `problem` says why it has no upstream (its key is unusable).
+    auth: AccessTokens | None = None
+    problem: str | None = None
 
     def __post_init__(self) -> None:
         if not self.namespace:
@@ -98,7 +103,9 @@ class Backend:
         return [(k.encode(), v.encode("latin-1")) for k, v in self.headers().items()]
 
     def headers(self) -> dict[str, str]:
-        if not self.api_key:
+        """The key as the provider takes it. Vertex AI's key is a service-account key,
+        never sent: its tokens are (`auth`)."""
+        if not self.api_key or self.provider == Provider.VERTEX:
             return {}
         out = {"authorization": f"Bearer {self.api_key}"}
         if self.provider == Provider.AZURE:

@@ -153,7 +153,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         type=_hosts,
         default=DEFAULT_HOSTS,
         help="comma-separated hosts `engine: remote` backends may call over https (exact, "
-        f"or '*.' and a domain; default {','.join(DEFAULT_HOSTS)}; empty: none)",
+        f"or '*.' and a domain; default: the {len(DEFAULT_HOSTS)} hosts of the documented "
+        "providers, README 'Remote providers'; empty: none)",
     )
     p.add_argument(
         "--remote-http-hosts",
@@ -314,13 +315,13 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     source: Source
     api: ApiClient | None = None
+    hosts = RemoteHosts.of(args.remote_hosts, args.remote_http_hosts)
     if args.config:
-        source = FileSource(args.config)
+        source = FileSource(args.config, hosts)
     else:
         api = ApiClient(args.kubeconfig)
         namespaces = [n for item in args.namespace for n in item.split(",") if n]
         admin = gateway_namespace(args.namespace_of_gateway)
-        hosts = RemoteHosts.of(args.remote_hosts, args.remote_http_hosts)
         log.info(
             "admin keys: %s; remote hosts: https %s, http %s",
             f"key Secrets in namespace {admin}" if admin else "none (no gateway namespace)",

@@ -30,6 +30,7 @@ from fabric_operator.api.v1alpha1 import (
 )
 from fabric_operator.gateway.enginequeue import QUEUE_GAUGES
 from fabric_operator.gateway.kubewatch import ApiClient, ObjectKey, Resource, Watch, slim
+from fabric_operator.gateway.providerauth import CredentialError, Credentials
 from fabric_operator.gateway.routes import (
     ALL,
     DEFAULT_KEY_SELECTOR,
@@ -171,8 +172,10 @@ class FileConfig(_FileModel):
 
 
 class FileSource(Source):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, remote_hosts: RemoteHosts | None = None) -> None:
         super().__init__()
+        # Where a Vertex key's token_uri may point besides Google (providerauth).
+        self.credentials = Credentials(remote_hosts)
         try:
             cfg = FileConfig.model_validate(yaml.safe_load(path.read_text()) or {})
         except (OSError, yaml.YAMLError, ValidationError) as err:
@@ -192,6 +195,10 @@ class FileSource(Source):
             )
             for b in cfg.backends
         ]
+        for backend in backends:
+            problem = authorize(backend, backend.api_key, self.credentials, "apiKeyEnv")
+            if problem:
+                log.warning("backend %s is not routed: %s", backend.id, problem)
         tenants: dict[bytes, Tenant] = {}
         holder: dict[bytes, str] = {}
         for t in cfg.tenants:
@@ -250,6 +257,7 @@ class KubeSource(Source):
         self.via_service, self.require_keys = via_service, require_keys
         self.gateway_namespace = gateway_namespace
         self.remote_hosts = remote_hosts if remote_hosts is not None else RemoteHosts()
+        self.credentials = Credentials(self.remote_hosts)  # Vertex backends' tokens
         listed = list(dict.fromkeys(namespaces))
         spaces: list[str | None] = list(listed) or [None]
         key_spaces = list(spaces)
@@ -342,7 +350,12 @@ class KubeSource(Source):
             if b is not None:
                 if pending:  # not routable before its key is known: it would answer 401
                     b.urls = ()
+                else:
+                    problem = authorize(b, key, self.credentials)
+                    if problem:
+                        warnings.append(f"LLMBackend {ns}/{name} is not routed: {problem}")
                 backends.append(b)
+        self.credentials.sweep()
         self._wanted = wanted
         for ref in [r for r in self.backend_keys if r not in wanted]:
             del self.backend_keys[ref]  # no backend names it (deleted, or changed its ref)
@@ -402,6 +415,27 @@ class KubeSource(Source):
             for where in sorted({ref[:2] for ref in self.backend_keys}):
                 with contextlib.suppress(Exception):
                     await self._fetch(where)
+
+
+def authorize(
+    backend: Backend, key: str | None, credentials: Credentials, where: str = "spec.apiKeySecretRef"
+) -> str | None:
+    """Give a Vertex backend its access tokens, minted from its service-account key (the
+    key itself is never sent); a backend whose key is missing or unusable gets no
+    upstream, and this returns why, without quoting the key. Others keep their key."""
+    if backend.provider != Provider.VERTEX:
+        return None
+    backend.api_key = None
+    if key is None:
+        backend.problem = f"it has no service-account key ({where})"
+    else:
+        try:
+            backend.auth = credentials.tokens(backend.id, key)
+        except CredentialError as err:
+            backend.problem = f"its service-account key ({where}) {err}"
+    if backend.problem is not None:
+        backend.urls = ()
+    return backend.problem
 
 
 def _key_ref(namespace: str, obj: dict[str, Any]) -> SecretRef | None:

@@ -13,6 +13,9 @@ Manifest = dict[str, Any]
 # Where a PVC model source is mounted (read-only) in the engine container.
 MODEL_MOUNT = "/models"
 PORT_NAME = "http"
+# The volume the engine downloads weights to (spec.cache decides what backs it).
+CACHE_VOLUME = "cache"
+CACHE_PATH = "/cache"
 
 
 @dataclass(frozen=True)
@@ -27,9 +30,16 @@ class EngineContainer:
     volumes: list[Manifest] = field(default_factory=list)
     volume_mounts: list[Manifest] = field(default_factory=list)
     init_containers: list[Manifest] = field(default_factory=list)
-    # The image runs as any user (writes only to its volumes): the pod runs as 65532.
-    # Others (vLLM, TGI, Ollama) write under /root at run time and keep the image's user.
-    non_root: bool = False
+    # Where the engine downloads weights (its env points there): the cache volume, backed
+    # by what spec.cache asks for, is mounted here in the engine and its init containers.
+    cache_path: str = CACHE_PATH
+    # The image's Python, if it has huggingface_hub: spec.cache.preload runs it in an init
+    # container to download the weights into the cache first. None: no preload.
+    python: str | None = None
+    # The image runs as any user once HOME and its caches are writable volumes (Pod
+    # Security restricted by default); False: it needs its own user (often root), so the
+    # default profile is baseline.
+    non_root: bool = True
     # None: a TCP connect (for a server that listens only once its model is loaded and
     # has no health route).
     liveness_path: str | None = "/health"

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.render.engine import (
+    CACHE_PATH,
     EngineContainer,
-    empty_dir,
     flag,
     plain_env,
     pvc_model_path,
@@ -53,14 +53,7 @@ def container(backend: LLMBackend) -> EngineContainer:
     if gpus:
         flag(args, "--n-gpu-layers", ALL_LAYERS)
 
-    env = [plain_env("LLAMA_CACHE", "/cache"), *secrets_env(backend, "LLAMA_API_KEY")]
-    cache, cache_mount = empty_dir("cache", "/cache")
+    env = [plain_env("LLAMA_CACHE", CACHE_PATH), *secrets_env(backend, "LLAMA_API_KEY")]
     return EngineContainer(
-        image=IMAGE[spec.gpu_vendor if gpus else "cpu"],
-        port=PORT,
-        args=args,
-        env=env,
-        volumes=[cache],
-        volume_mounts=[cache_mount],
-        non_root=True,
+        image=IMAGE[spec.gpu_vendor if gpus else "cpu"], port=PORT, args=args, env=env
     )

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.render.engine import (
+    CACHE_PATH,
     EngineContainer,
-    empty_dir,
     flag,
     plain_env,
     pvc_model_path,
@@ -43,17 +43,13 @@ def container(backend: LLMBackend) -> EngineContainer:
     if spec.gpu_count:
         flag(args, "--n_gpu_layers", ALL_LAYERS)
 
-    env = [plain_env("HF_HOME", "/cache/huggingface"), *secrets_env(backend, "API_KEY")]
-    cache, cache_mount = empty_dir("cache", "/cache")
+    env = [plain_env("HF_HOME", f"{CACHE_PATH}/huggingface"), *secrets_env(backend, "API_KEY")]
     return EngineContainer(
         image=IMAGE,
         port=PORT,
         command=["python3", "-m", "llama_cpp.server"],
         args=args,
         env=env,
-        volumes=[cache],
-        volume_mounts=[cache_mount],
-        non_root=True,
         liveness_path=None,
         readiness_path=None,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 
 from fabric_operator.api.backend import LLMBackend
-from fabric_operator.render.engine import EngineContainer, Manifest, empty_dir, plain_env
+from fabric_operator.render.engine import CACHE_PATH, EngineContainer, Manifest, plain_env
 
 IMAGE = {
     "cpu": "ollama/ollama:0.13.5",
@@ -18,7 +18,8 @@ IMAGE = {
     "amd": "ollama/ollama:0.13.5-rocm",
 }
 PORT = 11434
-STORE = "/root/.ollama"
+# The model store on the cache volume (the image's default, ~/.ollama/models, is in HOME).
+MODELS = f"{CACHE_PATH}/models"
 PULL_CONTAINER = "pull-model"  # the init container that pulls the model (controller/lists.py)
 
 
@@ -42,18 +43,18 @@ def container(backend: LLMBackend) -> EngineContainer:
     image = IMAGE[spec.gpu_vendor if spec.gpu_count else "cpu"]
     env = [
         plain_env("OLLAMA_HOST", f"0.0.0.0:{PORT}"),
+        plain_env("OLLAMA_MODELS", MODELS),
         # The default (5m) unloads an idle model; a server keeps it loaded.
         plain_env("OLLAMA_KEEP_ALIVE", "-1"),
     ]
     if spec.options.context_length:
         env.append(plain_env("OLLAMA_CONTEXT_LENGTH", str(spec.options.context_length)))
-    store, store_mount = empty_dir("ollama", STORE)
+    # The cache volume (and HOME) are mounted in it by the common code.
     pull: Manifest = {
         "name": PULL_CONTAINER,
         "image": spec.image or image,
         "command": ["/bin/sh", "-c", pull_script(tag, backend.served_model_name)],
-        "env": [plain_env("OLLAMA_HOST", "127.0.0.1:11434")],
-        "volumeMounts": [store_mount],
+        "env": [plain_env("OLLAMA_HOST", "127.0.0.1:11434"), plain_env("OLLAMA_MODELS", MODELS)],
     }
     if spec.image_pull_policy:
         pull["imagePullPolicy"] = spec.image_pull_policy
@@ -63,8 +64,6 @@ def container(backend: LLMBackend) -> EngineContainer:
         command=["/bin/ollama"],
         args=["serve"],
         env=env,
-        volumes=[store],
-        volume_mounts=[store_mount],
         init_containers=[pull],
         liveness_path="/",
         readiness_path="/api/tags",

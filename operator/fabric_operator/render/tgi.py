@@ -10,7 +10,6 @@ from __future__ import annotations
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.render.engine import (
     EngineContainer,
-    empty_dir,
     flag,
     plain_env,
     pvc_model_path,
@@ -25,6 +24,7 @@ IMAGE = {
 }
 # The image's default (PORT=80) needs a privileged port; 8080 does not.
 PORT = 8080
+DATA = "/data"
 
 
 def container(backend: LLMBackend) -> EngineContainer:
@@ -39,14 +39,19 @@ def container(backend: LLMBackend) -> EngineContainer:
     flag(args, "--quantize", opts.quantization)
     flag(args, "--dtype", opts.dtype)
 
-    env = [plain_env("HF_HOME", "/data"), *secrets_env(backend, "API_KEY")]
+    # The image's own HF_HOME (/data), on the cache volume.
+    env = [plain_env("HF_HOME", DATA), *secrets_env(backend, "API_KEY")]
     shm, shm_mount = shm_volume(backend)
-    data, data_mount = empty_dir("data", "/data")
     return EngineContainer(
         image=IMAGE[spec.gpu_vendor],
         port=PORT,
         args=args,
         env=env,
-        volumes=[shm, data],
-        volume_mounts=[shm_mount, data_mount],
+        volumes=[shm],
+        volume_mounts=[shm_mount],
+        cache_path=DATA,
+        python="python3",
+        # Its Python lives under /root/.local/share/uv, which only root can read
+        # (huggingface/text-generation-inference#3082, open as of 3.3.7).
+        non_root=False,
     )

@@ -36,6 +36,7 @@ DISABLED = "Disabled"
 NO_PARSER_KNOWN = "NoParserKnown"
 EXTRA_ARGS = "ExtraArgs"
 PROVIDER = "Provider"
+IMAGE = "Image"
 
 # vLLM's examples/ directory in the vllm/vllm-openai image (docker/Dockerfile: WORKDIR
 # /vllm-workspace, COPY examples examples). Only that image: elsewhere (the ROCm image,
@@ -149,10 +150,59 @@ LLAMACPP_PYTHON_FORMATS = frozenset(
 )
 LLAMACPP_PYTHON_DEFAULT = "chatml-function-calling"
 
+# SGLang's parser for each vLLM parser of the family table (SGLang 0.5.x,
+# function_call/parser_names.py and docs/advanced_features/tool_parser): the names that
+# both the pinned image and later releases take (qwen25 and glm45 are aliases there).
+# vLLM parsers not listed have no SGLang counterpart: tool calling stays off, saying so.
+SGLANG_FROM_VLLM = {
+    "hermes": "qwen25",
+    "qwen3_xml": "qwen3_coder",
+    "llama3_json": "llama3",
+    "llama4_pythonic": "pythonic",
+    "mistral": "mistral",
+    "deepseek_v3": "deepseekv3",
+    "deepseek_v31": "deepseekv31",
+    "openai": "gpt-oss",
+    "kimi_k2": "kimi_k2",
+    "glm45": "glm45",
+}
+# Families whose vLLM parser is hermes but that are not Qwen (SGLang's hermes parser).
+SGLANG_HERMES_FAMILIES = frozenset({"Hermes 2 Pro/3"})
+SGLANG_PARSERS = frozenset(
+    {
+        "deepseekv3",
+        "deepseekv31",
+        "glm45",
+        "gpt-oss",
+        "hermes",
+        "kimi_k2",
+        "llama3",
+        "mistral",
+        "pythonic",
+        "qwen25",
+        "qwen3_coder",
+        "step3",
+    }
+)
+
 # Engines whose server reads `tools` with no flag at all.
 BUILT_IN_ENGINES = {Engine.TGI, Engine.OLLAMA}
+# Engines whose tool calling the operator cannot switch or see: the image (or the
+# server's own model handling) decides. Status says so (Unknown) rather than guess.
+IMAGE_DECIDES = {
+    Engine.OPENAI_COMPATIBLE: "the server in spec.image decides; if it needs a flag for "
+    "tool calls, put it in spec.server.args",
+    Engine.TRANSFORMERS: "transformers serve renders tools with the model's chat template",
+    Engine.OPENLLM: "openllm's bundled vLLM decides, from the model's packaging",
+}
 # Engines that take spec.toolCalling.parser, and what they call it.
-PARSER_ENGINES = {Engine.VLLM: "--tool-call-parser", Engine.LLAMACPP_PYTHON: "--chat_format"}
+PARSER_ENGINES = {
+    Engine.VLLM: "--tool-call-parser",
+    Engine.SGLANG: "--tool-call-parser",
+    Engine.LLAMACPP_PYTHON: "--chat_format",
+}
+# Engines whose argparse takes any unambiguous prefix of a flag (allow_abbrev).
+PREFIX_ENGINES = frozenset({Engine.LLAMACPP_PYTHON, Engine.SGLANG})
 # The engines' own tool-calling flags, as extraArgs may carry them (see flag_name).
 TOOL_FLAGS: dict[str, frozenset[str]] = {
     Engine.VLLM: frozenset(
@@ -166,6 +216,7 @@ TOOL_FLAGS: dict[str, frozenset[str]] = {
     ),
     Engine.LLAMACPP: frozenset({"--jinja", "--no-jinja"}),
     Engine.LLAMACPP_PYTHON: frozenset({"--chat_format"}),
+    Engine.SGLANG: frozenset({"--tool-call-parser", "--chat-template"}),
 }
 
 
@@ -191,7 +242,7 @@ def flag_name(engine: str, arg: str, names: frozenset[str] | set[str]) -> str | 
         name = name.replace("_", "-")
     if name in names:
         return name
-    if engine == Engine.LLAMACPP_PYTHON and len(name) > 2:
+    if engine in PREFIX_ENGINES and len(name) > 2:
         prefixed = [n for n in names if n.startswith(name)]
         if prefixed:
             return min(prefixed)
@@ -231,6 +282,9 @@ def _from_extra_args(backend: LLMBackend, found: list[tuple[int, str]]) -> ToolC
     elif engine == Engine.LLAMACPP:
         on = last.get("--jinja", -1) > last.get("--no-jinja", -1)
         summary = "jinja" if on else None
+    elif engine == Engine.SGLANG:
+        on = "--tool-call-parser" in last
+        summary = _value(args, last["--tool-call-parser"]) if on else None
     else:
         summary = _value(args, last["--chat_format"])
         on = summary in LLAMACPP_PYTHON_FORMATS
@@ -258,7 +312,7 @@ def model_references(backend: LLMBackend) -> list[tuple[str, bool]]:
     elif source.url is not None:
         weights = urlsplit(source.url).path.rsplit("/", 1)[-1]
     else:
-        weights = str(source.ollama)
+        weights = str(source.ollama or source.openllm)
     refs = [(weights.lower(), False)]
     if source.pvc is not None:
         refs.append((backend.served_model_name.lower(), True))
@@ -329,10 +383,44 @@ def plan(backend: LLMBackend) -> ToolCallingPlan:
             "format is parsed",
             ["--jinja"],
         )
+    if engine in IMAGE_DECIDES:
+        return ToolCallingPlan(None, "image", IMAGE, IMAGE_DECIDES[engine])
     family = family_of(backend)
     if engine == Engine.LLAMACPP_PYTHON:
         return _llamacpp_python(parser, family[0] if family else None)
+    if engine == Engine.SGLANG:
+        return _sglang(parser, family)
     return _vllm(backend, parser, family)
+
+
+def _sglang(parser: str | None, family: tuple[Family, bool] | None) -> ToolCallingPlan:
+    if parser:
+        reason, why = PARSER_SET, "spec.toolCalling.parser"
+    else:
+        known = family[0] if family else None
+        vllm_parser = known.vllm_parser if known else None
+        parser = SGLANG_FROM_VLLM.get(vllm_parser or "")
+        if known is not None and known.name in SGLANG_HERMES_FAMILIES:
+            parser = "hermes"
+        if known is None or parser is None:
+            return _off(
+                NO_PARSER_KNOWN,
+                (
+                    f"no SGLang tool-call parser is known for {known.name} models"
+                    if known
+                    else "SGLang needs a tool-call parser for the model's output format and "
+                    "none is known for this model"
+                )
+                + "; set spec.toolCalling.parser (e.g. qwen25, llama3, mistral, pythonic) to "
+                "switch it on",
+            )
+        reason = PARSER_FROM_MODEL
+        why = f"model family {known.name}" + (
+            " (from the served name)" if family and family[1] else ""
+        )
+    return ToolCallingPlan(
+        True, parser, reason, f"--tool-call-parser {parser} ({why})", ["--tool-call-parser", parser]
+    )
 
 
 def _llamacpp_python(parser: str | None, family: Family | None) -> ToolCallingPlan:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.render.engine import (
+    CACHE_PATH,
     EngineContainer,
-    empty_dir,
     flag,
     plain_env,
     pvc_model_path,
@@ -44,15 +44,15 @@ def container(backend: LLMBackend) -> EngineContainer:
     flag(args, "--dtype", opts.dtype)
 
     # vLLM reads VLLM_API_KEY like --api-key, and /health stays open to probes.
-    env = [plain_env("HF_HOME", "/cache/huggingface"), *secrets_env(backend, "VLLM_API_KEY")]
+    env = [plain_env("HF_HOME", f"{CACHE_PATH}/huggingface"), *secrets_env(backend, "VLLM_API_KEY")]
     shm, shm_mount = shm_volume(backend)
-    cache, cache_mount = empty_dir("cache", "/cache")
     return EngineContainer(
         image=IMAGE[spec.gpu_vendor],
         port=PORT,
         command=["vllm", "serve"],
         args=args,
         env=env,
-        volumes=[shm, cache],
-        volume_mounts=[shm_mount, cache_mount],
+        volumes=[shm],
+        volume_mounts=[shm_mount],
+        python="python3",
     )

@@ -7,10 +7,35 @@ from dataclasses import dataclass
 from typing import Any
 
 from fabric_operator.api.backend import LLMBackend
-from fabric_operator.api.v1alpha1 import Engine
+from fabric_operator.api.v1alpha1 import Engine, PodSecurityProfile
 from fabric_operator.config import DEFAULT, OperatorConfig
-from fabric_operator.render import llamacpp, llamacpp_python, ollama, tgi, toolcalls, vllm
-from fabric_operator.render.engine import MODEL_MOUNT, PORT_NAME, EngineContainer, Manifest
+from fabric_operator.render import (
+    llamacpp,
+    llamacpp_python,
+    ollama,
+    openai_compatible,
+    openllm,
+    sglang,
+    tgi,
+    toolcalls,
+    transformers,
+    vllm,
+)
+from fabric_operator.render.cache import (
+    cache_claim,
+    cache_volume,
+    ephemeral_request,
+    preload_container,
+)
+from fabric_operator.render.engine import (
+    CACHE_VOLUME,
+    MODEL_MOUNT,
+    PORT_NAME,
+    EngineContainer,
+    Manifest,
+    empty_dir,
+    plain_env,
+)
 from fabric_operator.render.placement import placement
 
 ENGINES: dict[str, Callable[[LLMBackend], EngineContainer]] = {
@@ -19,6 +44,10 @@ ENGINES: dict[str, Callable[[LLMBackend], EngineContainer]] = {
     Engine.LLAMACPP: llamacpp.container,
     Engine.LLAMACPP_PYTHON: llamacpp_python.container,
     Engine.OLLAMA: ollama.container,
+    Engine.SGLANG: sglang.container,
+    Engine.TRANSFORMERS: transformers.container,
+    Engine.OPENLLM: openllm.container,
+    Engine.OPENAI_COMPATIBLE: openai_compatible.container,
 }
 ENGINE_PORTS: dict[str, int] = {
     Engine.VLLM: vllm.PORT,
@@ -26,6 +55,9 @@ ENGINE_PORTS: dict[str, int] = {
     Engine.LLAMACPP: llamacpp.PORT,
     Engine.LLAMACPP_PYTHON: llamacpp_python.PORT,
     Engine.OLLAMA: ollama.PORT,
+    Engine.SGLANG: sglang.PORT,
+    Engine.TRANSFORMERS: transformers.PORT,
+    Engine.OPENLLM: openllm.PORT,
 }
 
 MANAGED_BY = "fabric-operator"
@@ -42,13 +74,15 @@ class Children:
     deployment: Manifest
     service: Manifest
     network_policy: Manifest | None = None
+    cache_claim: Manifest | None = None  # the backend's own weight cache
 
     def all(self) -> list[Manifest]:
         """In the order they are applied (and `fabric-operator render` prints them): the
-        NetworkPolicy first, so that no engine pod serves before its policy exists; then
-        the Deployment, the likelier to be refused by the API server, so that a refusal
-        leaves no Service without its Deployment."""
-        first = [self.network_policy] if self.network_policy else []
+        NetworkPolicy first, so that no engine pod serves before its policy exists; the
+        cache claim before the pods that mount it; then the Deployment, the likelier to
+        be refused by the API server, so that a refusal leaves no Service without its
+        Deployment."""
+        first = [m for m in (self.network_policy, self.cache_claim) if m is not None]
         return [*first, self.deployment, self.service]
 
 
@@ -68,9 +102,17 @@ def labels(backend: LLMBackend) -> dict[str, str]:
     }
 
 
+def engine_port(backend: LLMBackend) -> int:
+    """The port the engine listens on in its pod."""
+    server = backend.spec.server
+    if backend.spec.engine == Engine.OPENAI_COMPATIBLE and server is not None:
+        return server.port
+    return ENGINE_PORTS[backend.spec.engine]
+
+
 def service_port(backend: LLMBackend) -> int:
     service = backend.spec.service
-    return (service.port if service and service.port else None) or ENGINE_PORTS[backend.spec.engine]
+    return (service.port if service and service.port else None) or engine_port(backend)
 
 
 def endpoint(backend: LLMBackend, cluster_domain: str = "cluster.local") -> str:
@@ -102,22 +144,56 @@ def _resources(backend: LLMBackend) -> Manifest:
             given = values.model_dump(exclude_none=True)
             if given:
                 out[kind] = {k: str(v) for k, v in given.items()}
+    room = ephemeral_request(backend)
+    if room is not None:
+        out.setdefault("requests", {})["ephemeral-storage"] = room
     gpus = backend.spec.gpu_count
     if gpus:
         out.setdefault("limits", {})[GPU_RESOURCE[backend.spec.gpu_vendor]] = str(gpus)
     return out
 
 
+def restricted(backend: LLMBackend, engine: EngineContainer) -> bool:
+    """Whether the pods meet the Pod Security Standards' restricted profile: as asked, else
+    wherever the engine's image can run as another user than its own."""
+    wanted = backend.spec.pod_security
+    if wanted is not None:
+        return wanted.profile == PodSecurityProfile.RESTRICTED
+    return engine.non_root
+
+
+# HOME of a restricted engine: the images' own (/root) is not the user's to write.
+HOME = "/home/fabric"
+HOME_VOLUME = "home"
+
+
+def _shared_mounts(backend: LLMBackend, engine: EngineContainer) -> list[Manifest]:
+    """What the engine and its init containers all mount: the cache (and HOME)."""
+    mounts = [{"name": CACHE_VOLUME, "mountPath": engine.cache_path}]
+    if restricted(backend, engine):
+        mounts.append({"name": HOME_VOLUME, "mountPath": HOME})
+    return mounts
+
+
+def _shared_env(backend: LLMBackend, engine: EngineContainer) -> list[Manifest]:
+    """A user id with no passwd entry gets HOME=/ (unwritable) and no user name (PyTorch's
+    getpass fails): both are given."""
+    if not restricted(backend, engine):
+        return []
+    return [plain_env("HOME", HOME), plain_env("USER", "fabric"), plain_env("LOGNAME", "fabric")]
+
+
 def _container(backend: LLMBackend, engine: EngineContainer) -> Manifest:
     spec = backend.spec
-    mounts = list(engine.volume_mounts)
+    mounts = list(engine.volume_mounts) + _shared_mounts(backend, engine)
     if spec.source.pvc:
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
     # The user's variables override the engine's defaults of the same name (HF_HOME on a
     # PVC, say); a name twice in one list would make the API server refuse the apply.
     user = [e.model_dump(by_alias=True, exclude_none=True) for e in spec.env or []]
     names = {e["name"] for e in user}
-    env = [e for e in engine.env if e["name"] not in names] + user
+    ours = _shared_env(backend, engine) + engine.env
+    env = [e for e in ours if e["name"] not in names] + user
     # A short startup period: every start (not only the first) waits for its first
     # success, and /health is cheap; the failure budget stays startup_seconds.
     startup_period = 2
@@ -153,14 +229,18 @@ def container_security() -> Manifest:
 NON_ROOT_UID = 65532
 
 
-def _pod_security(engine: EngineContainer) -> Manifest:
+def _pod_security(backend: LLMBackend, engine: EngineContainer) -> Manifest:
     pod: Manifest = {"seccompProfile": {"type": "RuntimeDefault"}}
-    if engine.non_root:
+    if restricted(backend, engine):
+        wanted = backend.spec.pod_security
+        uid = (wanted.run_as_user if wanted else None) or NON_ROOT_UID
         pod |= {
             "runAsNonRoot": True,
-            "runAsUser": NON_ROOT_UID,
-            "runAsGroup": NON_ROOT_UID,
-            "fsGroup": NON_ROOT_UID,  # the cache volumes become writable
+            "runAsUser": uid,
+            "runAsGroup": uid,
+            "fsGroup": uid,  # the cache volumes become writable
+            # A weight cache of many GB is chowned once, not on every mount.
+            "fsGroupChangePolicy": "OnRootMismatch",
         }
     return pod
 
@@ -185,7 +265,9 @@ def _strategy(backend: LLMBackend) -> Manifest:
 
 def _pod_spec(backend: LLMBackend, engine: EngineContainer, config: OperatorConfig) -> Manifest:
     spec = backend.spec
-    volumes = list(engine.volumes)
+    volumes = [*engine.volumes, cache_volume(backend)]
+    if restricted(backend, engine):
+        volumes.append(empty_dir(HOME_VOLUME, HOME)[0])
     if spec.source.pvc:
         volumes.append(
             {
@@ -201,13 +283,21 @@ def _pod_spec(backend: LLMBackend, engine: EngineContainer, config: OperatorConf
         # mistakes for its own setting; engines need no API access either.
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
-        "securityContext": _pod_security(engine),
+        "securityContext": _pod_security(backend, engine),
         "containers": [_container(backend, engine)],
         "volumes": volumes,
     }
-    if engine.init_containers:
+    preload = preload_container(backend, engine)
+    inits = [*([preload] if preload else []), *engine.init_containers]
+    if inits:
         pod["initContainers"] = [
-            {**c, "securityContext": container_security()} for c in engine.init_containers
+            {
+                **c,
+                "env": _shared_env(backend, engine) + list(c.get("env") or []),
+                "volumeMounts": _shared_mounts(backend, engine) + list(c.get("volumeMounts") or []),
+                "securityContext": container_security(),
+            }
+            for c in inits
         ]
     if spec.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
@@ -223,8 +313,12 @@ def _pod_spec(backend: LLMBackend, engine: EngineContainer, config: OperatorConf
     return pod
 
 
+def engine_container(backend: LLMBackend) -> EngineContainer:
+    return ENGINES[backend.spec.engine](backend)
+
+
 def deployment(backend: LLMBackend, config: OperatorConfig = DEFAULT) -> Manifest:
-    engine = ENGINES[backend.spec.engine](backend)
+    engine = engine_container(backend)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -322,7 +416,7 @@ def network_policy(backend: LLMBackend, config: OperatorConfig = DEFAULT) -> Man
             "ingress": [
                 {
                     "from": peers,
-                    "ports": [{"port": ENGINE_PORTS[backend.spec.engine], "protocol": "TCP"}],
+                    "ports": [{"port": engine_port(backend), "protocol": "TCP"}],
                 }
             ],
         },
@@ -335,4 +429,5 @@ def render(backend: LLMBackend, config: OperatorConfig = DEFAULT) -> Children:
         deployment=deployment(backend, config),
         service=service(backend),
         network_policy=network_policy(backend, config),
+        cache_claim=cache_claim(backend, labels(backend)),
     )
