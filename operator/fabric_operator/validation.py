@@ -94,6 +94,11 @@ MANAGED_FLAGS = {
     "--force-model",
 }
 GGUF_ENGINES = (Engine.LLAMACPP, Engine.LLAMACPP_PYTHON)
+# What the operator sets in an openai-compatible container (spec.server.apiKeyEnv may not
+# name one: two entries of a name make the API server refuse the Deployment).
+SERVER_OWN_ENV = frozenset(
+    {*openai_compatible.MANAGED_ENV, "HF_HOME", "HF_TOKEN", "HOME", "USER", "LOGNAME"}
+)
 # Engines without a key of their own: the gateway checks keys in front of them.
 NO_KEY_ENGINES = frozenset({Engine.OLLAMA, Engine.OPENLLM})
 # Engines with no image the operator could default to.
@@ -412,6 +417,20 @@ def check_server(backend: LLMBackend) -> Iterator[Problem]:
         )
     if spec.image is None:
         yield Problem("spec.image", "engine openai-compatible runs the image named here; set it")
+    key_env = spec.server.api_key_env if spec.server else None
+    if key_env is not None and key_env in SERVER_OWN_ENV:
+        yield Problem(
+            "spec.server.apiKeyEnv",
+            f"{key_env} is a variable the operator sets itself; name the server's key "
+            "variable (the key is also in FABRIC_API_KEY)",
+        )
+    for i, env in enumerate(spec.env or []):
+        if key_env is not None and env.name == key_env and spec.api_key_secret_ref:
+            yield Problem(
+                f"spec.env[{i}].name",
+                f"{env.name} carries the key from spec.apiKeySecretRef (spec.server.apiKeyEnv);"
+                " it cannot be set here too",
+            )
     if spec.tool_calling is not None and (spec.tool_calling.parser or spec.tool_calling.enabled):
         yield Problem(
             "spec.toolCalling",

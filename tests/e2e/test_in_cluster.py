@@ -730,6 +730,133 @@ def test_agents_get_tool_calls_from_engine_pods(stack: Stack) -> None:
             )
 
 
+def engine_log(cluster: Cluster, ns: str, pod: str) -> str:
+    return cluster.kubectl("logs", "-n", ns, pod, "-c", "engine").stdout
+
+
+def test_weights_on_a_cache_claim_survive_a_pod_restart_and_go_when_turned_off(
+    stack: Stack,
+) -> None:
+    """spec.cache.persistentVolumeClaim: the operator creates the backend's claim (owned),
+    the engine downloads into it (the stand-in copies its tiny GGUF into LLAMA_CACHE, as
+    llama-server does), a new pod finds the file there without downloading again; turned
+    off, the claim is deleted and the pods go back to an emptyDir. status.lastStart says
+    where each start went."""
+    cluster, ns = stack.cluster, stack.namespace
+    name = "cached"
+    folder = Path(tempfile.mkdtemp(prefix="fabric-cache-"))
+    folder.chmod(0o777)  # hostPath takes no fsGroup: the engine (uid 65532) writes here
+    pv = f"{ns}-{name}-cache"
+    cluster.core.create_persistent_volume(
+        {
+            "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "fabric-e2e-cache",
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": str(folder), "type": "Directory"},
+                # Pre-bound to the claim the operator is to create.
+                "claimRef": {"namespace": ns, "name": name},
+            },
+        }
+    )
+    manifest = backend(stack.real, ns)
+    manifest["metadata"]["name"] = name
+    manifest["spec"]["cache"] = {
+        "size": "1Gi",
+        "persistentVolumeClaim": {"storageClassName": "fabric-e2e-cache"},
+    }
+    downloaded = folder / "tiny.gguf"  # the URL's file name, in LLAMA_CACHE
+    try:
+        assert cluster.apply(manifest).returncode == 0
+        first = wait_for(
+            "the cached backend Ready",
+            lambda: (s := status(cluster, ns, name)).get("phase") == "Ready" and s,
+            240,
+        )
+        claim = cluster.core.read_namespaced_persistent_volume_claim(name, ns)
+        assert claim.status.phase == "Bound" and claim.spec.volume_name == pv
+        [owner] = claim.metadata.owner_references
+        assert (owner.kind, owner.name, owner.controller) == ("LLMBackend", name, True)
+        assert claim.metadata.labels["app.kubernetes.io/component"] == "model-cache"
+        [pod] = pods(cluster, ns, f"llm.fabric.dev/backend={name}")
+        assert "downloaded to cache: /cache/tiny.gguf" in engine_log(cluster, ns, pod.metadata.name)
+        assert downloaded.is_file() and downloaded.stat().st_size > 0
+        written = downloaded.stat().st_mtime_ns
+        start = first["lastStart"]
+        assert start["pod"] == pod.metadata.name and start["totalSeconds"] >= 0, start
+        stack.figures["cache_first_start_s"] = start["totalSeconds"]
+
+        cluster.core.delete_namespaced_pod(pod.metadata.name, ns)
+        [again] = wait_for(
+            "a new pod Ready",
+            lambda: (
+                [
+                    p
+                    for p in pods(cluster, ns, f"llm.fabric.dev/backend={name}")
+                    if p.metadata.name != pod.metadata.name
+                    and pod_ready(cluster, ns, p.metadata.name)
+                ]
+                or None
+            ),
+            180,
+        )
+        log = engine_log(cluster, ns, again.metadata.name)
+        assert "found in cache: /cache/tiny.gguf" in log and "downloaded" not in log, log
+        assert downloaded.stat().st_mtime_ns == written  # the same file, not fetched again
+        second = wait_for(
+            "lastStart of the new pod",
+            lambda: (
+                (s := status(cluster, ns, name).get("lastStart") or {}).get("pod")
+                == again.metadata.name
+                and "totalSeconds" in s
+                and s
+            ),
+            60,
+        )
+        stack.figures["cache_restart_s"] = second["totalSeconds"]
+
+        off = cluster.kubectl(
+            "patch", "llmb", name, "-n", ns, "--type=merge", "-p", '{"spec":{"cache":null}}'
+        )
+        assert off.returncode == 0, off.stderr
+
+        def claim_gone() -> bool:
+            try:
+                cluster.core.read_namespaced_persistent_volume_claim(name, ns)
+            except Exception as err:  # 404 once the pods using it have gone
+                return getattr(err, "status", None) == 404
+            return False
+
+        wait_for("the claim to be pruned", claim_gone, 180)
+        [plain] = wait_for(
+            "a pod without the claim Ready",
+            lambda: (
+                [
+                    p
+                    for p in pods(cluster, ns, f"llm.fabric.dev/backend={name}")
+                    if pod_ready(cluster, ns, p.metadata.name)
+                    and not any(v.persistent_volume_claim for v in p.spec.volumes)
+                ]
+                or None
+            ),
+            180,
+        )
+        [cache] = [v for v in plain.spec.volumes if v.name == "cache"]
+        assert cache.empty_dir is not None
+        assert downloaded.stat().st_mtime_ns == written  # Retain: the volume keeps the file
+    finally:
+        cluster.kubectl("delete", "llmb", name, "-n", ns, check=False)
+        wait_for(
+            "the cached backend's pods to go",
+            lambda: not pods(cluster, ns, f"llm.fabric.dev/backend={name}"),
+            90,
+        )
+        cluster.kubectl("delete", "pv", pv, "--wait=false", check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_deleting_the_backend_leaves_nothing_running(stack: Stack) -> None:
     real, cluster, ns = stack.real, stack.cluster, stack.namespace
     running = {

@@ -57,10 +57,27 @@ llamacpp:requests_processing 1
 llamacpp:requests_deferred 2
 """
 
+# SGLang labels its gauges with the model (srt/metrics/collector.py).
+SGLANG_PAGE = """\
+# HELP sglang:num_running_reqs The number of running requests.
+# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{model_name="qwen"} 5.0
+# HELP sglang:num_queue_reqs The number of requests in the waiting queue.
+# TYPE sglang:num_queue_reqs gauge
+sglang:num_queue_reqs{model_name="qwen"} 7.0
+# TYPE sglang:token_usage gauge
+sglang:token_usage{model_name="qwen"} 0.4
+"""
+
 
 @pytest.mark.parametrize(
     ("engine", "page", "depth"),
-    [("vllm", VLLM_PAGE, 8), ("tgi", TGI_PAGE, 12), ("llamacpp", LLAMACPP_PAGE, 3)],
+    [
+        ("vllm", VLLM_PAGE, 8),
+        ("tgi", TGI_PAGE, 12),
+        ("llamacpp", LLAMACPP_PAGE, 3),
+        ("sglang", SGLANG_PAGE, 12),
+    ],
 )
 def test_each_engines_gauges_are_summed(engine: str, page: str, depth: int) -> None:
     assert queue_depth(page, QUEUE_GAUGES[engine]) == depth

@@ -36,6 +36,8 @@ QUEUE_GAUGES: dict[str, tuple[str, ...]] = {
     "vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting"),
     "tgi": ("tgi_queue_size", "tgi_batch_current_size"),
     "llamacpp": ("llamacpp:requests_processing", "llamacpp:requests_deferred"),
+    # --enable-metrics (always rendered); /metrics needs no key (SGLang 0.5.19-0.5.23).
+    "sglang": ("sglang:num_running_reqs", "sglang:num_queue_reqs"),
 }
 SCRAPE_SECONDS = 2.0
 TIMEOUT_SECONDS = 1.0  # the whole read of one page, headers to last byte
