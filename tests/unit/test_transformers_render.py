@@ -18,6 +18,7 @@ import pytest
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.render import cache, render, transformers
 from fabric_operator.render.engine import EngineContainer
+from fabric_operator.validation import validate
 
 ENGINE = "transformers"
 REPO = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -293,11 +294,63 @@ def test_launcher_with_the_hub_out_of_reach_lets_the_cache_decide(
     assert downloads(tmp_path)[-1][:2] == [REPO, None]
 
 
-@pytest.mark.parametrize("name", ["/abs", "a/../b", "./m", "a//b", "m/", "repo:w.gguf", ".."])
-def test_launcher_refuses_names_that_are_no_relative_path(
-    fakes: Path, tmp_path: Path, name: str
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("tiny", True),
+        ("team/qwen-small", True),
+        ("Qwen/Qwen2.5-0.5B-Instruct@main", True),  # a path by that name: no revision
+        ("m.gguf", True),  # no colon: a folder name like any other
+        ("/abs", False),
+        ("a/../b", False),
+        ("./m", False),
+        ("a//b", False),
+        ("m/", False),
+        ("repo:w.gguf", False),
+        ("..", False),
+    ],
+)
+def test_launcher_and_validation_agree_on_served_names(
+    fakes: Path, tmp_path: Path, name: str, ok: bool
 ) -> None:
     ran = launch(fakes, tmp_path, container({"servedModelName": name, **PVC}))
-    assert ran.returncode == 1
-    assert "transformers serve needs a relative path" in ran.stderr
-    assert not (tmp_path / "served").exists()
+    assert (transformers.served_name_error(name) is None) is ok
+    if ok:
+        assert ran.returncode == 0, ran.stderr
+        assert (tmp_path / "served" / name).is_symlink()
+    else:
+        assert ran.returncode == 1
+        assert "transformers serve needs a relative path" in ran.stderr
+        assert not (tmp_path / "served").exists()
+
+
+# --- what validation must refuse (validation.py is wired by the lead) -----------------------
+
+WIRING = pytest.mark.xfail(
+    strict=True, reason="validation.py: /work/notes/transformers-validation.patch, not yet applied"
+)
+
+
+def problems(fields: dict[str, Any]) -> list[str]:
+    spec = {"engine": ENGINE, "image": IMAGE, **HF, **fields}
+    found = validate({"metadata": {"name": "m", "namespace": "ns"}, "spec": spec})[1]
+    return [p.field for p in found]
+
+
+def test_a_valid_spec_passes() -> None:
+    assert problems({}) == []
+
+
+@WIRING
+def test_validation_requires_an_image() -> None:
+    assert problems({"image": None}) == ["spec.image"]
+
+
+@WIRING
+def test_validation_refuses_an_api_key_nothing_would_check() -> None:
+    assert problems({"apiKeySecretRef": {"name": "k", "key": "k"}}) == ["spec.apiKeySecretRef"]
+
+
+@WIRING
+def test_validation_refuses_a_served_name_the_launcher_would() -> None:
+    assert problems({"servedModelName": "a/../b"}) == ["spec.servedModelName"]

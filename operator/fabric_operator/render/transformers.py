@@ -62,8 +62,8 @@ LAUNCHER = f"""\
 import os, sys
 name, model, args = os.environ["FABRIC_SERVED_MODEL_NAME"], sys.argv[1], sys.argv[2:]
 served = os.environ["FABRIC_SERVED_DIR"]
-parts = name.split("/")
-if name.startswith("/") or {{"", ".", ".."}} & set(parts) or ":" in name and name.endswith(".gguf"):
+gguf = ":" in name and name.endswith(".gguf")
+if name.startswith("/") or {{"", ".", ".."}} & set(name.split("/")) or gguf:
     sys.exit(f"served model name {{name!r}}: transformers serve needs a relative path")
 if not model.startswith("/"):
     from huggingface_hub import HfApi, snapshot_download
@@ -86,6 +86,18 @@ os.chdir(served)
 cli = [sys.executable, "-m", "transformers.cli.transformers", "serve", name, *args]
 os.execv(sys.executable, cli)
 """
+
+
+def served_name_error(name: str) -> str | None:
+    """Why the launcher would refuse this served name (validation can say it at apply
+    time; LAUNCHER's own check is the same, test-checked)."""
+    gguf = ":" in name and name.endswith(".gguf")
+    if name.startswith("/") or {"", ".", ".."} & set(name.split("/")) or gguf:
+        return (
+            f"{name!r}: transformers serve takes the served name as a relative path "
+            "(no leading /, no empty, . or .. segment, no :<file>.gguf)"
+        )
+    return None
 
 
 def container(backend: LLMBackend) -> EngineContainer:
