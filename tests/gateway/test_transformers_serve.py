@@ -139,6 +139,7 @@ def run_server(backend: LLMBackend, workdir: Path, model: str | None = None) -> 
         "HF_HUB_OFFLINE": "1",
         "PATH": os.environ["PATH"],
         "HOME": str(workdir),
+        "TMPDIR": str(workdir),  # multiprocessing's pymp-* folder, left after a SIGTERM
     }
     log = workdir / "server.log"
     started = time.monotonic()
