@@ -209,6 +209,19 @@ class OperatorConfig(BaseModel):
         alias="remoteHttpHosts",
         description="Hosts also allowed over plain http.",
     )
+    images: dict[str, str] = Field(
+        default_factory=dict,
+        description="Engine -> image used in place of the pinned one (a mirror in a "
+        "registry of the cluster's own); a backend's spec.image still wins.",
+    )
+    max_upgrade_rollouts: int = Field(
+        default=2,
+        ge=0,
+        alias="maxUpgradeRollouts",
+        description="How many backends may roll at once because this operator renders "
+        "them differently (a new pinned image, a new default), not because their spec "
+        "changed; the others wait, their status says so. 0: no limit.",
+    )
 
     @field_validator("remote_hosts", "remote_http_hosts")
     @classmethod

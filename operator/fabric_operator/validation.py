@@ -424,6 +424,16 @@ def check_server(backend: LLMBackend) -> Iterator[Problem]:
             f"{key_env} is a variable the operator sets itself; name the server's key "
             "variable (the key is also in FABRIC_API_KEY)",
         )
+    # The kubelet expands $(VAR) in the command too, and a command that fails to start is
+    # quoted in the pod's status (and from there in the backend's): never the key there.
+    secret_vars = {openai_compatible.KEY_ENV, "HF_TOKEN", *([key_env] if key_env else [])}
+    for i, word in enumerate((spec.server.command or []) if spec.server else []):
+        if any(f"$({name})" in word for name in secret_vars):
+            yield Problem(
+                f"spec.server.command[{i}]",
+                "names a Secret-backed variable; pass the key in spec.server.args or let "
+                "the server read it from its variable",
+            )
     for i, env in enumerate(spec.env or []):
         if key_env is not None and env.name == key_env and spec.api_key_secret_ref:
             yield Problem(
@@ -463,6 +473,15 @@ def check_cache(backend: LLMBackend) -> Iterator[Problem]:
                 yield Problem("spec.cache.size", "must be more than 0")
         except (ValueError, ArithmeticError):
             yield Problem("spec.cache.size", "is not a valid quantity")
+    if claim is not None and claim.access_mode == "ReadWriteOncePod":
+        most = spec.autoscaling.max_replicas if spec.autoscaling else spec.replicas
+        if claim.shared or most > 1:
+            yield Problem(
+                "spec.cache.persistentVolumeClaim.accessMode",
+                "ReadWriteOncePod lets one pod mount the claim: "
+                + ("a shared claim serves several backends" if claim.shared else f"{most} replicas")
+                + "; use ReadWriteOnce (pods on one node) or ReadWriteMany",
+            )
     pvc = spec.model.pvc if spec.model else None
     if claim is not None and pvc is not None and pvc.claim_name == claim_name(backend):
         yield Problem(

@@ -69,8 +69,12 @@ class NodeSimulator:
     """Runs until stop(); `fail[backend] = mode` makes that backend's pods report `mode`
     ("crash", "image", "loading"); the default is to run and become Ready."""
 
-    def __init__(self, cluster: Cluster, interval: float = 0.2) -> None:
+    def __init__(self, cluster: Cluster, interval: float = 0.2, ready_after: float = 0.0) -> None:
         self.cluster, self.interval = cluster, interval
+        # A model takes time to load: pods report "loading" this long after they are
+        # first seen on a node, then Ready.
+        self.ready_after = ready_after
+        self._seen: dict[str, float] = {}
         self.fail: dict[str, str] = {}
         self._applied: dict[str, str] = {}
         self._stop = threading.Event()
@@ -102,7 +106,10 @@ class NodeSimulator:
                         meta.name, meta.namespace, grace_period_seconds=0
                     )
                 continue
-            mode = self.fail.get(meta.labels.get("llm.fabric.dev/backend", ""), "run")
+            seen = self._seen.setdefault(meta.uid, time.monotonic())
+            loaded = time.monotonic() - seen >= self.ready_after
+            default = "run" if loaded else "loading"
+            mode = self.fail.get(meta.labels.get("llm.fabric.dev/backend", ""), default)
             if self._applied.get(meta.uid) == mode:
                 continue
             self.cluster.core.patch_namespaced_pod_status(

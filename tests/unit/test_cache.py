@@ -215,3 +215,68 @@ def test_a_shared_claim_beside_a_model_claim_of_the_backends_name_is_fine() -> N
     spec = {**BASE["vllm"], "model": {"pvc": {"claimName": "m", "path": "x"}}}
     spec["cache"] = {"size": "1Gi", "persistentVolumeClaim": {"shared": True}}
     assert problems(spec) == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "surge"),
+    [("ReadWriteOnce", 0), ("ReadWriteOncePod", 0), ("ReadWriteMany", 1)],
+)
+def test_a_single_node_claim_rolls_without_a_surge_pod(mode: str, surge: int) -> None:
+    cache = {"size": "1Gi", "persistentVolumeClaim": {"accessMode": mode}}
+    strategy = render(backend({**BASE["llamacpp"], "cache": cache})).deployment["spec"]["strategy"]
+    assert strategy["rollingUpdate"]["maxSurge"] == surge
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 1 - surge
+    # The user's own strategy still wins.
+    own = {"type": "Recreate"}
+    spec = {**BASE["llamacpp"], "cache": cache, "strategy": own}
+    assert render(backend(spec)).deployment["spec"]["strategy"] == own
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"replicas": 2},
+        {"autoscaling": {"minReplicas": 0, "maxReplicas": 3}},
+        {
+            "cache": {
+                "size": "1Gi",
+                "persistentVolumeClaim": {"accessMode": "ReadWriteOncePod", "shared": True},
+            }
+        },
+    ],
+)
+def test_read_write_once_pod_serves_one_pod_only(fields: dict[str, Any]) -> None:
+    cache = {"size": "1Gi", "persistentVolumeClaim": {"accessMode": "ReadWriteOncePod"}}
+    found = problems({**BASE["llamacpp"], "cache": cache, **fields})
+    assert [f for f, _ in found] == ["spec.cache.persistentVolumeClaim.accessMode"]
+    assert problems({**BASE["llamacpp"], "cache": cache}) == []  # one replica: fine
+
+
+def test_a_presigned_url_keeps_its_claim_when_its_signature_changes() -> None:
+    cache = {"size": "1Gi", "persistentVolumeClaim": {"shared": True}}
+    url = "https://bucket.invalid/m.gguf"
+    a = backend({"engine": "llamacpp", "model": {"url": f"{url}?X-Sig=1"}, "cache": cache})
+    b = backend({"engine": "llamacpp", "model": {"url": f"{url}?X-Sig=2"}, "cache": cache})
+    c = backend({"engine": "llamacpp", "model": {"url": f"{url}2"}, "cache": cache})
+    assert shared_claim_name(a) == shared_claim_name(b) != shared_claim_name(c)
+
+
+def test_preload_takes_the_users_hub_settings() -> None:
+    spec = pod(
+        {
+            **BASE["vllm"],
+            "cache": {"preload": True},
+            "env": [
+                {"name": "HF_HOME", "value": "/cache/hf"},
+                {"name": "HF_ENDPOINT", "value": "https://hub-mirror.invalid"},
+            ],
+        }
+    )
+    [init] = spec["initContainers"]
+    env = {e["name"]: e.get("value") for e in init["env"]}
+    assert env["HF_HOME"] == "/cache/hf"  # where the engine (with the same env) reads
+    assert env["HF_ENDPOINT"] == "https://hub-mirror.invalid"
+    names = [e["name"] for e in init["env"]]
+    assert len(names) == len(set(names))
+    engine_env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    assert engine_env["HF_HOME"] == "/cache/hf"

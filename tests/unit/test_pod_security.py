@@ -570,7 +570,10 @@ RESTRICTED_VARIANTS = [
     engine_param("llamacpp", pvc("m.gguf"), name="llamacpp-pvc"),
     engine_param("openai-compatible", pvc("qwen2.5-0.5b"), name="openai-compatible-pvc"),
     engine_param("vllm", gpus(4), name="vllm-4-gpus"),
-    engine_param("vllm", gpus(2, "amd"), name="vllm-2-amd-gpus"),
+    # AMD GPUs: restricted when asked (the node's render group given some other way).
+    engine_param(
+        "vllm", {**gpus(2, "amd"), "podSecurity": {"profile": "Restricted"}}, name="vllm-2-amd-gpus"
+    ),
     engine_param("sglang", gpus(2), name="sglang-2-gpus"),
     engine_param("llamacpp", gpus(1), name="llamacpp-gpu"),
     engine_param(
@@ -579,7 +582,11 @@ RESTRICTED_VARIANTS = [
         name="llamacpp-python-gpu",
     ),
     engine_param("ollama", gpus(1), name="ollama-gpu"),
-    engine_param("ollama", gpus(1, "amd"), name="ollama-amd-gpu"),
+    engine_param(
+        "ollama",
+        {**gpus(1, "amd"), "podSecurity": {"profile": "Restricted"}},
+        name="ollama-amd-gpu",
+    ),
     *(
         engine_param(e, {"podSecurity": {"runAsUser": 1000}}, name=f"{e}-runAsUser")
         for e in BASE
@@ -625,6 +632,10 @@ def test_restricted_variants(engine: str, fields: dict[str, Any]) -> None:
         engine_param("tgi", PRELOAD, name="tgi-preload"),
         engine_param("tgi", gpus(2), name="tgi-2-gpus"),
         engine_param("openllm", CACHE_SIZED, name="openllm-sized"),
+        # AMD GPU devices belong to the node's render/video groups: Baseline by default.
+        engine_param("vllm", gpus(1, "amd"), name="vllm-amd-default"),
+        engine_param("ollama", gpus(1, "amd"), name="ollama-amd-default"),
+        engine_param("llamacpp", gpus(1, "amd"), name="llamacpp-amd-default"),
         engine_param(
             "ollama", {"podSecurity": {"profile": "Baseline"}, **CACHE_CLAIM}, name="ollama-claim"
         ),

@@ -250,6 +250,11 @@ def test_any_server_status_says_the_image_decides_tool_calling() -> None:
         ({"server": {"port": 1, "apiKeyEnv": "HF_HOME"}}, "spec.server.apiKeyEnv"),
         ({"server": {"port": 1, "apiKeyEnv": "FABRIC_PORT"}}, "spec.server.apiKeyEnv"),
         ({"server": {"port": 1, "apiKeyEnv": "HOME"}}, "spec.server.apiKeyEnv"),
+        ({"server": {"port": 1, "command": ["x", "$(FABRIC_API_KEY)"]}}, "spec.server.command[1]"),
+        (
+            {"server": {"port": 1, "command": ["--key=$(SERVER_KEY)"], "apiKeyEnv": "SERVER_KEY"}},
+            "spec.server.command[0]",
+        ),
         (
             {"apiKeySecretRef": API_KEY, "env": [{"name": "SERVER_KEY", "value": "sk-literal"}]},
             "spec.env[0].name",

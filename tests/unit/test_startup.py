@@ -85,3 +85,48 @@ def test_garbage_times_are_skipped_not_fatal() -> None:
     out = last_start([p, {"metadata": {"name": "x"}}])
     assert out == {"pod": "a", "created": T0}  # Ready is False: no ready/total either
     assert last_start([{"metadata": {"name": "x", "creationTimestamp": "nope"}}]) is None
+
+
+def test_a_start_measured_to_the_end_is_kept_through_flaps_and_restarts() -> None:
+    done = pod(
+        "a",
+        T0,
+        scheduled="2026-12-06T10:00:01Z",
+        initialized="2026-12-06T10:00:01Z",
+        started="2026-12-06T10:00:05Z",
+        ready="2026-12-06T10:00:35Z",
+    )
+    first = last_start([done])
+    assert first is not None and first["totalSeconds"] == 35
+    # Hours later the readiness probe flapped: Ready's time moved; the start did not.
+    flapped = pod(
+        "a",
+        T0,
+        scheduled="2026-12-06T10:00:01Z",
+        initialized="2026-12-06T10:00:01Z",
+        started="2026-12-06T10:00:05Z",
+        ready="2026-12-06T15:00:00Z",
+    )
+    assert last_start([flapped]) != first  # what the pod alone now says...
+    assert last_start([flapped], previous=first) == first  # ...is not taken
+    # Another pod: measured afresh.
+    other = pod("b", "2026-12-06T16:00:00Z", scheduled="2026-12-06T16:00:02Z")
+    assert last_start([flapped, other], previous=first) == {
+        "pod": "b",
+        "created": "2026-12-06T16:00:00Z",
+        "scheduledSeconds": 2,
+    }
+
+
+def test_a_restarted_engine_does_not_pass_its_restart_off_as_the_start() -> None:
+    p = pod(
+        "a",
+        T0,
+        scheduled="2026-12-06T10:00:01Z",
+        initialized="2026-12-06T10:00:01Z",
+        started="2026-12-07T09:00:00Z",  # the restart, a day later
+        ready="2026-12-07T09:00:30Z",
+    )
+    p["status"]["containerStatuses"][0]["restartCount"] = 1
+    out = last_start([p])
+    assert out == {"pod": "a", "created": T0, "scheduledSeconds": 1, "initSeconds": 0}

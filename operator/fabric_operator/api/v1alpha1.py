@@ -653,7 +653,7 @@ class CacheClaim(Model):
     )
     shared: bool = Field(
         default=False,
-        description="false: a claim of this backend's own (<name>-cache), deleted with it "
+        description="false: a claim of this backend's own (named after it), deleted with it "
         "or when the cache is turned off. true: one claim per model in the namespace "
         "(fabric-cache-<hash of the model source>), reused by every backend of that model "
         "and kept when they go (delete it by hand).",
@@ -677,7 +677,7 @@ class Cache(Model):
     preload: bool = Field(
         default=False,
         description="Download the Hugging Face weights in an init container before the "
-        "engine starts (vllm, tgi, sglang, transformers, openllm with spec.model.huggingface):"
+        "engine starts (vllm, tgi, sglang, transformers with spec.model.huggingface):"
         " a download failure is its own container's error, and status.lastStart shows the "
         "download apart from the load.",
     )

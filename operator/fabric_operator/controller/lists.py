@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabric_operator.render.cache import PRELOAD_CONTAINER
 from fabric_operator.render.ollama import PULL_CONTAINER
 
 Op = dict[str, Any]
@@ -88,7 +89,7 @@ _LISTS: dict[str, tuple[tuple[str, ...], dict[str, _List]]] = {
     "Service": (("spec",), {"ports": _List(_by_service_port)}),
 }
 _VOLUMES = _List(_by_name)
-RENDERED_INIT = frozenset({PULL_CONTAINER})  # the init containers any rendering has
+RENDERED_INIT = frozenset({PULL_CONTAINER, PRELOAD_CONTAINER})  # what any rendering has
 _MOUNTING = ("containers", "initContainers", "ephemeralContainers")
 
 

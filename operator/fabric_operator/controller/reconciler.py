@@ -15,6 +15,7 @@ from kubernetes.client.exceptions import ApiException
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.v1alpha1 import GROUP, KIND, Phase
 from fabric_operator.config import OperatorConfig
+from fabric_operator.controller import pacing
 from fabric_operator.controller import status as st
 from fabric_operator.controller.diagnose import diagnose
 from fabric_operator.controller.diff import (
@@ -44,6 +45,9 @@ FAILED_APPLY_RECHECK_SECONDS = 300.0
 # A guarded patch met a newer object: its watch event normally queues the backend again
 # first; this is the net under a missed one (or a 409 a proxy made up).
 STALE_RECHECK_SECONDS = 2.0
+# A held upgrade looks again this often (other backends' rollouts end without an event of
+# its own).
+PACE_RECHECK_SECONDS = 5.0
 REASON_NAME_CONFLICT = "NameConflict"
 CHILD_KINDS = frozenset({"Deployment", "Service", "NetworkPolicy", "PersistentVolumeClaim"})
 # Status keys another writer owns (the autoscaler loop), which the reconciler leaves alone.
@@ -77,6 +81,7 @@ class Reconciler:
         # watch event would bring the next one; sent again once the lists change.
         self._undone: dict[tuple[str, str, str], list[Any]] = {}
         self._undone_lock = threading.Lock()
+        self.pacer = pacing.Pacer(self.settings.config.max_upgrade_rollouts)
 
     def reconcile(self, namespace: str, name: str) -> float | None:
         """Bring one LLMBackend's children and status to its spec.
@@ -98,11 +103,11 @@ class Reconciler:
         if backend.spec.remote is not None:
             return self._reconcile_remote(obj, backend, problems)
 
-        desired = (
-            [with_bookkeeping(m, backend) for m in render(backend, self.settings.config).all()]
-            if not problems
-            else []
-        )
+        rendered = render(backend, self.settings.config).all() if not problems else []
+        for m in rendered:
+            if m["kind"] == "Deployment":
+                pacing.annotate(m, backend)
+        desired = [with_bookkeeping(m, backend) for m in rendered]
         stale = [
             m
             for m in desired
@@ -122,6 +127,11 @@ class Reconciler:
         )
         applied: list[tuple[str, dict[str, Any]]] = []
         transient: ApiException | None = None
+        queued: str | None = None
+        if failure is None:
+            queued = self._pace(backend, stale, previous)
+            if queued is not None:
+                recheck = PACE_RECHECK_SECONDS
         if failure is not None:
             self._drop_older(namespace, name, backend.uid)
         else:
@@ -144,7 +154,8 @@ class Reconciler:
             cluster_domain=self.settings.cluster_domain,
             restarts=_restarts(pods),
             # Kept once the pods are gone (scaled to zero): the last start still tells.
-            last_start=last_start(pods) or previous.get("lastStart"),
+            last_start=last_start(pods, previous.get("lastStart")) or previous.get("lastStart"),
+            queued=queued,
         )
         self._report(obj, status, applied)
         if transient is not None:
@@ -278,9 +289,10 @@ class Reconciler:
         newer copy is reconciled next."""
         settled = True
         held: dict[str, dict[str, Any] | None] = {}
-        manifest: dict[str, Any] = {}
+        manifest: dict[str, Any] = shared_cache_claim(backend, MANAGED_BY) or {}
         try:
-            self._ensure_shared_claim(backend)
+            if stale and manifest:  # only when pods may be created: no GET per reconcile
+                self._ensure_shared_claim(backend, manifest)
             for i, manifest in enumerate(stale):
                 meta = manifest["metadata"]
                 kind = manifest["kind"]
@@ -290,13 +302,26 @@ class Reconciler:
                 found = held[kind]
                 if found is not None and not _ours(found, backend):
                     raise _conflict(manifest)
+            refused_claim: str | None = None
             for manifest in stale:
                 before = held[manifest["kind"]]
-                result, done = self._write(backend, manifest, before)
+                try:
+                    result, done = self._write(backend, manifest, before)
+                except ApiException as err:
+                    # A claim's spec is immutable but for growing: a refused change (a
+                    # smaller size, another class) must not hold back the Deployment.
+                    if not _claim_refusal(manifest, before, err):
+                        raise
+                    refused_claim = f"PersistentVolumeClaim {manifest['metadata']['name']}: "
+                    refused_claim += api_message(err)
+                    continue
                 settled = settled and done
                 if result is not None:
                     self.store.put(manifest["kind"], result)
                     applied.append((_change(before, manifest), manifest))
+            if refused_claim is not None:
+                message = f"{refused_claim} (the claim was left as it is; the rest was applied)"
+                return st.Failure(st.REASON_APPLY_FAILED, message), None, settled
         except NameConflictError as err:
             return st.Failure(REASON_NAME_CONFLICT, str(err)), None, settled
         except ApiException as err:
@@ -307,14 +332,57 @@ class Reconciler:
             return st.Failure(st.REASON_APPLY_FAILED, message), None, settled
         return None, None, settled
 
-    def _ensure_shared_claim(self, backend: LLMBackend) -> None:
+    def _pace(
+        self, backend: LLMBackend, stale: list[dict[str, Any]], previous: dict[str, Any]
+    ) -> str | None:
+        """Hold the Deployment back (taken out of `stale`) while `maxUpgradeRollouts`
+        other backends roll for the operator's reasons and this one would too; its
+        replicas still follow the spec. Returns why it waits, or None."""
+        deployment = next((m for m in stale if m["kind"] == "Deployment"), None)
+        if deployment is None:
+            return None
+        key = (backend.namespace, backend.name)
+        live = self.store.get("Deployment", *key)
+        if live is None or not _ours(live, backend):
+            return None
+        if not pacing.is_upgrade(backend, deployment, live, previous.get("observedGeneration")):
+            return None
+        admitted, busy = self.pacer.admit(key, self._rolling())
+        if admitted:
+            return None
+        stale.remove(deployment)
+        wanted, has = deployment["spec"]["replicas"], (live.get("spec") or {}).get("replicas")
+        if wanted != has:
+            result = self._patch_guarded(
+                deployment, live, [{"op": "replace", "path": "/spec/replicas", "value": wanted}]
+            )
+            if result is not None:
+                self.store.put("Deployment", result)
+        return (
+            f"this operator version renders the pods differently (its spec did not change); "
+            f"the rollout waits while {busy} other backend(s) roll "
+            f"(maxUpgradeRollouts {self.pacer.limit})"
+        )
+
+    def _rolling(self) -> list[tuple[str, str]]:
+        """Backends whose Deployment (ours) is rolling out now."""
+        out = []
+        for ns, name in self.store.names("Deployment"):
+            deployment = self.store.get("Deployment", ns, name)
+            labels = ((deployment or {}).get("metadata") or {}).get("labels") or {}
+            if (
+                deployment
+                and labels.get(MANAGED_LABEL) == MANAGED_BY
+                and pacing.rolling(deployment)
+            ):
+                out.append((ns, name))
+        return out
+
+    def _ensure_shared_claim(self, backend: LLMBackend, manifest: dict[str, Any]) -> None:
         """Create the namespace's weight cache claim for this model if it does not exist
         (spec.cache.persistentVolumeClaim.shared). It has no owner and is never written
         again: other backends of the model use it too, and it outlives them all. Whatever
         holds the name in the namespace is used as it is (it is the team's own)."""
-        manifest = shared_cache_claim(backend, MANAGED_BY)
-        if manifest is None:
-            return
         meta = manifest["metadata"]
         if self.kube.get(manifest["kind"], meta["namespace"], meta["name"]) is not None:
             return
@@ -463,6 +531,8 @@ class Reconciler:
                 cond["type"] == st.READY and cond["status"] == "True" and previous.get("conditions")
             ):
                 self.kube.post_event(obj, "Normal", "Ready", cond["message"], stamp)
+            elif cond["type"] == st.PROGRESSING and cond["reason"] == st.REASON_UPGRADE_QUEUED:
+                self.kube.post_event(obj, "Normal", cond["reason"], cond["message"], stamp)
             elif cond["type"] == st.TOOL_CALLING:
                 # Off for want of a parser is news (an agent's first request will fail);
                 # otherwise only a change is, not the first status of a new backend.
@@ -502,6 +572,17 @@ class Reconciler:
                 status.get("phase"),
                 status.get("ready"),
             )
+
+
+def _claim_refusal(
+    manifest: dict[str, Any], before: dict[str, Any] | None, err: ApiException
+) -> bool:
+    """An existing cache claim the API server refuses to change (not a transient error)."""
+    return (
+        manifest["kind"] == "PersistentVolumeClaim"
+        and before is not None
+        and err.status not in RETRYABLE
+    )
 
 
 def _own_status(status: dict[str, Any]) -> dict[str, Any]:

@@ -31,8 +31,10 @@ def _condition_time(pod: dict[str, Any], type_: str) -> datetime | None:
 
 
 def _engine_started(pod: dict[str, Any]) -> datetime | None:
+    """When the engine container's first run started; None after a restart (startedAt is
+    then the restart's, which says nothing of the pod's start)."""
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        if cs.get("name") == CONTAINER_NAME:
+        if cs.get("name") == CONTAINER_NAME and not cs.get("restartCount"):
             return _time(((cs.get("state") or {}).get("running") or {}).get("startedAt"))
     return None
 
@@ -43,8 +45,12 @@ def _seconds(later: datetime | None, earlier: datetime | None) -> int | None:
     return max(0, round((later - earlier).total_seconds()))
 
 
-def last_start(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """status.lastStart of the newest pod not being deleted; None without one."""
+def last_start(
+    pods: list[dict[str, Any]], previous: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """status.lastStart of the newest pod not being deleted; None without one. A start
+    measured to the end (`previous`, of the same pod) stays as it was: a later readiness
+    flap or restart moves the pod's times, not how its start went."""
     live = [
         p
         for p in pods
@@ -54,6 +60,12 @@ def last_start(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not live:
         return None
     pod = max(live, key=lambda p: (p["metadata"]["creationTimestamp"], p["metadata"].get("name")))
+    if (
+        previous is not None
+        and previous.get("pod") == pod["metadata"].get("name")
+        and "totalSeconds" in previous
+    ):
+        return previous
     created = _time(pod["metadata"]["creationTimestamp"])
     scheduled = _condition_time(pod, "PodScheduled")
     initialized = _condition_time(pod, "Initialized")

@@ -21,6 +21,7 @@ TOOL_CALLING = "ToolCalling"
 CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, TOOL_CALLING)
 REASON_INVALID = "InvalidSpec"
 REASON_APPLY_FAILED = "ApplyFailed"
+REASON_UPGRADE_QUEUED = "UpgradeQueued"
 
 
 @dataclass(frozen=True)
@@ -173,10 +174,14 @@ def compute(
     timestamp: str | None = None,
     restarts: int = 0,
     last_start: dict[str, Any] | None = None,
+    queued: str | None = None,
 ) -> dict[str, Any]:
-    """The whole status; `previous` supplies transition times that did not change."""
+    """The whole status; `previous` supplies transition times that did not change.
+    `queued`: why an operator-caused rollout waits (paced upgrades)."""
     rollout = _rollout(backend, deployment, diagnosis)
     conditions = rollout["conditions"]
+    if queued is not None:
+        conditions[1] = _condition(PROGRESSING, False, REASON_UPGRADE_QUEUED, queued)
     phase = rollout["phase"]
     if failure is not None:
         phase = Phase.INVALID if failure.reason == REASON_INVALID else Phase.DEGRADED

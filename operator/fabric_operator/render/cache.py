@@ -27,10 +27,18 @@ PRELOAD_SCRIPT = """\
 import sys
 from huggingface_hub import HfApi, snapshot_download
 repo, revision = sys.argv[1], sys.argv[2] or None
-files = HfApi().list_repo_files(repo, revision=revision)
 skip = ["original/*", "*.pt", "*.pth", "*.gguf", "*.onnx", "*.msgpack", "*.h5"]
+try:
+    files = HfApi().list_repo_files(repo, revision=revision)
+except Exception as err:  # the Hub unreachable: the weights may be in the cache already
+    print("cannot list", repo, "on the Hub:", type(err).__name__, "- trying the cache")
+    path = snapshot_download(repo, revision=revision, local_files_only=True)
+    print("weights ready in", path)
+    sys.exit(0)
 if any(f.endswith(".safetensors") for f in files):
     skip.append("*.bin")
+    if any(f.endswith("model.safetensors.index.json") for f in files):
+        skip.append("consolidated*.safetensors")  # Mistral's second copy of the weights
 print("weights ready in", snapshot_download(repo, revision=revision, ignore_patterns=skip))
 """
 
@@ -45,8 +53,11 @@ def claim_name(backend: LLMBackend) -> str | None:
 
 
 def shared_claim_name(backend: LLMBackend) -> str:
-    """One name per model source (repo, revision, file, URL, tag or claim path)."""
+    """One name per model source (repo, revision, file, URL, tag or claim path); a URL
+    without its query, which for a presigned URL changes with every signature."""
     source = backend.spec.source.model_dump(by_alias=True, exclude_none=True)
+    if "url" in source:
+        source["url"] = source["url"].split("?", 1)[0].split("#", 1)[0]
     digest = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
     return f"{SHARED_PREFIX}{digest[:16]}"
 

@@ -155,16 +155,20 @@ def _resources(backend: LLMBackend) -> Manifest:
 
 def restricted(backend: LLMBackend, engine: EngineContainer) -> bool:
     """Whether the pods meet the Pod Security Standards' restricted profile: as asked, else
-    wherever the engine's image can run as another user than its own."""
+    wherever the engine's image can run as another user than its own. Not by default on
+    AMD GPUs: /dev/kfd and /dev/dri/renderD* belong to the node's render/video groups
+    (mode 0660), whose ids differ between distributions."""
     wanted = backend.spec.pod_security
     if wanted is not None:
         return wanted.profile == PodSecurityProfile.RESTRICTED
-    return engine.non_root
+    amd_gpu = backend.spec.gpu_count > 0 and backend.spec.gpu_vendor == "amd"
+    return engine.non_root and not amd_gpu
 
 
 # HOME of a restricted engine: the images' own (/root) is not the user's to write.
 HOME = "/home/fabric"
 HOME_VOLUME = "home"
+_HOME_NAMES = frozenset({"HOME", "USER", "LOGNAME"})
 
 
 def _shared_mounts(backend: LLMBackend, engine: EngineContainer) -> list[Manifest]:
@@ -183,23 +187,33 @@ def _shared_env(backend: LLMBackend, engine: EngineContainer) -> list[Manifest]:
     return [plain_env("HOME", HOME), plain_env("USER", "fabric"), plain_env("LOGNAME", "fabric")]
 
 
-def _container(backend: LLMBackend, engine: EngineContainer) -> Manifest:
+def image(backend: LLMBackend, engine: EngineContainer, config: OperatorConfig) -> str:
+    """The backend's image, else the operator's mirror of the engine's, else the pinned."""
+    return backend.spec.image or config.images.get(str(backend.spec.engine)) or engine.image
+
+
+def _with_user_env(backend: LLMBackend, ours: list[Manifest]) -> list[Manifest]:
+    """`ours`, then spec.env, whose names replace ours (a name twice in one list would make
+    the API server refuse the apply)."""
+    user = [e.model_dump(by_alias=True, exclude_none=True) for e in backend.spec.env or []]
+    names = {e["name"] for e in user}
+    return [e for e in ours if e["name"] not in names] + user
+
+
+def _container(backend: LLMBackend, engine: EngineContainer, config: OperatorConfig) -> Manifest:
     spec = backend.spec
     mounts = list(engine.volume_mounts) + _shared_mounts(backend, engine)
     if spec.source.pvc:
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
     # The user's variables override the engine's defaults of the same name (HF_HOME on a
     # PVC, say); a name twice in one list would make the API server refuse the apply.
-    user = [e.model_dump(by_alias=True, exclude_none=True) for e in spec.env or []]
-    names = {e["name"] for e in user}
-    ours = _shared_env(backend, engine) + engine.env
-    env = [e for e in ours if e["name"] not in names] + user
+    env = _with_user_env(backend, _shared_env(backend, engine) + engine.env)
     # A short startup period: every start (not only the first) waits for its first
     # success, and /health is cheap; the failure budget stays startup_seconds.
     startup_period = 2
     container: Manifest = {
         "name": CONTAINER_NAME,
-        "image": spec.image or engine.image,
+        "image": image(backend, engine, config),
         # Tool-calling flags after the engine's own, before the user's extraArgs.
         "args": engine.args + toolcalls.plan(backend).args + list(spec.extra_args or []),
         "ports": [{"name": PORT_NAME, "containerPort": engine.port, "protocol": "TCP"}],
@@ -258,7 +272,12 @@ def _strategy(backend: LLMBackend) -> Manifest:
         if rolling:
             out["rollingUpdate"] = rolling
         return out
-    if backend.spec.gpu_count:
+    cache = backend.spec.cache
+    claim = cache.persistent_volume_claim if cache else None
+    # A surge pod cannot mount a ReadWriteOncePod claim the old pod holds, nor a
+    # ReadWriteOnce one from another node (Multi-Attach): replace, do not surge.
+    single_node = claim is not None and claim.access_mode != "ReadWriteMany"
+    if backend.spec.gpu_count or single_node:
         return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
 
@@ -284,16 +303,24 @@ def _pod_spec(backend: LLMBackend, engine: EngineContainer, config: OperatorConf
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
         "securityContext": _pod_security(backend, engine),
-        "containers": [_container(backend, engine)],
+        "containers": [_container(backend, engine, config)],
         "volumes": volumes,
     }
     preload = preload_container(backend, engine)
+    if preload is not None:
+        # The user's HF_HOME, HF_ENDPOINT, proxies... apply to the download as to the engine.
+        preload["env"] = _with_user_env(backend, preload["env"])
     inits = [*([preload] if preload else []), *engine.init_containers]
     if inits:
         pod["initContainers"] = [
             {
                 **c,
-                "env": _shared_env(backend, engine) + list(c.get("env") or []),
+                # The engine's own image (the pull, the preload) follows the mirror too.
+                "image": image(backend, engine, config)
+                if c["image"] == engine.image
+                else c["image"],
+                "env": _shared_env(backend, engine)
+                + [e for e in c.get("env") or [] if e["name"] not in _HOME_NAMES],
                 "volumeMounts": _shared_mounts(backend, engine) + list(c.get("volumeMounts") or []),
                 "securityContext": container_security(),
             }
