@@ -4,10 +4,8 @@ torch here: tests/gateway/test_transformers_serve.py runs the real server)."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,17 +60,6 @@ def test_the_launcher_runs_transformers_serve() -> None:
     c = container()
     assert c.command == ["python3", "-c", transformers.LAUNCHER]
     compile(transformers.LAUNCHER, "launcher", "exec")  # valid Python as rendered
-
-
-def test_launcher_skips_what_the_preload_skips() -> None:
-    """Both fetch into the same HF_HOME: a file one skips and the other wants would be
-    downloaded at every start after a preload."""
-    found = re.search(r"^skip = (\[.*\])$", cache.PRELOAD_SCRIPT, re.MULTILINE)
-    assert found is not None
-    assert ast.literal_eval(found.group(1)) == transformers.SKIPPED
-    assert '.endswith(".safetensors")' in cache.PRELOAD_SCRIPT
-    assert 'skip.append("*.bin")' in cache.PRELOAD_SCRIPT
-    assert 'skip.append("*.bin")' in transformers.LAUNCHER
 
 
 @pytest.mark.parametrize(
@@ -198,11 +185,11 @@ class HfApi:
         if "FAKE_REPO_FILES" not in os.environ:
             raise OSError("the Hub is out of reach")
         return json.loads(os.environ["FAKE_REPO_FILES"])
-def snapshot_download(repo, revision=None, ignore_patterns=None):
+def snapshot_download(repo, revision=None, **kwargs):
     path = os.path.join(os.environ["FAKE_SNAPSHOTS"], repo.replace("/", "--"))
     os.makedirs(path, exist_ok=True)
     with open(os.environ["FAKE_SNAPSHOTS"] + "/calls.jsonl", "a") as f:
-        f.write(json.dumps([repo, revision, ignore_patterns]) + "\\n")
+        f.write(json.dumps([repo, revision, kwargs]) + "\\n")
     return path
 """
 
@@ -268,9 +255,9 @@ def test_launcher_downloads_a_hub_repo_at_its_revision(fakes: Path, tmp_path: Pa
         ran = launch(fakes, tmp_path, c, FAKE_REPO_FILES=files)
         assert ran.returncode == 0, ran.stderr
     assert json.loads(ran.stdout)["argv"][:2] == ["serve", "qwen"]
-    [repo, revision, skipped] = downloads(tmp_path)[-1]
+    [repo, revision, kwargs] = downloads(tmp_path)[-1]
     assert (repo, revision) == (REPO, "v2")
-    assert skipped == [*transformers.SKIPPED, "*.bin"]  # safetensors there: no pickles
+    assert kwargs == {"ignore_patterns": [*transformers.SKIPPED, "*.bin"]}  # no pickles
     link = tmp_path / "served" / "qwen"
     assert os.readlink(link) == str(tmp_path / "snapshots" / "Qwen--Qwen2.5-0.5B-Instruct")
     assert sorted(p.name for p in link.parent.iterdir()) == ["qwen"]
@@ -281,7 +268,7 @@ def test_launcher_keeps_bin_weights_of_a_repo_without_safetensors(
 ) -> None:
     ran = launch(fakes, tmp_path, container(), FAKE_REPO_FILES='["pytorch_model.bin"]')
     assert ran.returncode == 0, ran.stderr
-    assert downloads(tmp_path)[-1][2] == transformers.SKIPPED
+    assert downloads(tmp_path)[-1][2] == {"ignore_patterns": transformers.SKIPPED}
 
 
 def test_launcher_with_the_hub_out_of_reach_lets_the_cache_decide(
@@ -291,7 +278,49 @@ def test_launcher_with_the_hub_out_of_reach_lets_the_cache_decide(
     earlier download); the launcher must not fail before asking it."""
     ran = launch(fakes, tmp_path, container())
     assert ran.returncode == 0, ran.stderr
-    assert downloads(tmp_path)[-1][:2] == [REPO, None]
+    assert downloads(tmp_path)[-1] == [REPO, None, {"local_files_only": True}]
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        pytest.param(["config.json", "model.safetensors", "pytorch_model.bin"], id="both"),
+        pytest.param(["config.json", "pytorch_model.bin", "original/consolidated.pth"], id="bin"),
+        pytest.param(
+            [
+                "model-00001-of-00002.safetensors",
+                "model.safetensors.index.json",
+                "consolidated.safetensors",
+            ],
+            id="mistral",
+        ),
+        pytest.param(None, id="hub-out-of-reach"),
+    ],
+)
+def test_launcher_fetches_what_the_preload_fetched(
+    fakes: Path, tmp_path: Path, listing: list[str] | None
+) -> None:
+    """Both fetch into the same HF_HOME: a file the preload skipped and the engine wants
+    would be downloaded at the engine's start after all (Mistral's second copy: GBs)."""
+    files = {} if listing is None else {"FAKE_REPO_FILES": json.dumps(listing)}
+    c = container({"model": {"huggingface": {"repo": REPO, "revision": "r1"}}})
+    assert launch(fakes, tmp_path, c, **files).returncode == 0
+    preload = subprocess.run(
+        [sys.executable, "-c", cache.PRELOAD_SCRIPT, REPO, "r1"],
+        env={
+            "PATH": os.environ["PATH"],
+            "PYTHONPATH": str(fakes),
+            "FAKE_SNAPSHOTS": str(tmp_path / "snapshots"),
+            **files,
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert preload.returncode == 0, preload.stderr
+    launched, preloaded = downloads(tmp_path)
+    assert launched == preloaded
 
 
 @pytest.mark.parametrize(

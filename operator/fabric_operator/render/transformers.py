@@ -49,8 +49,10 @@ PORT = 8000  # its default (the host's default is localhost: --host is always pa
 # The served name's link and the server's working dir: a volume of the pod's own (the
 # cache may be a claim shared by other backends).
 SERVED = "/served"
-# Not downloaded from a Hub repo: files transformers does not load (cache.PRELOAD_SCRIPT's
-# list, test-checked; pickled *.bin too when the repo has safetensors).
+# Not downloaded from a Hub repo: files transformers does not load; pickled *.bin too
+# when the repo has safetensors, and Mistral's consolidated copy beside an index. The same
+# as cache.PRELOAD_SCRIPT (test-checked, by running both): what one fetched into HF_HOME,
+# the other finds there.
 SKIPPED = ["original/*", "*.pt", "*.pth", "*.gguf", "*.onnx", "*.msgpack", "*.h5"]
 
 # Run as `python3 -c LAUNCHER MODEL ARGS...`: MODEL is a local path (/models/...) or a Hub
@@ -65,16 +67,19 @@ served = os.environ["FABRIC_SERVED_DIR"]
 gguf = ":" in name and name.endswith(".gguf")
 if name.startswith("/") or {{"", ".", ".."}} & set(name.split("/")) or gguf:
     sys.exit(f"served model name {{name!r}}: transformers serve needs a relative path")
-if not model.startswith("/"):
+if not model.startswith("/"):  # a Hub repo: fetched as cache.PRELOAD_SCRIPT fetches it
     from huggingface_hub import HfApi, snapshot_download
     revision, skip = os.environ.get("FABRIC_MODEL_REVISION") or None, {SKIPPED!r}
     try:
         files = HfApi().list_repo_files(model, revision=revision)
-    except Exception:  # the Hub out of reach: what the cache holds decides
-        files = []
-    if any(f.endswith(".safetensors") for f in files):
-        skip.append("*.bin")
-    model = snapshot_download(model, revision=revision, ignore_patterns=skip)
+    except Exception:  # the Hub out of reach: the weights may be in the cache already
+        model = snapshot_download(model, revision=revision, local_files_only=True)
+    else:
+        if any(f.endswith(".safetensors") for f in files):
+            skip.append("*.bin")
+            if any(f.endswith("model.safetensors.index.json") for f in files):
+                skip.append("consolidated*.safetensors")
+        model = snapshot_download(model, revision=revision, ignore_patterns=skip)
 link = os.path.join(served, name)
 os.makedirs(os.path.dirname(link), exist_ok=True)
 new = link + ".new"
