@@ -3,7 +3,7 @@
 # where no container registry is reachable and there is no Docker engine: podman builds
 # from Debian's archive, PyPI and the project's own files (shared/notes/real-node.md).
 #
-#   hack/get-images.sh [pause|operator|engine ...]     (default: all three)
+#   hack/get-images.sh [pause|operator|engine|transformers ...]     (default: all four)
 #
 # stdout, one line per image asked for:  ROLE IMAGE_REF ARCHIVE_PATH
 #   ARCHIVE_PATH is an OCI archive (`podman save --format oci-archive`) in the cache, ready
@@ -16,6 +16,10 @@
 #   operator  localhost/fabric-operator:<pyproject version>: the project's own Dockerfile
 #   engine    localhost/fabric-llama-server:<llama-cpp-python version>-<key>: llama-server's
 #             CLI on llama-cpp-python's server, CPU, with a tiny GGUF baked in
+#   transformers  localhost/fabric-transformers-serve:<transformers version>-<key>:
+#             `transformers serve` with torch's CPU build (the versions of
+#             hack/get-transformers-serve.sh's venv), a tiny Qwen2 model baked in
+#             (/app/models/tiny); ~1 GB, the e2e suite's tests/e2e/test_transformers_in_cluster.py
 # Cached: an image is rebuilt only when its inputs change (key = sha256 of the inputs, in
 # the archive's name and the image's dev.fabric.inputs label). Quiet on success: progress
 # lines go to stderr only while building; build logs are in $CACHE/images/logs.
@@ -67,9 +71,12 @@ if [ "${1:-}" = --env ]; then
 fi
 
 roles=("$@")
-[ ${#roles[@]} -gt 0 ] || roles=(pause operator engine)
+[ ${#roles[@]} -gt 0 ] || roles=(pause operator engine transformers)
 for r in "${roles[@]}"; do
-  case $r in pause | operator | engine) ;; *) die "unknown role $r (pause, operator, engine)" ;; esac
+  case $r in
+    pause | operator | engine | transformers) ;;
+    *) die "unknown role $r (pause, operator, engine, transformers)" ;;
+  esac
 done
 
 # ---- tools (Debian's archive; the system's apt configuration is used as it is) ----------
@@ -319,6 +326,60 @@ engine() {
   fi
   touch "$archive" # used now: save() keeps the most recently used
   echo "engine $ref $archive"
+}
+
+# ---- transformers: `transformers serve` with CPU torch, on the base ---------------------
+transformers() {
+  local py venv sp d name versions tf_version torch_version model key ref archive ctx
+  # The tests' venv (built and cached once): its versions are the image's.
+  py=$(bash "$HERE/get-transformers-serve.sh") || die "hack/get-transformers-serve.sh failed"
+  venv=$(dirname "$(dirname "$py")")
+  ctx=$WORK/transformers
+  mkdir -p "$ctx/wheels"
+  for sp in "$venv"/lib/python3*/site-packages; do
+    for d in "$sp"/*.dist-info; do
+      [ -d "$d" ] || continue
+      d=$(basename "$d" .dist-info)
+      name=$(printf '%s' "${d%-*}" | tr 'A-Z_.' 'a-z--')
+      case $name in pip | wheel) continue ;; esac
+      printf '%s==%s\n' "$name" "${d##*-}"
+    done
+  done | LC_ALL=C sort >"$ctx/wheels/constraints.txt"
+  versions=$ctx/wheels/constraints.txt
+  tf_version=$(sed -n 's/^transformers==//p' "$versions")
+  torch_version=$(sed -n 's/^torch==//p' "$versions")
+  [ -n "$tf_version" ] && [ -n "$torch_version" ] || die "no transformers or torch in $venv"
+  case $torch_version in *+cpu) ;; *) die "torch $torch_version in $venv is not a CPU build" ;; esac
+
+  # The model: tests/support/tiny_hf_model.py's directory (deterministic), made each run
+  # (0.2 s) and keyed by its bytes.
+  (cd "$REPO" && "$PY" -m tests.support.tiny_hf_model "$ctx/tiny") >/dev/null ||
+    die "cannot write the tiny Hugging Face model with $PY (make setup?)"
+  key=$(
+    cd "$ctx"
+    { printf '%s\n' "$BASE_KEY"; sha256sum "$CTX/transformers/Containerfile" wheels/constraints.txt \
+        tiny/* | cut -c1-64; } | sha
+  )
+  ref=localhost/fabric-transformers-serve:$tf_version-${key:0:12}
+  archive=$OUT/transformers-${key:0:16}.oci.tar
+  if [ ! -f "$archive" ]; then
+    ensure_base
+    LOG=$OUT/logs/transformers.log
+    : >"$LOG"
+    log "building $ref (transformers $tf_version, torch $torch_version; ~2 min, ~1 GB)"
+    local start=$SECONDS
+    # torch's CPU wheel, from where the host's pip finds it (find-links): never PyPI's
+    # CUDA build. `pip download` copies the file it resolves into the context.
+    run "$py" -m pip download -q --no-deps --only-binary=:all: "torch==$torch_version" -d "$ctx/wheels"
+    cp "$CTX/transformers/Containerfile" "$ctx/"
+    run pm build "${build_opts[@]}" --label "dev.fabric.inputs=$key" --label dev.fabric.role=transformers \
+      --build-arg "BASE_IMAGE=$BASE_REF" --build-arg "TRANSFORMERS_VERSION=$tf_version" \
+      --build-arg "TORCH_VERSION=$torch_version" -t "$ref" "$ctx"
+    save transformers "$ref" "$key"
+    echo "get-images: transformers built in $((SECONDS - start)) s" >>"$LOG"
+  fi
+  touch "$archive" # used now: save() keeps the most recently used
+  echo "transformers $ref $archive"
 }
 
 for r in "${roles[@]}"; do "$r"; done
