@@ -19,7 +19,7 @@ from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.rules import POD_FIELDS
 from fabric_operator.api.v1alpha1 import Engine, LabelSelector
 from fabric_operator.config import DEFAULT, OperatorConfig
-from fabric_operator.render import openai_compatible, toolcalls
+from fabric_operator.render import openai_compatible, toolcalls, transformers
 from fabric_operator.render.cache import claim_name
 from fabric_operator.render.placement import accelerator, placement
 
@@ -100,9 +100,11 @@ SERVER_OWN_ENV = frozenset(
     {*openai_compatible.MANAGED_ENV, "HF_HOME", "HF_TOKEN", "HOME", "USER", "LOGNAME"}
 )
 # Engines without a key of their own: the gateway checks keys in front of them.
-NO_KEY_ENGINES = frozenset({Engine.OLLAMA, Engine.OPENLLM})
+NO_KEY_ENGINES = frozenset({Engine.OLLAMA, Engine.OPENLLM, Engine.TRANSFORMERS})
 # Engines with no image the operator could default to.
 IMAGE_REQUIRED = {
+    Engine.TRANSFORMERS: "Hugging Face publishes no image for `transformers serve`; name one "
+    "with transformers[serving] >= 5.10 and torch (hack/images/transformers builds a CPU one)",
     Engine.OPENLLM: "OpenLLM publishes no image for `openllm serve`; name one with openllm "
     "installed (and, without internet access, its catalogue and environment built in)",
 }
@@ -379,6 +381,10 @@ def check_image_and_key(backend: LLMBackend) -> Iterator[Problem]:
         )
     if engine in IMAGE_REQUIRED and spec.image is None:
         yield Problem("spec.image", IMAGE_REQUIRED[engine])
+    if engine == Engine.TRANSFORMERS:
+        why = transformers.served_name_error(backend.served_model_name)
+        if why is not None:
+            yield Problem("spec.servedModelName", why)
     if engine == Engine.SGLANG and spec.gpu_vendor == "amd" and spec.image is None:
         yield Problem(
             "spec.image",

@@ -84,7 +84,12 @@ VALID: list[dict[str, Any]] = [
     {**REMOTE, "fallback": ["other"], "apiKeySecretRef": {"name": "k", "key": "v"}},
     {"engine": "sglang", "model": HF, **GPU, "engineOptions": {"gpuMemoryUtilization": 0.8}},
     {"engine": "sglang", "model": HF, **GPU, "toolCalling": {"parser": "qwen25"}},
-    {"engine": "transformers", "model": HF, "engineOptions": {"dtype": "float32"}},
+    {
+        "engine": "transformers",
+        "model": HF,
+        "image": "r/tf:5.25",
+        "engineOptions": {"dtype": "float32"},
+    },
     {"engine": "openllm", "model": {"openllm": "llama3.2:1b"}, "image": "r/openllm:1"},
     {
         "engine": "openai-compatible",
@@ -152,7 +157,7 @@ INVALID: list[tuple[dict[str, Any], str]] = [
             "model": {"ollama": "x"},
             "apiKeySecretRef": {"name": "a", "key": "b"},
         },
-        "ollama and openllm have no built-in API key",
+        "ollama, openllm and transformers have no built-in API key",
     ),
     (
         {"engine": "llamacpp", "model": HF, "toolCalling": {"parser": "hermes"}},

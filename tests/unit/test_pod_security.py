@@ -479,7 +479,11 @@ BASE: dict[str, dict[str, Any]] = {
     },
     "ollama": {"engine": "ollama", "model": {"ollama": "llama3.2:1b"}},
     "sglang": {"engine": "sglang", "model": HF, "resources": GPU1},
-    "transformers": {"engine": "transformers", "model": HF},
+    "transformers": {
+        "engine": "transformers",
+        "model": HF,
+        "image": "ghcr.io/example/transformers-serve:5.25.0",
+    },
     "openllm": {
         "engine": "openllm",
         "model": {"openllm": "llama3.2:1b"},
@@ -496,14 +500,10 @@ BASE: dict[str, dict[str, Any]] = {
 BASELINE_ENGINES = {"tgi", "openllm"}
 # The variables that point an engine at its download directory.
 CACHE_ENV = ("HF_HOME", "LLAMA_CACHE", "OLLAMA_MODELS")
-PENDING = pytest.mark.xfail(
-    raises=NotImplementedError, reason="transformers is not rendered yet (a placeholder)"
-)
 
 
 def engine_param(engine: str, *values: Any, name: str | None = None) -> Any:
-    marks = [PENDING] if engine == "transformers" else []
-    return pytest.param(engine, *values, id=name or engine, marks=marks)
+    return pytest.param(engine, *values, id=name or engine)
 
 
 def pod_spec(engine: str, **fields: Any) -> Pod:

@@ -135,8 +135,9 @@ SPEC_RULES: list[dict[str, str]] = [
         "openai-compatible servers take as a flag the operator knows",
     ),
     _rule(
-        "!(self.engine in ['ollama', 'openllm']) || !has(self.apiKeySecretRef)",
-        "ollama and openllm have no built-in API key: leave spec.apiKeySecretRef unset and "
+        "!(self.engine in ['ollama', 'openllm', 'transformers']) || !has(self.apiKeySecretRef)",
+        "ollama, openllm and transformers have no built-in API key: leave "
+        "spec.apiKeySecretRef unset and "
         "put the fabric gateway in front of them",
     ),
     _rule(
