@@ -10,7 +10,9 @@ window (Cloudflare's "sliding window counter"). The minute comes from Redis's cl
 
 The request path makes one round trip at most: one script checks the token counter,
 checks and counts the request, and says by how much a refused one was over. Tokens are
-added once the answer ended, off the request path. A round trip that takes longer than
+added once the answer ended, off the request path: summed per tenant and sent every
+CHARGE_SECONDS (one pipelined round trip then, not one per answer), so a limit sees
+another replica's answers at most that much later. A round trip that takes longer than
 `timeout` (50 ms), or fails, opens the circuit: from then on every request uses the
 per-replica limits at once, without trying Redis, and a probe (a PING a second) closes
 it again when Redis answers. Each transition is logged once and shown in
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 WINDOW = 60.0
 PREFIX = "fabric:limits"
 PROBE_SECONDS = 1.0
+CHARGE_SECONDS = 0.05
 
 # KEYS[1]: the tenant's prefix. ARGV: rpm, tpm (0: no such limit). Returns {0} when the
 # request may go (and counts it), else {1 (requests) or 2 (tokens), this minute's count,
@@ -146,6 +149,7 @@ class SharedLimits:
         self._on_change = on_change  # called with (up: bool) on each transition
         self._probe: asyncio.Task[None] | None = None
         self._charges: set[asyncio.Task[None]] = set()
+        self._owed: dict[str, int] = {}  # tenant prefix -> tokens not sent yet
 
     async def start(self) -> None:
         """Probe until Redis answers (until then the limits are per replica)."""
@@ -181,17 +185,24 @@ class SharedLimits:
         )
 
     def charge(self, prefix: str, tokens: int) -> None:
-        """Add an answer's tokens, in the background."""
+        """Add an answer's tokens, in the background (within CHARGE_SECONDS)."""
         if not self.up or tokens <= 0:
             return
-        task = asyncio.get_running_loop().create_task(self._charge_now(prefix, tokens))
-        self._charges.add(task)
-        task.add_done_callback(self._charges.discard)
+        if not self._owed:
+            task = asyncio.get_running_loop().create_task(self._send_owed())
+            self._charges.add(task)
+            task.add_done_callback(self._charges.discard)
+        self._owed[prefix] = self._owed.get(prefix, 0) + tokens
 
-    async def _charge_now(self, prefix: str, tokens: int) -> None:
+    async def _send_owed(self) -> None:
+        await asyncio.sleep(CHARGE_SECONDS)
+        owed, self._owed = self._owed, {}
         try:
             async with asyncio.timeout(self.timeout * 4):
-                await self._charge(keys=[prefix], args=[tokens])
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for prefix, tokens in owed.items():
+                        await self._charge(keys=[prefix], args=[tokens], client=pipe)
+                    await pipe.execute()
         except Exception as err:
             self._failed(err)
 
