@@ -28,6 +28,7 @@ setup: $(VENV)/.installed
 	@FABRIC_K8S_BIN= bash hack/get-control-plane.sh >/dev/null
 	@bash hack/get-node.sh >/dev/null
 	@bash hack/get-helm.sh >/dev/null
+	@bash hack/get-redis.sh >/dev/null
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -10,23 +10,34 @@ client, so the client costs as little as we can make it; it shares the machine's
 with both servers. Clients either send back to back (closed loop: the figures then include
 queueing once a server saturates) or paced at a fixed total rate. Prints a table and
 writes JSON.
+
+With `--redis` (the default when redis-server is installed) each row is also measured
+through a second gateway whose key has rpm and tpm limits (too high to refuse anything)
+shared through a redis-server of the run's own: a Redis round trip before each request
+and a token charge after it. Usage counting is always on in both.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tests.support.gateway import gateway
+from tests.support.redisserver import RedisServer
 from tests.support.upstream import REPO, upstream
+
+from fabric_operator.localcluster import free_port
 
 KEY = "sk-bench-0001"
 PATH = "/v1/chat/completions"
@@ -134,7 +145,19 @@ def measure(url: str, spec: Load, seconds: float, key: str | None, pid: int) -> 
     return Run(sink.latencies, elapsed, cpu_seconds(pid) - cpu0, len(sink.errors))
 
 
-def row(spec: Load, direct: Run, via: Run) -> dict[str, Any]:
+def row(spec: Load, direct: Run, via: Run, limited: Run | None = None) -> dict[str, Any]:
+    more: dict[str, Any] = {}
+    if limited is not None:
+        more = {
+            "limited_p50_ms": limited.pct(0.5),
+            "limited_p99_ms": limited.pct(0.99),
+            "limited_added_p50_ms": limited.pct(0.5) - direct.pct(0.5),
+            "limited_added_p99_ms": limited.pct(0.99) - direct.pct(0.99),
+            "limited_rps": limited.rps,
+            "limited_rps_per_core": (
+                limited.rps / (limited.cpu / limited.seconds) if limited.cpu else None
+            ),
+        }
     return {
         "stream": spec.stream,
         "clients": spec.clients,
@@ -150,7 +173,8 @@ def row(spec: Load, direct: Run, via: Run) -> dict[str, Any]:
         "gateway_cores": via.cpu / via.seconds,
         "gateway_rps_per_core": via.rps / (via.cpu / via.seconds) if via.cpu else None,
         "requests": len(via.latencies),
-        "errors": direct.errors + via.errors,
+        "errors": direct.errors + via.errors + (limited.errors if limited else 0),
+        **more,
     }
 
 
@@ -163,6 +187,12 @@ def print_row(r: dict[str, Any]) -> None:
         f"{r['gateway_p50_ms']:>9.2f}/{r['gateway_p99_ms']:<8.2f}"
         f"{r['added_p50_ms']:>8.2f}/{r['added_p99_ms']:<8.2f}"
         f"{r['gateway_rps']:>10.0f}{per_core:>12.0f}"
+        + (
+            f"{r['limited_added_p50_ms']:>9.2f}/{r['limited_added_p99_ms']:<8.2f}"
+            f"{r['limited_rps']:>9.0f}{r['limited_rps_per_core'] or float('nan'):>10.0f}"
+            if "limited_rps" in r
+            else ""
+        )
     )
 
 
@@ -192,27 +222,64 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", default=str(REPO / "bench" / "gateway-results.json"))
     parser.add_argument("--gateway-args", default="", help="extra flags for the gateway")
+    parser.add_argument(
+        "--redis",
+        action=argparse.BooleanOptionalAction,
+        default=shutil.which("redis-server") is not None,
+        help="also through a gateway with limits shared in Redis (default: if installed)",
+    )
     args = parser.parse_args(argv)
     plan = [Load(int(c), s) for s in (False, True) for c in args.concurrency.split(",")]
     if args.paced:
         plan += [Load(10, s, args.paced) for s in (False, True)]
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp, upstream("bench") as up:
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        up = stack.enter_context(upstream("bench"))
         cfg = {
             "backends": [{"id": "bench/m", "model": "m", "baseURLs": [up.url]}],
             "tenants": [{"name": "bench", "keyEnv": "BENCH_KEY", "models": ["*"]}],
         }
         flags = args.gateway_args.split()
-        with gateway(*flags, config=cfg, env={"BENCH_KEY": KEY}, workdir=Path(tmp)) as gw:
-            print(
-                f"{'mode':<7}{'clients':>11}{'direct p50/p99 ms':>18}{'gateway p50/p99':>17}"
-                f"{'added p50/p99':>16}{'req/s':>10}{'per core':>12}"
+        (tmp / "plain").mkdir()
+        gw = stack.enter_context(
+            gateway(*flags, config=cfg, env={"BENCH_KEY": KEY}, workdir=tmp / "plain")
+        )
+        limited_gw = None
+        if args.redis:
+            (tmp / "redis").mkdir()
+            (tmp / "limited").mkdir()
+            redis = RedisServer(free_port(), "bench-redis-pass", tmp / "redis")
+            redis.start()
+            stack.callback(redis.stop)
+            limited_cfg = {
+                **cfg,
+                "tenants": [{**cfg["tenants"][0], "rpm": 10**9, "tpm": 10**12}],  # type: ignore[dict-item]
+            }
+            env = {"BENCH_KEY": KEY, "FABRIC_REDIS_PASSWORD": redis.password}
+            limited_gw = stack.enter_context(
+                gateway(
+                    *flags,
+                    f"--redis-url={redis.url}",
+                    config=limited_cfg,
+                    env=env,
+                    workdir=tmp / "limited",
+                )
             )
-            for spec in plan:
-                direct = measure(up.url, spec, args.seconds, None, up.proc.pid)
-                via = measure(gw.url, spec, args.seconds, KEY, gw.proc.pid)
-                rows.append(row(spec, direct, via))
-                print_row(rows[-1])
+            _wait_shared(limited_gw.metrics_url)  # type: ignore[attr-defined]
+        print(
+            f"{'mode':<7}{'clients':>11}{'direct p50/p99 ms':>18}{'gateway p50/p99':>17}"
+            f"{'added p50/p99':>16}{'req/s':>10}{'per core':>12}"
+            + (f"{'redis added':>18}{'req/s':>9}{'per core':>10}" if limited_gw else "")
+        )
+        for spec in plan:
+            direct = measure(up.url, spec, args.seconds, None, up.proc.pid)
+            via = measure(gw.url, spec, args.seconds, KEY, gw.proc.pid)
+            limited = None
+            if limited_gw is not None:
+                limited = measure(limited_gw.url, spec, args.seconds, KEY, limited_gw.proc.pid)
+            rows.append(row(spec, direct, via, limited))
+            print_row(rows[-1])
     print()
     summary(rows, args.paced)
     results = {"machine": {"cpus": os.cpu_count()}, "targets": TARGETS, "runs": rows}
@@ -220,6 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     errors = sum(r["errors"] for r in rows)
     print(f"errors: {errors}; JSON: {args.json}")
     return 1 if errors else 0
+
+
+def _wait_shared(metrics_url: str, timeout: float = 10.0) -> None:
+    """Until the gateway says its limits are shared (it connects in the background)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(metrics_url, timeout=2) as resp:
+            if b"fabric_gateway_limiter_shared 1.0" in resp.read():
+                return
+        time.sleep(0.05)
+    raise TimeoutError("the limited gateway never reached Redis")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from kopf._core.engines.peering import Identity
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from fabric_operator import __version__
+from fabric_operator import __version__, usagereport
 from fabric_operator.api.crd import crd_yaml, crd_yaml_for_server, wait_established
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from fabric_operator.autoscaler.discovery import Gateways
@@ -421,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--workdir", help="where the local cluster keeps its files")
     dev.add_argument("--no-examples", action="store_true", help="do not apply examples/")
     dev.set_defaults(func=_dev)
+
+    usage = sub.add_parser(
+        "usage", help="tokens per tenant and model over a period, from Prometheus"
+    )
+    usagereport.add_flags(usage)
+    usage.set_defaults(func=usagereport.run)
 
     gateway = sub.add_parser(
         "gateway",

@@ -58,22 +58,49 @@ def chat_answer(name: str, model: str) -> dict[str, Any]:
     }
 
 
-def _chunk(name: str, model: str, delta: dict[str, Any], finish: str | None) -> bytes:
+def _chunk(
+    name: str, model: str, delta: dict[str, Any], finish: str | None, extra: dict[str, Any]
+) -> bytes:
     body = {
         "id": f"chatcmpl-{name}",
         "object": "chat.completion.chunk",
         "created": 1700000000,
         "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
     }
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
-def stream_chunks(name: str, model: str, pieces: int) -> list[bytes]:
-    out = [_chunk(name, model, {"role": "assistant", "content": ""}, None)]
-    out += [_chunk(name, model, {"content": f"{name}-{i} "}, None) for i in range(pieces)]
-    out += [_chunk(name, model, {}, "stop"), b"data: [DONE]\n\n"]
-    return out
+PROMPT_TOKENS = 3  # what the fake says every prompt took
+
+
+def stream_chunks(
+    name: str, model: str, pieces: int, *, usage: bool = False, null_usage: bool = False
+) -> list[bytes]:
+    """A streamed answer of `pieces` tokens; with `usage` (the request's
+    stream_options.include_usage) a usage-only chunk before [DONE], as OpenAI sends it,
+    and with `null_usage` also `"usage": null` in every other chunk, as OpenAI does."""
+    extra = {"usage": None} if usage and null_usage else {}
+    out = [_chunk(name, model, {"role": "assistant", "content": ""}, None, extra)]
+    out += [_chunk(name, model, {"content": f"{name}-{i} "}, None, extra) for i in range(pieces)]
+    out += [_chunk(name, model, {}, "stop", extra)]
+    if usage:
+        counts = {
+            "prompt_tokens": PROMPT_TOKENS,
+            "completion_tokens": pieces,
+            "total_tokens": PROMPT_TOKENS + pieces,
+        }
+        body = {
+            "id": f"chatcmpl-{name}",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": model,
+            "choices": [],
+            "usage": counts,
+        }
+        out.append(f"data: {json.dumps(body)}\n\n".encode())
+    return [*out, b"data: [DONE]\n\n"]
 
 
 def tool_call(name: str) -> dict[str, Any]:
@@ -158,6 +185,7 @@ class Upstream:
         self.delay, self.pieces, self.gap = args.delay, args.pieces, args.gap
         # Optional: tests.support.tenancy builds its arguments without them.
         self.break_after: int | None = getattr(args, "break_after", None)
+        self.null_usage: bool = getattr(args, "null_usage", False)
         self.events = Events(getattr(args, "events", None))
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -221,10 +249,17 @@ class Upstream:
         if request.get("stream"):
             start = [(b"content-type", b"text/event-stream"), *extra]
             await send({"type": "http.response.start", "status": 200, "headers": start})
+            options = request.get("stream_options") or {}
             pieces = (
                 tool_call_chunks(self.name, model, tool)
                 if tool
-                else stream_chunks(self.name, model, self.pieces)
+                else stream_chunks(
+                    self.name,
+                    model,
+                    self.pieces,
+                    usage=options.get("include_usage") is True,
+                    null_usage=self.null_usage,
+                )
             )
             for piece in pieces:
                 if sent[0] == self.break_after:
@@ -308,6 +343,11 @@ def main() -> None:
     p.add_argument("--gap", type=float, default=0.0, help="seconds between stream chunks")
     p.add_argument("--events", help="append what happened to this file (JSON lines)")
     p.add_argument("--break-after", type=int, help="break a stream off after N chunks")
+    p.add_argument(
+        "--null-usage",
+        action="store_true",
+        help='asked for usage, also put "usage": null in every chunk (as OpenAI does)',
+    )
     p.add_argument("--raw", choices=["hang", *RAW_ANSWERS], help="misbehave as a bare server")
     args = p.parse_args()
     if args.raw:

@@ -8,7 +8,11 @@ No label takes a value a client writes, so no client can make series without end
 - `tenant`: the key's name, `namespace/secret-name` (or the file's name), `-` without a
   known key; `backend`, `from_backend`, `to_backend`: backend ids of the snapshot.
 - `code`: the status answered; an upstream's passes through only if it is 200 to 599.
-- `reason`, `stage`: fixed sets, listed with each metric.
+- `reason`, `stage`, `kind`, `limit`: fixed sets, listed with each metric.
+
+Token counts are the upstreams' own (`usage` of each answer: see `usage`), by tenant,
+model and backend, so "tokens per team per model over a period" is one PromQL query
+(README "Usage and limits").
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from fabric_operator.gateway.load import Load
 
 # Buckets from 1 ms (a cached answer) to 10 min (a long generation).
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 600)
+# Tokens per second of a stream after its first token: a CPU engine's few to a GPU's
+# hundreds.
+RATE_BUCKETS = (1, 2.5, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000, 2500)
 UNKNOWN = "unknown"  # the model label of a request whose model did not route for its key
 NONE = "-"  # no model, tenant or backend (yet)
 
@@ -89,6 +96,42 @@ class GatewayMetrics:
             "ended: served, timeout (then a fallback or 503), over_cap (not held: 503 or a "
             "fallback at once), gone (the backend was deleted).",
             ["backend", "outcome"],
+            **kw,  # type: ignore[arg-type]
+        )
+        self.tokens = Counter(
+            "fabric_gateway_tokens",
+            "Tokens of answers as the upstream's usage counts them, by tenant, model, "
+            "backend that answered and kind (prompt, completion). Streams included (the "
+            "gateway asks for the usage chunk when the client did not).",
+            ["tenant", "model", "backend", "kind"],
+            **kw,  # type: ignore[arg-type]
+        )
+        self.usage_missing = Counter(
+            "fabric_gateway_usage_missing",
+            "Answers (200) whose tokens could not be counted: the upstream sent no usage, "
+            "or the answer broke off or the client left before it.",
+            ["backend"],
+            **kw,  # type: ignore[arg-type]
+        )
+        self.ttft = Histogram(
+            "fabric_gateway_time_to_first_token_seconds",
+            "Streams: time from the request to the first chunk with a token (content, "
+            "a tool call or reasoning), by backend.",
+            ["backend"],
+            buckets=BUCKETS,
+            **kw,  # type: ignore[arg-type]
+        )
+        self.token_rate = Histogram(
+            "fabric_gateway_tokens_per_second",
+            "Streams: completion tokens per second after the first token, by backend.",
+            ["backend"],
+            buckets=RATE_BUCKETS,
+            **kw,  # type: ignore[arg-type]
+        )
+        self.rate_limited = Counter(
+            "fabric_gateway_rate_limited",
+            "Requests refused with 429 by a key's limit: limit=requests (rpm) or tokens (tpm).",
+            ["tenant", "limit"],
             **kw,  # type: ignore[arg-type]
         )
         self.unexpected_errors = Counter(

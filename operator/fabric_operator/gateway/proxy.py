@@ -7,8 +7,9 @@ every step on it is visible here.
 What a request may cost the gateway, in order:
 
 - Refused before its body is read: no or an unknown key (401), a Content-Length over the
-  limit (413), over its key's rate limit (429). The answer then says `connection: close`
-  and uvicorn closes the connection, so the unread body is never read, nor drained.
+  limit (413), over its key's requests or tokens per minute (429; `limits`). The answer
+  then says `connection: close` and uvicorn closes the connection, so the unread body is
+  never read, nor drained.
 - A body that grows over the limit while it is read (chunked): 413, the rest unread.
 - A backend is tried only with a free slot for its upstream (`upstream.Slots`); a full
   one is waited for up to `pool_timeout`, then the next candidate (or a 503) follows.
@@ -20,6 +21,8 @@ What a request may cost the gateway, in order:
   answer (no final chunk), so the client sees it cut rather than complete.
 - A client that goes away cancels the upstream request: its connection is closed, which
   an engine takes as the end of the request (it stops generating).
+- Tokens are counted from the upstream's `usage` as the answer passes (`usage`), then
+  charged to the key's tokens per minute.
 - Anything unexpected is logged (the error's type and where, never its message, the key
   or the body), counted, and answered with an OpenAI-shaped 502, or, once the answer
   began, by closing the connection.
@@ -31,7 +34,6 @@ import asyncio
 import itertools
 import json
 import logging
-import math
 import re
 import time
 import traceback
@@ -39,12 +41,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fabric_operator.gateway import balance
+from fabric_operator.gateway import balance, usage
+from fabric_operator.gateway.limits import Limits
 from fabric_operator.gateway.load import Load
 from fabric_operator.gateway.metrics import NONE, UNKNOWN, GatewayMetrics
 from fabric_operator.gateway.providerauth import UpstreamAuthError
-from fabric_operator.gateway.ratelimit import RateLimiter
 from fabric_operator.gateway.routes import Backend, Tenant
+from fabric_operator.gateway.sharedlimit import Refusal, ceil_seconds
 from fabric_operator.gateway.sources import Source
 from fabric_operator.gateway.upstream import (
     CLIENTS,
@@ -160,6 +163,7 @@ class Outcome:
     body_unread: bool = False  # a request body the gateway has not read (all of)
     aborted: str | None = None  # why the answer was cut: client_disconnected, broken, ...
     held: float | None = None  # seconds held while the backend had no ready pod
+    tokens: usage.Usage | None = None  # what the answer used, as its upstream said
 
 
 @dataclass
@@ -183,6 +187,8 @@ class Call:
     tenant: Tenant | None = None  # who asked: checked again after a hold
     key: str | None = None  # its bearer key, to look the tenant up again (never logged)
     answer_headers: list[tuple[bytes, bytes]] | None = None  # to pass on (`_unpassable`)
+    stream: bool = False  # a streamed completion (`stream: true` on a path that streams)
+    client_usage: bool = False  # the client asked for the usage chunk itself
 
     def listen(self) -> None:
         """With the body read, the server's next message is the client's disconnect,
@@ -240,11 +246,15 @@ class Settings:
 
 class Gateway:
     def __init__(
-        self, source: Source, metrics: GatewayMetrics, settings: Settings | None = None
+        self,
+        source: Source,
+        metrics: GatewayMetrics,
+        settings: Settings | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.source, self.metrics = source, metrics
         self.settings = settings or Settings()
-        self.limiter = RateLimiter()
+        self.limits = limits or Limits()
         st = self.settings
         self.slots = Slots(st.max_per_upstream)
         self.load = Load()
@@ -299,8 +309,11 @@ class Gateway:
             await _json(send, 200, {"status": "ok", **self.source.status()})
             return False
         elif path == "/readyz":
+            # Ready or not by the source alone: limits that fell back to per replica are
+            # degraded (said here), never a reason to refuse traffic.
             ready = self.source.ready
-            await _json(send, 200 if ready else 503, {"ready": ready, **self.source.status()})
+            body = {"ready": ready, **self.source.status(), "limits": self.limits.status()}
+            await _json(send, 200 if ready else 503, body)
             return False
         else:
             outcome.body_unread = _body_framing(scope)[1]
@@ -345,16 +358,11 @@ class Gateway:
         outcome.tenant = tenant.name
         if length is not None and length > st.max_body:
             raise _too_large(st.max_body)
-        if tenant.rpm is not None:
-            wait = self.limiter.take(tenant.id, tenant.rpm)
-            if wait > 0:
-                raise HTTPError(
-                    429,
-                    f"tenant '{tenant.name}' is over its limit of {tenant.rpm} requests per minute",
-                    "rate_limit_error",
-                    "rate_limit_exceeded",
-                    [(b"retry-after", str(math.ceil(wait)).encode())],
-                )
+        if tenant.rpm is not None or tenant.tpm is not None:
+            refusal = await self.limits.admit(tenant)
+            if refusal is not None:
+                self.metrics.rate_limited.labels(tenant.name, refusal.kind).inc()
+                raise _over_limit(tenant, refusal)
         body = await _read_body(receive, st.max_body)
         outcome.body_unread = False
         payload = _parse(body)
@@ -389,7 +397,12 @@ class Gateway:
             model, payload, body, headers, scope["path"][3:], send, outcome, start, task, receive
         )
         call.tenant, call.key = tenant, _bearer(scope)
-        await self._watching_the_client(candidates, call)
+        if payload.get("stream") is True and call.suffix in usage.STREAMED_PATHS:
+            call.stream, call.client_usage = True, usage.wants_usage(payload)
+        try:
+            await self._watching_the_client(candidates, call)
+        finally:
+            self._count(call)
 
     async def _watching_the_client(self, candidates: tuple[Backend, ...], call: Call) -> None:
         """Try the candidates while listening for the client (`Call.listen`)."""
@@ -431,9 +444,7 @@ class Gateway:
             if backend is None:
                 failure = self._unavailable(candidate)
                 continue
-            content = call.body
-            if backend.upstream_model and backend.upstream_model != model:
-                content = json.dumps({**call.payload, "model": backend.upstream_model}).encode()
+            content, inject = _content(call, backend)
             headers = [*call.headers, *backend.header_bytes]
             wait = st.first_byte(i >= last)
             self.load.enter(backend.id)
@@ -454,7 +465,7 @@ class Gateway:
                         if i < last:
                             await response.close()
                             continue
-                    await self._pass_through(response, backend, call)
+                    await self._pass_through(response, backend, call, inject)
                     return
                 finally:
                     self.slots.release(call.slot)
@@ -671,13 +682,18 @@ class Gateway:
             return None
         return next((b for b in snapshot.candidates(tenant, call.model) if b.id == ident), None)
 
-    async def _pass_through(self, response: Response, backend: Backend, call: Call) -> None:
+    async def _pass_through(
+        self, response: Response, backend: Backend, call: Call, injected: bool = False
+    ) -> None:
         """The upstream's status, headers and body, chunk by chunk as they arrive; an
-        answer that breaks off is cut off for the client too (AnswerAbortedError)."""
+        answer that breaks off is cut off for the client too (AnswerAbortedError). Its
+        usage is read on the way (`usage`), and the usage chunk taken out if the gateway
+        asked for it."""
         send, outcome = call.send, call.outcome
         outcome.backend, outcome.status = backend.id, response.status
         outcome.ttfb = time.perf_counter() - call.start
         headers = call.answer_headers or []
+        meter = _meter(response, call, backend, headers, injected)
         headers.append((BACKEND_HEADER, backend.id.encode()))
         complete = False
         try:
@@ -685,8 +701,20 @@ class Gateway:
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
             )
-            async for chunk in response.body():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if meter is None:
+                async for chunk in response.body():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            else:
+                async for chunk in response.body():
+                    passed = meter.feed(chunk)
+                    if passed:
+                        await send(
+                            {"type": "http.response.body", "body": passed, "more_body": True}
+                        )
+                rest = meter.end()
+                if rest:
+                    await send({"type": "http.response.body", "body": rest, "more_body": True})
+                self._metered(meter, backend, call)
             complete = True
         except BrokenAnswerError as err:
             reason = "idle_timeout" if err.idle else "broken"
@@ -704,6 +732,38 @@ class Gateway:
             else:
                 await response.abort()  # the upstream sees its request cancelled
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _metered(self, meter: usage.Meter, backend: Backend, call: Call) -> None:
+        """An answer passed on whole: what it used, and for a stream how fast it came."""
+        used = meter.usage()
+        call.outcome.tokens = used
+        if used is None or not meter.stream or meter.first_token is None:
+            return
+        m, ident = self.metrics, backend.id
+        m.ttft.labels(ident).observe(meter.first_token - call.start)
+        after = time.perf_counter() - meter.first_token
+        if used.completion > 1 and after > 0:
+            m.token_rate.labels(ident).observe((used.completion - 1) / after)
+
+    def _count(self, call: Call) -> None:
+        """Tokens to the metrics and the key's tokens per minute; an answer that began
+        with 200 but gave no usage is counted as missing."""
+        outcome = call.outcome
+        if outcome.status != 200 or not outcome.started or outcome.backend == NONE:
+            return
+        used = outcome.tokens
+        if used is None:
+            if call.suffix in usage.COUNTED_PATHS:
+                self.metrics.usage_missing.labels(outcome.backend).inc()
+            return
+        tokens = self.metrics.tokens
+        labels = (outcome.tenant, outcome.model, outcome.backend)
+        if used.prompt:
+            tokens.labels(*labels, "prompt").inc(used.prompt)
+        if used.completion:
+            tokens.labels(*labels, "completion").inc(used.completion)
+        if call.tenant is not None:
+            self.limits.charge(call.tenant, used.total)
 
     async def _refuse(self, send: Send, outcome: Outcome, err: HTTPError) -> None:
         """An error of the gateway's own; with a body left unread, the connection is
@@ -785,6 +845,70 @@ def _unpassable(response: Response, call: Call) -> str | None:
         if name.lower() not in HOP_BY_HOP:
             passed.append((name, value))
     return None
+
+
+def _content(call: Call, backend: Backend) -> tuple[bytes, bool]:
+    """The body for this backend (the client's, unless the backend's own model name goes
+    in, or the usage chunk is asked for), and whether the usage chunk was asked for."""
+    inject = (
+        call.stream and not call.client_usage and usage.injectable(backend.remote, backend.provider)
+    )
+    rename = bool(backend.upstream_model) and backend.upstream_model != call.model
+    if not (inject or rename):
+        return call.body, False
+    if (
+        inject
+        and not rename
+        and "stream_options" not in call.payload
+        and call.body.lstrip()[:1] == b"{"  # UTF-8 (JSON may come in UTF-16 too)
+    ):
+        # The client's bytes with the option put first: nothing else re-encoded.
+        return usage.ask_usage(call.body), True
+    sent = usage.with_usage(call.payload) if inject else call.payload
+    if rename:
+        sent = {**sent, "model": backend.upstream_model}
+    return json.dumps(sent).encode(), inject
+
+
+def _meter(
+    response: Response,
+    call: Call,
+    backend: Backend,
+    headers: list[tuple[bytes, bytes]],
+    injected: bool,
+) -> usage.Meter | None:
+    """What reads the answer's usage: none for an error, an encoded body, or a path
+    that has none; with a Content-Length, a stream's bytes are never edited."""
+    if response.status != 200 or call.suffix not in usage.COUNTED_PATHS:
+        return None
+    length = events = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-encoding" and value.strip().lower() != b"identity":
+            return None
+        if lower == b"content-length":
+            length = True
+        elif lower == b"content-type":
+            events = value.lower().startswith(b"text/event-stream")
+    if call.stream and events:
+        strip = injected and not length
+        null = strip and backend.provider in usage.NULL_USAGE_PROVIDERS
+        return usage.StreamMeter(strip=strip, strip_null=null)
+    return usage.BodyMeter()
+
+
+def _over_limit(tenant: Tenant, refusal: Refusal) -> HTTPError:
+    """As OpenAI answers it: type `requests` or `tokens`, code rate_limit_exceeded."""
+    per = "requests per min (RPM)" if refusal.kind == "requests" else "tokens per min (TPM)"
+    wait = ceil_seconds(refusal.retry_after)
+    return HTTPError(
+        429,
+        f"Rate limit reached for tenant '{tenant.name}' on {per}: Limit {refusal.limit}, "
+        f"Used {refusal.used}. Please try again in {wait}s.",
+        refusal.kind,
+        "rate_limit_exceeded",
+        [(b"retry-after", str(wait).encode())],
+    )
 
 
 def _bearer_of(token: str) -> tuple[bytes, bytes]:

@@ -128,6 +128,7 @@ class Tenant:
     rpm: int | None = None
     namespaces: NamespaceGrant = ()  # the namespaces it may reach; (ALL,) for every one
     id: str = ""  # the rate-limit bucket: the Secret's uid (default: the name)
+    tpm: int | None = None  # tokens (prompt + completion) per minute
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -420,7 +421,10 @@ def key_entry(secret: Mapping[str, Any], gateway_namespace: str | None) -> KeyEn
     - `models`: names or fnmatch patterns, comma or space separated. Default `*`: every
       model of the namespaces the key reaches (a team owns its namespace, so narrowing
       is for the team to ask, not the default); present but empty: no model.
-    - `rpm`: requests per minute per gateway replica, for this key alone.
+    - `rpm`: requests per minute for this key alone (shared by the gateway replicas
+      when they share a Redis, else per replica).
+    - `tpm`: tokens per minute (prompt and completion, as the upstreams count them),
+      the same way; charged after each answer, checked before each request.
     - `namespaces` (only in the gateway's own namespace, where the platform admin makes
       keys): namespace names, or `*`, the key reaches instead of its own namespace.
       Elsewhere it is ignored: a team key reaches its own namespace and no other.
@@ -444,15 +448,10 @@ def key_entry(secret: Mapping[str, Any], gateway_namespace: str | None) -> KeyEn
     notes: list[str] = []
     if not models:
         notes.append("'models' is empty: the key may use no model")
-    rpm_text = secret_value(secret, "rpm")
-    rpm: int | None = None
-    if rpm_text:
-        try:
-            rpm = int(rpm_text)
-        except ValueError:
-            return unusable("rpm is not a whole number")
-        if rpm < 1:
-            return unusable("rpm must be at least 1")
+    rpm, tpm = _limit(secret, "rpm"), _limit(secret, "tpm")
+    for field_, value in (("rpm", rpm), ("tpm", tpm)):
+        if isinstance(value, str):
+            return unusable(f"{field_} {value}")
     spaces: NamespaceGrant = (namespace,)
     listed = secret_value(secret, "namespaces")
     if listed is not None:
@@ -475,11 +474,24 @@ def key_entry(secret: Mapping[str, Any], gateway_namespace: str | None) -> KeyEn
     tenant = Tenant(
         name=where,
         models=models,
-        rpm=rpm,
+        rpm=rpm if isinstance(rpm, int) else None,
         namespaces=spaces,
         id=str(meta.get("uid") or where),
+        tpm=tpm if isinstance(tpm, int) else None,
     )
     return KeyEntry(where, digest=key_digest(key), tenant=tenant, notes=tuple(notes))
+
+
+def _limit(secret: Mapping[str, Any], field_: str) -> int | str | None:
+    """A limit entry: its number, None if absent or empty, or what is wrong with it."""
+    text = secret_value(secret, field_)
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        return "is not a whole number"
+    return value if value >= 1 else "must be at least 1"
 
 
 def _namespace_name(name: str) -> bool:

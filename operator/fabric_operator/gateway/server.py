@@ -20,15 +20,18 @@ from fabric_operator.config import host_pattern_error
 from fabric_operator.gateway import opsserver
 from fabric_operator.gateway.enginequeue import SCRAPE_SECONDS, EngineQueues
 from fabric_operator.gateway.kubewatch import ApiClient
+from fabric_operator.gateway.limits import Limits, LimitsCollector
 from fabric_operator.gateway.metrics import GatewayMetrics, LoadCollector
 from fabric_operator.gateway.proxy import MIB, Gateway, QuietAborts, Settings
 from fabric_operator.gateway.routes import DEFAULT_KEY_SELECTOR
+from fabric_operator.gateway.sharedlimit import SharedLimits
 from fabric_operator.gateway.sources import FileSource, KubeSource, Source
 from fabric_operator.gateway.upstream import CLIENTS
 from fabric_operator.remotehosts import DEFAULT_HOSTS, RemoteHosts
 
 log = logging.getLogger(__name__)
 
+REDIS_PASSWORD_ENV = "FABRIC_REDIS_PASSWORD"  # the variable's name
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -252,6 +255,21 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="seconds between reads of the engines' queue gauges (autoscaled vllm, tgi and "
         f"llamacpp backends; reported on /load) (default {SCRAPE_SECONDS:g})",
     )
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("FABRIC_REDIS_URL") or None,
+        help="share the keys' rpm and tpm limits between gateway replicas through this "
+        "Redis (redis://HOST:PORT/DB or rediss://; the password comes from "
+        f"${REDIS_PASSWORD_ENV}, never the command line; default $FABRIC_REDIS_URL; "
+        "unset: per-replica limits)",
+    )
+    p.add_argument(
+        "--redis-timeout",
+        type=_positive_float,
+        default=0.05,
+        help="seconds a limit check may wait for Redis before the limits fall back to per "
+        "replica until Redis answers again (default 0.05)",
+    )
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
     p.add_argument(
         "--upstream-client",
@@ -337,6 +355,13 @@ async def _serve(args: argparse.Namespace) -> int:
             gateway_namespace=admin,
             remote_hosts=hosts,
         )
+    shared = None
+    if args.redis_url:
+        shared = SharedLimits(
+            args.redis_url, os.environ.get(REDIS_PASSWORD_ENV), timeout=args.redis_timeout
+        )
+        await shared.start()
+    limits = Limits(shared)
     gateway = Gateway(
         source,
         GatewayMetrics(),
@@ -353,10 +378,12 @@ async def _serve(args: argparse.Namespace) -> int:
             access_log=not args.no_access_log,
             client=args.upstream_client,
         ),
+        limits,
     )
     ops = None
     if args.metrics_address:
         REGISTRY.register(LoadCollector(gateway.load))
+        REGISTRY.register(LimitsCollector(limits))
         ops = await opsserver.start(gateway.load, *_split(args.metrics_address))
     host, port = _split(args.address)
     server = uvicorn.Server(
@@ -399,6 +426,8 @@ async def _serve(args: argparse.Namespace) -> int:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await gateway.aclose()
+        if shared is not None:
+            await shared.close()
         if ops is not None:
             await ops.cleanup()
         if api is not None:

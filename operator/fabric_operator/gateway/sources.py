@@ -135,6 +135,7 @@ class FileTenant(_FileModel):
     key_env: str = Field(alias="keyEnv", min_length=1)
     models: list[str] = Field(default_factory=list, description="None unless listed.")
     rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1, description="Tokens per minute.")
     namespaces: list[str] = Field(
         default_factory=lambda: [ALL],
         description="The namespaces whose backends the tenant reaches (names, or '*'; "
@@ -218,6 +219,7 @@ class FileSource(Source):
                 rpm=t.rpm,
                 namespaces=grant(t.namespaces),
                 id=f"file:{t.name}",
+                tpm=t.tpm,
             )
         self.snapshot = build_snapshot(
             backends, tenants, anonymous=None if cfg.require_keys else EVERYONE
