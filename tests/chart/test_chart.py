@@ -579,3 +579,34 @@ def test_disruption_budgets_for_the_operator_and_gateway_when_they_run_several(
     assert by_kind(docs, "PodDisruptionBudget") == []
     [config] = by_kind(docs, "ConfigMap")
     assert "podDisruptionBudgets: false" in config["data"]["config.yaml"]
+
+
+def test_gateway_replicas_share_limits_through_redis_when_given(helm: Path) -> None:
+    def gateway(*args: str) -> dict[str, Any]:
+        docs = template(helm, "--set", "gateway.enabled=true", *args)
+        [dep] = [
+            d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("gateway")
+        ]
+        container: dict[str, Any] = dep["spec"]["template"]["spec"]["containers"][0]
+        return container
+
+    plain = gateway()
+    assert not [a for a in plain["args"] if a.startswith("--redis")] and "env" not in plain
+    shared = gateway(
+        *("--set", "gateway.redis.url=rediss://redis.ops:6380/0"),
+        *("--set", "gateway.redis.passwordSecretRef.name=redis-auth"),
+        *("--set", "gateway.redis.passwordSecretRef.key=password"),
+    )
+    assert "--redis-url=rediss://redis.ops:6380/0" in shared["args"]
+    assert "--redis-timeout=0.05" in shared["args"]
+    # The password only by reference, never in the args or a value.
+    assert shared["env"] == [
+        {
+            "name": "FABRIC_REDIS_PASSWORD",
+            "valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "password"}},
+        }
+    ]
+    assert "password" not in " ".join(shared["args"]).replace("--redis", "")
+    assert "gateway.redis.url: Does not match" in refused(
+        helm, "--set", "gateway.redis.url=http://x"
+    )
