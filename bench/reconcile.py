@@ -31,11 +31,11 @@ from tests.support.fixtures import OperatorProcess
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.api.crd import crd_manifest
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
-from fabric_operator.controller.diff import with_bookkeeping
+from fabric_operator.config import OperatorConfig
+from fabric_operator.controller.reconciler import desired_children
 from fabric_operator.controller.status import compute
 from fabric_operator.localcluster import LocalControlPlane, find_binaries
 from fabric_operator.machinery import metrics
-from fabric_operator.render import render
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {
@@ -295,13 +295,10 @@ def bench_limit(api: client.ApiClient, n: int) -> dict[str, Any]:
             GROUP, VERSION, namespace, PLURAL, manifest(namespace, name)
         )
         backend = LLMBackend.from_manifest(created)
-        children = render(backend)
-        apps.patch_namespaced_deployment(
-            name, namespace, with_bookkeeping(children.deployment, backend), **apply
-        )
-        core.patch_namespaced_service(
-            name, namespace, with_bookkeeping(children.service, backend), **apply
-        )
+        # As the operator applies them (policy/v1beta1: the local server is 1.20).
+        children = {m["kind"]: m for m in desired_children(backend, OperatorConfig(), "v1beta1")}
+        apps.patch_namespaced_deployment(name, namespace, children["Deployment"], **apply)
+        core.patch_namespaced_service(name, namespace, children["Service"], **apply)
         custom.patch_namespaced_custom_object_status(
             GROUP,
             VERSION,

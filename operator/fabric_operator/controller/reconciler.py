@@ -106,15 +106,7 @@ class Reconciler:
             return self._reconcile_remote(obj, backend, problems)
 
         policy = getattr(self.kube, "versions", {}).get("PodDisruptionBudget", "v1")
-        rendered = (
-            render(backend, self.settings.config, policy_version=policy).all()
-            if not problems
-            else []
-        )
-        for m in rendered:
-            if m["kind"] == "Deployment":
-                pacing.annotate(m, backend)
-        desired = [with_bookkeeping(m, backend) for m in rendered]
+        desired = desired_children(backend, self.settings.config, policy) if not problems else []
         stale = [
             m
             for m in desired
@@ -596,6 +588,18 @@ def _claim_refusal(
         and before is not None
         and err.status not in RETRYABLE
     )
+
+
+def desired_children(
+    backend: LLMBackend, config: OperatorConfig, policy_version: str = "v1"
+) -> list[dict[str, Any]]:
+    """The children as the operator applies them: rendered, the Deployment annotated for
+    paced upgrades, each with its owner reference and config hash."""
+    rendered = render(backend, config, policy_version=policy_version).all()
+    for m in rendered:
+        if m["kind"] == "Deployment":
+            pacing.annotate(m, backend)
+    return [with_bookkeeping(m, backend) for m in rendered]
 
 
 def _own_status(status: dict[str, Any]) -> dict[str, Any]:
