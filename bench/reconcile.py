@@ -296,7 +296,7 @@ def bench_limit(api: client.ApiClient, n: int) -> dict[str, Any]:
         )
         backend = LLMBackend.from_manifest(created)
         # As the operator applies them (policy/v1beta1: the local server is 1.20).
-        children = {m["kind"]: m for m in desired_children(backend, OperatorConfig(), "v1beta1")}
+        children = {m["kind"]: m for m in desired_children(backend, OperatorConfig(), (1, 20))}
         apps.patch_namespaced_deployment(name, namespace, children["Deployment"], **apply)
         core.patch_namespaced_service(name, namespace, children["Service"], **apply)
         custom.patch_namespaced_custom_object_status(

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from fabric_operator.autoscaler.loop import Autoscaler
 from fabric_operator.autoscaler.signal import Signal
 from fabric_operator.config import OperatorConfig
 from fabric_operator.controller.handlers import build_registry, install_kopf_wraps
-from fabric_operator.controller.kube import Kube, child_versions
+from fabric_operator.controller.kube import Kube, server_version
 from fabric_operator.controller.reconciler import Reconciler, Settings, new_store
 from fabric_operator.controller.runtime import Controller
 from fabric_operator.localcluster import LocalControlPlane, find_binaries
@@ -72,7 +73,7 @@ def _run_operator(args: argparse.Namespace) -> int:
     configuration.connection_pool_maxsize = max(4, args.workers)
     store = new_store()
     api = client.ApiClient(configuration)
-    kube = Kube(api, _child_versions(api))
+    kube = Kube(api, _server_version(api))
     reconciler = Reconciler(
         store, kube, Settings(cluster_domain=args.cluster_domain, config=operator_config)
     )
@@ -127,14 +128,19 @@ async def _operate(
             await elector.release()
 
 
-def _child_versions(api: client.ApiClient) -> dict[str, str]:
-    """Which API versions the children take on this server (policy/v1beta1 before 1.21);
-    the current ones if the server cannot tell yet (it is down: kopf waits for it)."""
-    try:
-        return child_versions(Kube(api).ping())
-    except Exception as err:
-        log.warning("cannot read the API server's version (%s): assuming 1.21 or later", err)
-        return {}
+def _server_version(api: client.ApiClient, attempts: int = 30) -> tuple[int, int] | None:
+    """The API server's version, which decides the children's API versions (policy/v1beta1
+    before 1.21) and fields: asked until it answers (the operator can do nothing before
+    that anyway), about a minute, then assumed current, loudly."""
+    for attempt in range(attempts):
+        try:
+            return server_version(Kube(api).ping())
+        except Exception as err:
+            if attempt == attempts - 1:
+                log.error("cannot read the API server's version (%s): assuming a current one", err)
+                return None
+            time.sleep(2.0)
+    return None
 
 
 def _autoscaler(

@@ -18,7 +18,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fabric_operator.api.v1alpha1 import Engine, GPUVendor, Toleration
+from fabric_operator.api.v1alpha1 import GPUVendor, Toleration
 from fabric_operator.remotehosts import RemoteHosts
 
 LabelScheme = Literal["gfd", "gke", "karpenter", "none"]
@@ -179,6 +179,10 @@ def host_pattern_error(pattern: str) -> str | None:
     return None
 
 
+# registry/path:tag or @digest, no spaces (what a container's image field takes).
+_IMAGE_REF = re.compile(r"^[a-z0-9][a-z0-9._/:@-]*[a-zA-Z0-9_.-]*$")
+
+
 class OperatorConfig(BaseModel):
     """What `--config FILE` holds (YAML, camelCase keys)."""
 
@@ -217,8 +221,10 @@ class OperatorConfig(BaseModel):
     )
     images: dict[str, str] = Field(
         default_factory=dict,
-        description="Engine -> image used in place of the pinned one (a mirror in a "
-        "registry of the cluster's own); a backend's spec.image still wins.",
+        description="Pinned engine image -> the image used in its place (a mirror in a "
+        "registry of the cluster's own), e.g. vllm/vllm-openai:v0.11.0 -> "
+        "registry.internal/vllm/vllm-openai:v0.11.0; per image, so the CUDA, ROCm and CPU "
+        "builds of one engine each keep theirs. A backend's spec.image still wins.",
     )
     max_upgrade_rollouts: int = Field(
         default=2,
@@ -239,13 +245,10 @@ class OperatorConfig(BaseModel):
 
     @field_validator("images")
     @classmethod
-    def _engines(cls, images: dict[str, str]) -> dict[str, str]:
-        known = sorted(e.value for e in Engine if e != Engine.REMOTE)
-        unknown = sorted(set(images) - set(known))
-        if unknown:
-            raise ValueError(
-                f"images: unknown engine(s) {', '.join(unknown)}; known: {', '.join(known)}"
-            )
+    def _image_refs(cls, images: dict[str, str]) -> dict[str, str]:
+        bad = [ref for pair in images.items() for ref in pair if not _IMAGE_REF.fullmatch(ref)]
+        if bad:
+            raise ValueError(f"images: not image references: {', '.join(map(repr, bad))}")
         return images
 
     @field_validator("gateway_namespace")

@@ -10,6 +10,7 @@ import pytest
 from fabric_operator.api.backend import LLMBackend
 from fabric_operator.config import OperatorConfig
 from fabric_operator.controller import pacing
+from fabric_operator.controller.kube import child_versions, server_version
 from fabric_operator.render import render
 
 SPEC = {"engine": "llamacpp", "model": {"url": "https://h.invalid/m.gguf"}, "replicas": 2}
@@ -26,7 +27,9 @@ def rendered(b: LLMBackend, config: OperatorConfig | None = None) -> dict[str, A
     return deployment
 
 
-MIRROR = OperatorConfig(images={"llamacpp": "mirror.invalid/llama.cpp:server-b10290"})
+MIRROR = OperatorConfig(
+    images={"ghcr.io/ggml-org/llama.cpp:server-b10290": "mirror.invalid/llama.cpp:server-b10290"}
+)
 
 
 def test_a_new_rendering_of_an_unchanged_spec_is_an_upgrade() -> None:
@@ -76,7 +79,8 @@ DONE = {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "available
     [
         (deployment(2, **DONE), False),
         (deployment(2, **{**DONE, "updatedReplicas": 1}), True),
-        (deployment(2, **{**DONE, "availableReplicas": 1}), True),
+        # Merely not all available (a crash loop, a lost node): no rollout ends that.
+        (deployment(2, **{**DONE, "availableReplicas": 1}), False),
         (deployment(2, **{**DONE, "replicas": 3}), True),  # the surge pod still there
         (deployment(2, **{**DONE, "observedGeneration": 1}), True),  # not seen yet
         (deployment(0), False),
@@ -115,12 +119,14 @@ def test_the_pacer_admits_up_to_its_limit_and_counts_the_admitted_until_done() -
     assert admit(("n", "d"), []) == (True, 0)
 
 
-def test_rolled_reads_the_template_and_the_rollout() -> None:
+def test_rolled_means_the_new_template_everywhere_and_ready_again() -> None:
     dep = deployment(2, **DONE)
     dep["metadata"]["annotations"] = {pacing.TEMPLATE_HASH: "t1"}
     assert pacing.rolled(dep, "t1") and not pacing.rolled(dep, "t0")
     dep["status"]["updatedReplicas"] = 1
     assert not pacing.rolled(dep, "t1")
+    dep["status"] |= {"updatedReplicas": 2, "availableReplicas": 1}  # the new image crashes
+    assert not pacing.rolled(dep, "t1")  # its slot is kept: the upgrade halts there
     assert pacing.rolled(None, "t1")
 
 
@@ -131,9 +137,83 @@ def test_no_limit_admits_all() -> None:
     )
 
 
-def test_image_mirrors_name_known_engines_only() -> None:
-    assert OperatorConfig(images={"vllm": "r/v:1"}).images == {"vllm": "r/v:1"}
-    with pytest.raises(ValueError, match="unknown engine"):
-        OperatorConfig(images={"vlm": "r/v:1"})
-    with pytest.raises(ValueError, match="unknown engine"):
-        OperatorConfig(images={"remote": "r/v:1"})
+def test_image_mirrors_are_per_pinned_image() -> None:
+    pinned = {"vllm/vllm-openai:v0.11.0": "registry.internal/vllm/vllm-openai:v0.11.0"}
+    config = OperatorConfig(images=pinned)
+    gpu = {"resources": {"gpu": {"count": 1}}, "model": {"huggingface": {"repo": "o/r"}}}
+    nvidia = LLMBackend.from_manifest(
+        {"metadata": {"name": "m"}, "spec": {"engine": "vllm", **gpu}}
+    )
+    amd = LLMBackend.from_manifest(
+        {
+            "metadata": {"name": "m"},
+            "spec": {
+                "engine": "vllm",
+                "model": gpu["model"],
+                "resources": {"gpu": {"count": 1, "vendor": "amd"}},
+            },
+        }
+    )
+
+    def image_of(b: LLMBackend) -> str:
+        return str(
+            render(b, config).deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+        )
+
+    assert image_of(nvidia) == "registry.internal/vllm/vllm-openai:v0.11.0"
+    assert image_of(amd).startswith("rocm/vllm:")  # the ROCm build keeps its own
+    with pytest.raises(ValueError, match="not image references"):
+        OperatorConfig(images={"vllm/vllm-openai:v0.11.0": "has space"})
+
+
+def test_fields_that_do_not_shape_pods_are_not_the_users_rollout() -> None:
+    b = backend()
+    live = rendered(b)
+    for change in (
+        {"service": {"port": 9000}},
+        {"fallback": ["other"]},
+        {"routing": {"strategy": "PrefixAffinity"}},
+        {"autoscaling": {"minReplicas": 1, "maxReplicas": 4}},
+        {"networkPolicy": {"enabled": True}},
+    ):
+        edited = backend(generation=4, **change)
+        assert pacing.spec_hash(edited) == pacing.spec_hash(b), change
+        # The operator's pending change stays paced though the user edited those.
+        assert pacing.is_upgrade(edited, rendered(edited, MIRROR), live, observed_generation=4)
+
+
+def test_a_field_a_later_version_adds_with_a_default_changes_no_spec_hash() -> None:
+    b = backend()
+    dumped = b.spec.model_dump(by_alias=True, exclude_unset=True)
+    assert set(dumped) == {"engine", "model", "replicas"}  # only what the user wrote
+    # Defaults are not hashed: the same spec parsed again, or with a default spelled out
+    # by the server, hashes alike only when written alike; unset fields never count.
+    assert pacing.spec_hash(backend()) == pacing.spec_hash(b)
+
+
+def test_an_unchanged_template_of_an_earlier_version_is_not_an_upgrade() -> None:
+    b = backend()
+    old = copy.deepcopy(rendered(b))
+    del old["metadata"]["annotations"]
+    # As the server returns it: defaults added to the template.
+    old["spec"]["template"]["spec"]["containers"][0]["terminationMessagePath"] = "/dev/x"
+    assert not pacing.is_upgrade(b, rendered(b), old, observed_generation=3)
+
+
+@pytest.mark.parametrize(
+    ("answer", "version", "pdb"),
+    [
+        ({"major": "1", "minor": "20"}, (1, 20), "v1beta1"),
+        ({"major": "1", "minor": "20+"}, (1, 20), "v1beta1"),  # managed clusters' spelling
+        ({"major": "1", "minor": "21"}, (1, 21), None),
+        ({"major": "1", "minor": "33"}, (1, 33), None),
+        ({"gitVersion": "v1.30.0"}, None, None),  # says nothing usable: a current server
+        ("not a dict", None, None),
+    ],
+)
+def test_the_servers_version_picks_the_budgets_api(
+    answer: object, version: tuple[int, int] | None, pdb: str | None
+) -> None:
+
+    assert server_version(answer) == version
+    assert child_versions(version).get("PodDisruptionBudget") == pdb

@@ -121,5 +121,10 @@ def test_a_disruption_budget_follows_the_replicas_and_the_servers_version() -> N
     assert [m["kind"] for m in render(backend).all()][-1] == "PodDisruptionBudget"
     one, _ = validate({"metadata": {"name": "m", "namespace": "ns"}, "spec": SPECS["llamacpp"]})
     assert one is not None and render(one).disruption_budget is None
+    # From 1.27: pods that are not ready may always be evicted (a crash-looping backend
+    # never blocks a drain).
+    evicting = render(backend, evict_unhealthy=True).disruption_budget
+    assert evicting is not None and evicting["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    kubernetes_validate.validate(evicting, "1.33", strict=True)
     off = OperatorConfig(podDisruptionBudgets=False)
     assert render(backend, off).disruption_budget is None

@@ -44,14 +44,19 @@ CHILD_APIS = {
 }
 
 
-def child_versions(server: Any) -> dict[str, str]:
-    """Child kind -> the API version to use on a server of this /version answer (v1 unless
-    listed): policy/v1 PodDisruptionBudgets exist from Kubernetes 1.21; 1.20 has v1beta1."""
+def server_version(server: Any) -> tuple[int, int] | None:
+    """(major, minor) of a /version answer; None if it does not say."""
     if not isinstance(server, dict):
-        return {}
+        return None
     major = re.match(r"\d+", str(server.get("major")))
     minor = re.match(r"\d+", str(server.get("minor")))  # "20+" on some managed clusters
-    if major and minor and (int(major.group()), int(minor.group())) < (1, 21):
+    return (int(major.group()), int(minor.group())) if major and minor else None
+
+
+def child_versions(version: tuple[int, int] | None) -> dict[str, str]:
+    """Child kind -> the API version to use on a server of this version (v1 unless
+    listed): policy/v1 PodDisruptionBudgets exist from Kubernetes 1.21; 1.20 has v1beta1."""
+    if version is not None and version < (1, 21):
         return {"PodDisruptionBudget": "v1beta1"}
     return {}
 
@@ -64,11 +69,10 @@ class Kube:
     validate_call wrappers) for eight endpoints whose paths are fixed, and their methods
     refuse a bytes body and serialize dicts as ASCII JSON (see apply_body)."""
 
-    def __init__(
-        self, api_client: client.ApiClient, versions: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, api_client: client.ApiClient, server: tuple[int, int] | None = None) -> None:
         self.api_client = api_client
-        self.versions = versions or {}  # child kind -> API version, when not v1
+        self.server = server  # the API server's (major, minor), when known
+        self.versions = child_versions(server)  # child kind -> API version, when not v1
         self.requests: Counter[str] = Counter()
         self._lock = threading.Lock()
 

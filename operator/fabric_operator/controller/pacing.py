@@ -22,12 +22,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from fabric_operator.api.backend import LLMBackend
+from fabric_operator.controller.diff import contains
 
 SPEC_HASH = "llm.fabric.dev/spec-hash"
 TEMPLATE_HASH = "llm.fabric.dev/template-hash"
-# An admitted rollout counts until its Deployment shows it done (the store lags the
-# write), at most this long without news (a lost watch event must not hold a slot).
-ADMIT_GRACE_SECONDS = 300.0
+# An admitted rollout counts until its Deployment runs the new template, ready again (the
+# store lags the write); at most this long (a backstop for a lost watch event).
+ADMIT_GRACE_SECONDS = 3600.0
 
 Key = tuple[str, str]
 
@@ -37,9 +38,19 @@ def _hash(value: Any) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+# Spec fields that do not shape the pods: a change to them alone is not the user's
+# rollout, so it must not carry the operator's pending one through unpaced.
+NOT_POD_FIELDS = frozenset(
+    {"replicas", "service", "fallback", "routing", "autoscaling", "network_policy", "strategy"}
+)
+
+
 def spec_hash(backend: LLMBackend) -> str:
-    """The user's spec, but for what the autoscaler writes (replicas)."""
-    return _hash(backend.spec.model_dump(by_alias=True, exclude={"replicas"}))
+    """What the user wrote of the fields that shape the pods (fields left unset stay out,
+    so a field or default added by a later version changes nothing here)."""
+    return _hash(
+        backend.spec.model_dump(by_alias=True, exclude_unset=True, exclude=set(NOT_POD_FIELDS))
+    )
 
 
 def template_hash(deployment: dict[str, Any]) -> str:
@@ -66,24 +77,35 @@ def is_upgrade(
     wanted = desired["metadata"]["annotations"]
     if notes.get(TEMPLATE_HASH) == wanted[TEMPLATE_HASH]:
         return False  # the pods stay as they are (replicas, labels, drift)
+    if TEMPLATE_HASH not in notes and contains(
+        (live.get("spec") or {}).get("template") or {}, desired["spec"]["template"]
+    ):
+        return False  # written by an earlier version, and the pods would not change
     if SPEC_HASH in notes:
         return bool(notes[SPEC_HASH] == wanted[SPEC_HASH])
-    # Written by an earlier version: the spec was applied if status says so.
+    # Written by an earlier version (no hashes yet): the spec was applied if status says so;
+    # the reconciler then writes the spec hash beside the held Deployment, so this guess
+    # is made once.
     return bool(observed_generation == backend.generation)
 
 
 def rolled(deployment: dict[str, Any] | None, template: str) -> bool:
-    """Whether `deployment` runs `template` (a TEMPLATE_HASH) everywhere: the rollout
-    admitted for it is over."""
+    """Whether `deployment` runs `template` (a TEMPLATE_HASH) on all its replicas, ready
+    again: the rollout admitted for it is over. One that does not get there (a broken new
+    image) keeps its slot: an upgrade that breaks backends halts instead of marching on."""
     if deployment is None:
         return True  # gone: nothing rolls
     notes = (deployment.get("metadata") or {}).get("annotations") or {}
-    return notes.get(TEMPLATE_HASH) == template and not rolling(deployment)
+    desired = int((deployment.get("spec") or {}).get("replicas", 1) or 0)
+    available = int((deployment.get("status") or {}).get("availableReplicas") or 0)
+    return notes.get(TEMPLATE_HASH) == template and not rolling(deployment) and available >= desired
 
 
 def rolling(deployment: dict[str, Any]) -> bool:
-    """A Deployment still rolling out (not all replicas updated and available), unless it
-    gave up (ProgressDeadlineExceeded): a stuck backend must not hold the others forever."""
+    """A Deployment in a rollout: a template its controller has not seen yet, replicas not
+    all updated, or old ones still there. Not one that merely lacks available replicas (a
+    crash loop, a lost node, a scale-up waiting for GPUs: no rollout ends those), nor one
+    that gave up (ProgressDeadlineExceeded): they must not hold every upgrade forever."""
     spec = deployment.get("spec") or {}
     status = deployment.get("status") or {}
     desired = int(spec.get("replicas", 1) or 0)
@@ -93,13 +115,11 @@ def rolling(deployment: dict[str, Any]) -> bool:
         if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
             return False
     generation = int((deployment.get("metadata") or {}).get("generation") or 0)
-    complete = (
-        int(status.get("observedGeneration") or 0) >= generation
-        and int(status.get("updatedReplicas") or 0) == desired
-        and int(status.get("availableReplicas") or 0) == desired
-        and int(status.get("replicas") or 0) == desired
+    return (
+        int(status.get("observedGeneration") or 0) < generation
+        or int(status.get("updatedReplicas") or 0) < desired
+        or int(status.get("replicas") or 0) > desired
     )
-    return not complete
 
 
 class Pacer:
@@ -134,3 +154,8 @@ class Pacer:
                 return False, len(busy)
             self._admitted[key] = (now, template)
             return True, len(busy)
+
+    def release(self, key: Key) -> None:
+        """An admitted rollout that did not start (the Deployment was not written)."""
+        with self._lock:
+            self._admitted.pop(key, None)

@@ -24,7 +24,7 @@ from fabric_operator.controller.diff import (
     needs_write,
     with_bookkeeping,
 )
-from fabric_operator.controller.kube import Kube
+from fabric_operator.controller.kube import Kube, child_versions
 from fabric_operator.controller.lists import list_ops, port_ops, snapshot
 from fabric_operator.controller.startup import last_start
 from fabric_operator.machinery.rest import api_message
@@ -105,8 +105,8 @@ class Reconciler:
         if backend.spec.remote is not None:
             return self._reconcile_remote(obj, backend, problems)
 
-        policy = getattr(self.kube, "versions", {}).get("PodDisruptionBudget", "v1")
-        desired = desired_children(backend, self.settings.config, policy) if not problems else []
+        server = getattr(self.kube, "server", None)
+        desired = desired_children(backend, self.settings.config, server) if not problems else []
         stale = [
             m
             for m in desired
@@ -135,6 +135,8 @@ class Reconciler:
             self._drop_older(namespace, name, backend.uid)
         else:
             failure, transient, settled = self._apply(backend, stale, applied)
+            if not any(m["kind"] == "Deployment" for _, m in applied):
+                self.pacer.release((namespace, name))  # admitted, but nothing rolls
             if failure is not None:
                 recheck = FAILED_APPLY_RECHECK_SECONDS
             else:
@@ -347,7 +349,7 @@ class Reconciler:
         if not pacing.is_upgrade(backend, deployment, live, previous.get("observedGeneration")):
             return None
         template = deployment["metadata"]["annotations"][pacing.TEMPLATE_HASH]
-        admitted, busy = self.pacer.admit(
+        admitted, _ = self.pacer.admit(
             key,
             template,
             self._rolling(),
@@ -356,17 +358,36 @@ class Reconciler:
         if admitted:
             return None
         stale.remove(deployment)
+        ops = []
         wanted, has = deployment["spec"]["replicas"], (live.get("spec") or {}).get("replicas")
-        if wanted != has:
-            result = self._patch_guarded(
-                deployment, live, [{"op": "replace", "path": "/spec/replicas", "value": wanted}]
+        if wanted != has:  # the autoscaler's (or kubectl scale's) replicas are not held
+            ops.append({"op": "replace", "path": "/spec/replicas", "value": wanted})
+        notes = (live.get("metadata") or {}).get("annotations")
+        if pacing.SPEC_HASH not in (notes or {}):
+            # Written by an earlier version: from now on a spec change is told by the hash
+            # (metadata only: no pod rolls for it).
+            value = deployment["metadata"]["annotations"][pacing.SPEC_HASH]
+            ops.append(
+                {
+                    "op": "add",
+                    "path": f"/metadata/annotations/{_pointer(pacing.SPEC_HASH)}",
+                    "value": value,
+                }
+                if notes is not None
+                else {
+                    "op": "add",
+                    "path": "/metadata/annotations",
+                    "value": {pacing.SPEC_HASH: value},
+                }
             )
+        if ops:
+            result = self._patch_guarded(deployment, live, ops)
             if result is not None:
                 self.store.put("Deployment", result)
         return (
-            f"this operator version renders the pods differently (its spec did not change); "
-            f"the rollout waits while {busy} other backend(s) roll "
-            f"(maxUpgradeRollouts {self.pacer.limit})"
+            "this operator version renders the pods differently while the spec did not "
+            f"change: the rollout waits its turn (at most {self.pacer.limit} such rollouts at "
+            "a time; the spec's own changes are never held)"
         )
 
     def _rolling(self) -> list[tuple[str, str]]:
@@ -579,6 +600,11 @@ class Reconciler:
             )
 
 
+def _pointer(key: str) -> str:
+    """A map key as one JSON-pointer segment (RFC 6901)."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
 def _claim_refusal(
     manifest: dict[str, Any], before: dict[str, Any] | None, err: ApiException
 ) -> bool:
@@ -591,11 +617,14 @@ def _claim_refusal(
 
 
 def desired_children(
-    backend: LLMBackend, config: OperatorConfig, policy_version: str = "v1"
+    backend: LLMBackend, config: OperatorConfig, server: tuple[int, int] | None = None
 ) -> list[dict[str, Any]]:
-    """The children as the operator applies them: rendered, the Deployment annotated for
-    paced upgrades, each with its owner reference and config hash."""
-    rendered = render(backend, config, policy_version=policy_version).all()
+    """The children as the operator applies them on a server of this version (unknown:
+    a current one): rendered, the Deployment annotated for paced upgrades, each with its
+    owner reference and config hash."""
+    policy = child_versions(server).get("PodDisruptionBudget", "v1")
+    evict = server is not None and server >= (1, 27)
+    rendered = render(backend, config, policy_version=policy, evict_unhealthy=evict).all()
     for m in rendered:
         if m["kind"] == "Deployment":
             pacing.annotate(m, backend)

@@ -190,8 +190,8 @@ def _shared_env(backend: LLMBackend, engine: EngineContainer) -> list[Manifest]:
 
 
 def image(backend: LLMBackend, engine: EngineContainer, config: OperatorConfig) -> str:
-    """The backend's image, else the operator's mirror of the engine's, else the pinned."""
-    return backend.spec.image or config.images.get(str(backend.spec.engine)) or engine.image
+    """The backend's image, else the operator's mirror of the pinned one, else the pinned."""
+    return backend.spec.image or config.images.get(engine.image, engine.image)
 
 
 def _with_user_env(backend: LLMBackend, ours: list[Manifest]) -> list[Manifest]:
@@ -453,12 +453,20 @@ def network_policy(backend: LLMBackend, config: OperatorConfig = DEFAULT) -> Man
 
 
 def disruption_budget(
-    backend: LLMBackend, config: OperatorConfig = DEFAULT, policy_version: str = "v1"
+    backend: LLMBackend,
+    config: OperatorConfig = DEFAULT,
+    policy_version: str = "v1",
+    evict_unhealthy: bool = False,
 ) -> Manifest | None:
     """A node drain takes one replica at a time (maxUnavailable 1), never the model away:
-    for backends of more than one replica (a single replica would block drains)."""
+    for backends of more than one replica (with one, the budget would protect nothing).
+    `evict_unhealthy` (servers from 1.27): pods that are not ready may always be evicted,
+    so a backend whose pods all crash never blocks a drain."""
     if not config.pod_disruption_budgets or backend.spec.replicas < 2:
         return None
+    spec: Manifest = {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(backend)}}
+    if evict_unhealthy:
+        spec["unhealthyPodEvictionPolicy"] = "AlwaysAllow"
     return {
         "apiVersion": f"policy/{policy_version}",
         "kind": "PodDisruptionBudget",
@@ -467,19 +475,24 @@ def disruption_budget(
             "namespace": backend.namespace,
             "labels": labels(backend),
         },
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(backend)}},
+        "spec": spec,
     }
 
 
 def render(
-    backend: LLMBackend, config: OperatorConfig = DEFAULT, *, policy_version: str = "v1"
+    backend: LLMBackend,
+    config: OperatorConfig = DEFAULT,
+    *,
+    policy_version: str = "v1",
+    evict_unhealthy: bool = False,
 ) -> Children:
     """The children of a *valid* backend (see fabric_operator.validation). `policy_version`:
-    the PodDisruptionBudget API version the server takes (v1beta1 before 1.21)."""
+    the PodDisruptionBudget API version the server takes (v1beta1 before 1.21);
+    `evict_unhealthy`: the server knows unhealthyPodEvictionPolicy (1.27 and later)."""
     return Children(
         deployment=deployment(backend, config),
         service=service(backend),
         network_policy=network_policy(backend, config),
         cache_claim=cache_claim(backend, labels(backend)),
-        disruption_budget=disruption_budget(backend, config, policy_version),
+        disruption_budget=disruption_budget(backend, config, policy_version, evict_unhealthy),
     )
