@@ -730,6 +730,15 @@ def test_agents_get_tool_calls_from_engine_pods(stack: Stack) -> None:
             )
 
 
+def checked_start(status: dict[str, Any], pod: str) -> int:
+    """status.lastStart of `pod`, its steps adding up to its total (each rounded)."""
+    start = status["lastStart"]
+    assert start["pod"] == pod, start
+    steps = ("scheduledSeconds", "initSeconds", "startedSeconds", "readySeconds")
+    assert abs(sum(start[k] for k in steps) - start["totalSeconds"]) <= len(steps), start
+    return int(start["totalSeconds"])
+
+
 def engine_log(cluster: Cluster, ns: str, pod: str) -> str:
     return cluster.kubectl("logs", "-n", ns, pod, "-c", "engine").stdout
 
@@ -784,12 +793,7 @@ def test_weights_on_a_cache_claim_survive_a_pod_restart_and_go_when_turned_off(
         assert "downloaded to cache: /cache/tiny.gguf" in engine_log(cluster, ns, pod.metadata.name)
         assert downloaded.is_file() and downloaded.stat().st_size > 0
         written = downloaded.stat().st_mtime_ns
-        start = first["lastStart"]
-        assert start["pod"] == pod.metadata.name, start
-        steps = ("scheduledSeconds", "initSeconds", "startedSeconds", "readySeconds")
-        # The steps add up to the whole (each rounded to a second).
-        assert abs(sum(start[k] for k in steps) - start["totalSeconds"]) <= len(steps), start
-        stack.figures["cache_first_start_s"] = start["totalSeconds"]
+        stack.figures["cache_first_start_s"] = checked_start(first, pod.metadata.name)
 
         cluster.core.delete_namespaced_pod(pod.metadata.name, ns)
         [again] = wait_for(

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from kubernetes.client.exceptions import ApiException
 
 from fabric_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+from fabric_operator.controller.kube import child_versions, server_version
 from tests.faults.conftest import start_operator
 from tests.support.faults import (
     assert_alive,
@@ -446,7 +447,8 @@ KNOWN_BUGS: dict[str, tuple[Callable[[str], bool], str]] = {}
 def _clean(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
     """A child from a list (no apiVersion and kind), without managedFields."""
     meta = {k: v for k, v in obj["metadata"].items() if k != "managedFields"}
-    api = "apps/v1" if kind == "Deployment" else "v1"
+    # A budget read as policy/v1beta1 (a 1.20 server) has v1's fields: checked as v1.
+    api = {"Deployment": "apps/v1", "PodDisruptionBudget": "policy/v1"}.get(kind, "v1")
     return {**obj, "apiVersion": api, "kind": kind, "metadata": meta}
 
 
@@ -500,6 +502,17 @@ def _classify_one(
             out.violations.append(f"{label_}: {child_kind} fails 1.33 validation: {err!s:.300}")
 
 
+def list_budgets(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
+    """The namespace's PodDisruptionBudgets, in the API version the server has."""
+    server = server_version(
+        json.loads(cluster.kubectl("version", "-o", "json").stdout)["serverVersion"]
+    )
+    version = child_versions(server).get("PodDisruptionBudget", "v1")
+    path = f"/apis/policy/{version}/namespaces/{ns}/poddisruptionbudgets"
+    items: list[dict[str, Any]] = json.loads(cluster.kubectl("get", "--raw", path).stdout)["items"]
+    return items
+
+
 def classify(cluster: Cluster, ns: str, accepted: dict[str, str]) -> Outcomes:
     out = Outcomes(Counter(), Counter(), [])
     backends = {b["metadata"]["name"]: b for b in list_backends(cluster, ns)}
@@ -507,6 +520,7 @@ def classify(cluster: Cluster, ns: str, accepted: dict[str, str]) -> Outcomes:
     children = {
         "Deployment": {d["metadata"]["name"]: d for d in deployments},
         "Service": {s["metadata"]["name"]: s for s in services},
+        "PodDisruptionBudget": {b["metadata"]["name"]: b for b in list_budgets(cluster, ns)},
     }
     for name, kind in accepted.items():
         obj = backends.get(name)

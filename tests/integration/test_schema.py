@@ -26,7 +26,7 @@ HF = {"huggingface": {"repo": "Qwen/Qwen2.5-0.5B"}}
 @pytest.mark.parametrize(
     ("spec", "words"),
     [
-        ({"engine": "sglang", "model": HF}, "spec.engine"),
+        ({"engine": "mlc-llm", "model": HF}, "spec.engine"),
         ({"engine": "vllm", "model": HF, "replicas": -1}, "spec.replicas"),
         ({"engine": "vllm", "model": HF, "replicas": "two"}, "spec.replicas"),
         ({"engine": "vllm"}, "spec.model"),
