@@ -282,14 +282,13 @@ def test_two_gateways_hold_one_request_limit(pair: tuple[Process, Process]) -> N
 def test_two_gateways_hold_one_token_limit(
     pair: tuple[Process, Process], redis: RedisServer
 ) -> None:
-    """tpm 10, 6 tokens an answer: the first answer leaves room, the second (on the other
-    gateway) is let in and goes over, the third (on the first) is refused."""
+    """tpm 10, 6 tokens an answer: the first answer leaves 4, and the next request (on
+    the other gateway) is refused: its prompt alone is estimated at more than that (its
+    ~60 bytes / 4, capped at the tpm)."""
     assert post(pair[0], "KEY_TPM", {"model": "m", **CHAT}).status_code == 200
-    # The total over the minute keys: the answers may fall into two minutes.
+    # The total over the minute keys: a minute may turn between answer and charge.
     wait_for(lambda: redis_tokens(redis) == 6, "the first answer's tokens in redis")
-    assert post(pair[1], "KEY_TPM", {"model": "m", **CHAT}).status_code == 200
-    wait_for(lambda: redis_tokens(redis) == 12, "the second answer's tokens in redis")
-    refused = post(pair[0], "KEY_TPM", {"model": "m", **CHAT})
+    refused = post(pair[1], "KEY_TPM", {"model": "m", **CHAT})
     assert refused.status_code == 429
     assert refused.json()["error"]["type"] == "tokens"
     assert int(refused.headers["retry-after"]) >= 1

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from fabric_operator.gateway import usage
+from fabric_operator.gateway.limits import Limits
 from fabric_operator.gateway.ratelimit import RateLimiter
+from fabric_operator.gateway.routes import Tenant
 from fabric_operator.gateway.sharedlimit import tenant_prefix, where, window_wait
 from tests.support.upstream import chat_answer, stream_chunks
 
@@ -202,6 +205,19 @@ def test_the_tokens_bucket_is_charged_after_and_checked_before() -> None:
     assert limiter.waiting("t", 100) == pytest.approx(60.6)  # from -100 to 1 at 100/min
     now[0] = 61.0
     assert limiter.waiting("t", 100) == 0
+
+
+def test_a_request_must_fit_its_estimate_into_the_tokens_per_minute() -> None:
+    async def go() -> list[bool]:
+        limits = Limits(clock=lambda: 0.0)
+        tenant = Tenant(name="t", models=("*",), tpm=100)
+        limits.charge(tenant, 50)
+        return [await limits.admit(tenant, need) is None for need in (40, 60, 10**9)]
+
+    # 10**9 is capped at the tpm: it would fit an unused minute, not this one
+    assert asyncio.run(go()) == [True, False, False]
+    limiter = RateLimiter(clock=lambda: 0.0)
+    assert limiter.waiting("t", 60, need=61) == pytest.approx(1.0)  # one more at 60/min
 
 
 def test_sliding_window_retry_after() -> None:

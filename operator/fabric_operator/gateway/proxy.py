@@ -362,7 +362,9 @@ class Gateway:
         if length is not None and length > st.max_body:
             raise _too_large(st.max_body)
         if tenant.rpm is not None or tenant.tpm is not None:
-            refusal = await self.limits.admit(tenant)
+            # The tokens it will take at least: its prompt, at 4 bytes a token (the body
+            # is not read yet: its max_tokens is not known).
+            refusal = await self.limits.admit(tenant, (length or 0) // 4)
             if refusal is not None:
                 self.metrics.rate_limited.labels(tenant.name, refusal.kind).inc()
                 raise _over_limit(tenant, refusal)

@@ -48,7 +48,8 @@ CONNECT_SECONDS = 1.0  # to (re)connect, apart from the round trip's timeout
 FAILURES_TO_OPEN = 3  # failed round trips in a row that open the circuit
 CHARGE_SECONDS = 0.05
 
-# KEYS[1]: the tenant's prefix. ARGV: rpm, tpm (0: no such limit). Returns {0} when the
+# KEYS[1]: the tenant's prefix. ARGV: rpm, tpm (0: no such limit), the tokens the
+# request is estimated to take (at least 1; absent: 1). Returns {0} when the
 # request may go (and counts it), else {1 (requests) or 2 (tokens), this minute's count,
 # the last minute's, seconds into this minute}, the numbers as strings (Lua's floats).
 ADMIT = """
@@ -59,10 +60,11 @@ local into = now - w * 60
 local weight = (60 - into) / 60
 local p = KEYS[1]
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+local need = tonumber(ARGV[3] or '1')
 if tpm > 0 then
   local cur = tonumber(redis.call('GET', p .. ':t:' .. w) or '0')
   local prev = tonumber(redis.call('GET', p .. ':t:' .. (w - 1)) or '0')
-  if prev * weight + cur + 1 > tpm then
+  if prev * weight + cur + need > tpm then
     return {2, tostring(cur), tostring(prev), tostring(into)}
   end
 end
@@ -170,15 +172,17 @@ class SharedLimits:
         with contextlib.suppress(Exception):
             await self.client.aclose()
 
-    async def admit(self, prefix: str, rpm: int | None, tpm: int | None) -> Refusal | bool | None:
+    async def admit(
+        self, prefix: str, rpm: int | None, tpm: int | None, need: int = 1
+    ) -> Refusal | bool | None:
         """True: admitted (and counted); a Refusal; None: Redis did not answer (the
         caller decides with its own limits)."""
         if not self.up:
             return None
         try:
             async with asyncio.timeout(self.timeout):
-                got = await self._admit(keys=[prefix], args=[rpm or 0, tpm or 0])
-            refusal = _refusal(got, rpm, tpm)  # a reply that is no answer fails too
+                got = await self._admit(keys=[prefix], args=[rpm or 0, tpm or 0, need])
+            refusal = _refusal(got, rpm, tpm, need)  # a reply that is no answer fails too
         except Exception as err:  # whatever it is, the limits go local
             self._failed(err)
             return None
@@ -272,7 +276,7 @@ class SharedLimits:
         }
 
 
-def _refusal(got: Any, rpm: int | None, tpm: int | None) -> Refusal | None:
+def _refusal(got: Any, rpm: int | None, tpm: int | None, need: int = 1) -> Refusal | None:
     """The admit script's reply: None (admitted) or a Refusal; ValueError if it is not
     one the script returns (nil, a short list, no numbers)."""
     try:
@@ -290,7 +294,8 @@ def _refusal(got: Any, rpm: int | None, tpm: int | None) -> Refusal | None:
         "requests" if kind == 1 else "tokens",
         limit,
         int(prev * weight + cur),
-        max(1.0, window_wait(cur, prev, into, limit)),
+        # `need` tokens fit where one does in a limit `need - 1` lower
+        max(1.0, window_wait(cur, prev, into, limit - (need - 1 if kind == 2 else 0))),
     )
 
 
