@@ -144,7 +144,7 @@ def test_a_stream_cut_off_before_its_usage_is_charged_an_estimate() -> None:
     gw, _ = gateway(Answer(SSE, chunks, cut=True))
     content = json.dumps({**BODY, "stream": True}).encode()
     run(gw, content)
-    assert samples(gw, "fabric_gateway_tokens_total") == {}
+    assert samples(gw, "fabric_gateway_tokens_total") == {"prompt": 0, "completion": 0}
     estimated = samples(gw, "fabric_gateway_tokens_estimated_total")
     assert estimated == {"prompt": len(content) // 4, "completion": 5}
     assert missing(gw) == 1
@@ -219,3 +219,20 @@ def test_injection_drops_continuous_usage_stats() -> None:
     gw, client = gateway(Answer(SSE, stream_chunks("a", "m", 2, usage=True), cut=False))
     run(gw, json.dumps(body).encode())
     assert json.loads(client.sent[0])["stream_options"] == {"include_usage": True}
+
+
+def test_token_counters_start_at_zero_for_each_routed_key_and_model() -> None:
+    """So that Prometheus's increase() sees a counter's first answer."""
+    gw, _ = gateway(Answer(SSE, [], cut=False))
+    assert samples(gw, "fabric_gateway_tokens_total") == {"prompt": 0, "completion": 0}
+    second = Backend(id="ns/n", model="n", urls=("http://127.0.0.1:9/v1",))
+    first = Backend(id="ns/m", model="m", urls=("http://127.0.0.1:9/v1",))
+    gw.source.snapshot = build_snapshot([first, second], {key_digest(KEY): TENANT})
+    registry: CollectorRegistry = gw.registry  # type: ignore[attr-defined]
+    found = {
+        (s.labels["model"], s.labels["kind"])
+        for m in registry.collect()
+        for s in m.samples
+        if s.name == "fabric_gateway_tokens_total"
+    }
+    assert found == {(m, k) for m in ("m", "n") for k in ("prompt", "completion")}

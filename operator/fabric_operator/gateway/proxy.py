@@ -48,7 +48,7 @@ from fabric_operator.gateway.limits import Limits
 from fabric_operator.gateway.load import Load
 from fabric_operator.gateway.metrics import NONE, UNKNOWN, GatewayMetrics
 from fabric_operator.gateway.providerauth import UpstreamAuthError
-from fabric_operator.gateway.routes import Backend, Tenant
+from fabric_operator.gateway.routes import Backend, Snapshot, Tenant
 from fabric_operator.gateway.sharedlimit import Refusal, ceil_seconds
 from fabric_operator.gateway.sources import Source
 from fabric_operator.gateway.upstream import (
@@ -100,6 +100,7 @@ _BAD_HEADER_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 HELD_SHOWN_SECONDS = 1.0  # a held request stays on /load at least this long
 WATCH_AFTER = 0.05  # seconds into forwarding when the client's disconnect is listened for
 MODEL_LOGGED = 100  # characters of a requested model name the access log keeps
+ZEROED_MOST = 5000  # keys x models over which the token counters are not made at 0
 
 
 class UpstreamSaturatedError(Exception):
@@ -264,6 +265,26 @@ class Gateway:
         self._held_bytes = 0  # request bodies kept by held requests
         self._turn = itertools.count()  # least in flight's tie-break, across snapshots
         self.client: Client = CLIENTS[st.client](Timeouts(st.connect_timeout, st.idle_timeout))
+        self._zeroed: frozenset[tuple[str, str, str]] = frozenset()
+        source.watchers.append(self._zero_tokens)
+        self._zero_tokens(source.snapshot)
+
+    def _zero_tokens(self, snapshot: Snapshot) -> None:
+        """Token counters at 0 for each key and model it is routed to (its first
+        backend), so that a counter's first answer shows in Prometheus's increase()
+        rather than being its first sample. Skipped where that would be many series."""
+        tenants = set(snapshot.tenants.values())
+        if not tenants or len(tenants) * len(snapshot.routes) > ZEROED_MOST:
+            return
+        routed = frozenset(
+            (t.name, model, backend.id)
+            for t in tenants
+            for model, backend in snapshot.models_for(t)
+        )
+        for labels in routed - self._zeroed:
+            for kind in ("prompt", "completion"):
+                self.metrics.tokens.labels(*labels, kind)
+        self._zeroed |= routed
 
     async def aclose(self) -> None:
         await self.client.close()
