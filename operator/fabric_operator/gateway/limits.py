@@ -32,14 +32,17 @@ class Limits:
         self.local = RateLimiter(clock)
         self.shared = shared
 
-    async def admit(self, tenant: Tenant) -> Refusal | None:
-        """None if the request may go (it is counted), else why not and for how long."""
+    async def admit(self, tenant: Tenant, need: int = 1) -> Refusal | None:
+        """None if the request may go (it is counted), else why not and for how long.
+        `need`: the tokens the request is estimated to take, which must fit the key's
+        tpm (capped at the tpm, so that any request fits an unused minute)."""
         rpm, tpm = tenant.rpm, tenant.tpm
         if rpm is None and tpm is None:
             return None
+        need = max(1, min(need, tpm or 1))
         shared = self.shared
         if shared is not None and shared.up:
-            got = await shared.admit(_prefix(tenant.id), rpm, tpm)
+            got = await shared.admit(_prefix(tenant.id), rpm, tpm, need)
             if got is True:
                 if rpm is not None:
                     self.local.take(tenant.id, rpm)
@@ -47,7 +50,7 @@ class Limits:
             if isinstance(got, Refusal):
                 return got
         if tpm is not None:
-            wait = self.local.waiting(tenant.id + TOKENS, tpm)
+            wait = self.local.waiting(tenant.id + TOKENS, tpm, need)
             if wait > 0:
                 return Refusal("tokens", tpm, tpm, wait)
         if rpm is not None:

@@ -106,6 +106,15 @@ class GatewayMetrics:
             ["tenant", "model", "backend", "kind"],
             **kw,  # type: ignore[arg-type]
         )
+        self.tokens_estimated = Counter(
+            "fabric_gateway_tokens_estimated",
+            "Tokens charged for answers without usage (cut off, left by the client, or "
+            "from an upstream that sends none): the prompt at 4 bytes a token, the "
+            "completion as the events with tokens seen (4 bytes a token if not a stream), "
+            "at most max_tokens. Not in fabric_gateway_tokens_total.",
+            ["tenant", "model", "backend", "kind"],
+            **kw,  # type: ignore[arg-type]
+        )
         self.usage_missing = Counter(
             "fabric_gateway_usage_missing",
             "Answers (200) whose tokens could not be counted: the upstream sent no usage, "

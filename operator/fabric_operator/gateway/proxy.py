@@ -22,7 +22,9 @@ What a request may cost the gateway, in order:
 - A client that goes away cancels the upstream request: its connection is closed, which
   an engine takes as the end of the request (it stops generating).
 - Tokens are counted from the upstream's `usage` as the answer passes (`usage`), then
-  charged to the key's tokens per minute.
+  charged to the key's tokens per minute; counts no answer could hold are clamped, and
+  an answer that ends without usage (cut off, left by its client, or from an upstream
+  that sends none) is charged an estimate (`usage.estimate`), counted apart.
 - Anything unexpected is logged (the error's type and where, never its message, the key
   or the body), counted, and answered with an OpenAI-shaped 502, or, once the answer
   began, by closing the connection.
@@ -46,7 +48,7 @@ from fabric_operator.gateway.limits import Limits
 from fabric_operator.gateway.load import Load
 from fabric_operator.gateway.metrics import NONE, UNKNOWN, GatewayMetrics
 from fabric_operator.gateway.providerauth import UpstreamAuthError
-from fabric_operator.gateway.routes import Backend, Tenant
+from fabric_operator.gateway.routes import Backend, Snapshot, Tenant
 from fabric_operator.gateway.sharedlimit import Refusal, ceil_seconds
 from fabric_operator.gateway.sources import Source
 from fabric_operator.gateway.upstream import (
@@ -98,6 +100,7 @@ _BAD_HEADER_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 HELD_SHOWN_SECONDS = 1.0  # a held request stays on /load at least this long
 WATCH_AFTER = 0.05  # seconds into forwarding when the client's disconnect is listened for
 MODEL_LOGGED = 100  # characters of a requested model name the access log keeps
+ZEROED_MOST = 5000  # keys x models over which the token counters are not made at 0
 
 
 class UpstreamSaturatedError(Exception):
@@ -189,6 +192,7 @@ class Call:
     answer_headers: list[tuple[bytes, bytes]] | None = None  # to pass on (`_unpassable`)
     stream: bool = False  # a streamed completion (`stream: true` on a path that streams)
     client_usage: bool = False  # the client asked for the usage chunk itself
+    meter: usage.Meter | None = None  # reading the answer passed on, once there is one
 
     def listen(self) -> None:
         """With the body read, the server's next message is the client's disconnect,
@@ -261,6 +265,26 @@ class Gateway:
         self._held_bytes = 0  # request bodies kept by held requests
         self._turn = itertools.count()  # least in flight's tie-break, across snapshots
         self.client: Client = CLIENTS[st.client](Timeouts(st.connect_timeout, st.idle_timeout))
+        self._zeroed: frozenset[tuple[str, str, str]] = frozenset()
+        source.watchers.append(self._zero_tokens)
+        self._zero_tokens(source.snapshot)
+
+    def _zero_tokens(self, snapshot: Snapshot) -> None:
+        """Token counters at 0 for each key and model it is routed to (its first
+        backend), so that a counter's first answer shows in Prometheus's increase()
+        rather than being its first sample. Skipped where that would be many series."""
+        tenants = set(snapshot.tenants.values())
+        if not tenants or len(tenants) * len(snapshot.routes) > ZEROED_MOST:
+            return
+        routed = frozenset(
+            (t.name, model, backend.id)
+            for t in tenants
+            for model, backend in snapshot.models_for(t)
+        )
+        for labels in routed - self._zeroed:
+            for kind in ("prompt", "completion"):
+                self.metrics.tokens.labels(*labels, kind)
+        self._zeroed |= routed
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -359,7 +383,9 @@ class Gateway:
         if length is not None and length > st.max_body:
             raise _too_large(st.max_body)
         if tenant.rpm is not None or tenant.tpm is not None:
-            refusal = await self.limits.admit(tenant)
+            # The tokens it will take at least: its prompt, at 4 bytes a token (the body
+            # is not read yet: its max_tokens is not known).
+            refusal = await self.limits.admit(tenant, (length or 0) // 4)
             if refusal is not None:
                 self.metrics.rate_limited.labels(tenant.name, refusal.kind).inc()
                 raise _over_limit(tenant, refusal)
@@ -397,7 +423,18 @@ class Gateway:
             model, payload, body, headers, scope["path"][3:], send, outcome, start, task, receive
         )
         call.tenant, call.key = tenant, _bearer(scope)
-        if payload.get("stream") is True and call.suffix in usage.STREAMED_PATHS:
+        stream = payload.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            # As OpenAI answers it. Engines coerce 1 or "true" to a stream: one the
+            # gateway would neither ask usage of nor strip it from.
+            raise HTTPError(
+                400,
+                f"Invalid type for 'stream': expected a boolean, but got "
+                f"{type(stream).__name__} instead.",
+                "invalid_request_error",
+                "invalid_type",
+            )
+        if stream is True and call.suffix in usage.STREAMED_PATHS:
             call.stream, call.client_usage = True, usage.wants_usage(payload)
         try:
             await self._watching_the_client(candidates, call)
@@ -693,7 +730,7 @@ class Gateway:
         outcome.backend, outcome.status = backend.id, response.status
         outcome.ttfb = time.perf_counter() - call.start
         headers = call.answer_headers or []
-        meter = _meter(response, call, backend, headers, injected)
+        meter = call.meter = _meter(response, call, backend, headers, injected)
         headers.append((BACKEND_HEADER, backend.id.encode()))
         complete = False
         try:
@@ -736,6 +773,8 @@ class Gateway:
     def _metered(self, meter: usage.Meter, backend: Backend, call: Call) -> None:
         """An answer passed on whole: what it used, and for a stream how fast it came."""
         used = meter.usage()
+        if used is not None:
+            used = _clamped(used, meter, call)
         call.outcome.tokens = used
         if used is None or not meter.stream or meter.first_token is None:
             return
@@ -746,17 +785,23 @@ class Gateway:
             m.token_rate.labels(ident).observe((used.completion - 1) / after)
 
     def _count(self, call: Call) -> None:
-        """Tokens to the metrics and the key's tokens per minute; an answer that began
-        with 200 but gave no usage is counted as missing."""
+        """Tokens to the metrics and the key's tokens per minute. An answer that began
+        with 200 but gave no usage (it was cut, its client left, or its upstream sends
+        none) is counted as missing and charged an estimate, counted apart."""
         outcome = call.outcome
         if outcome.status != 200 or not outcome.started or outcome.backend == NONE:
             return
-        used = outcome.tokens
-        if used is None:
-            if call.suffix in usage.COUNTED_PATHS:
-                self.metrics.usage_missing.labels(outcome.backend).inc()
+        if call.suffix not in usage.COUNTED_PATHS:
             return
+        meter = call.meter
+        used = outcome.tokens
+        if used is None and meter is not None and (found := meter.usage()) is not None:
+            used = outcome.tokens = _clamped(found, meter, call)  # came before a cut
         tokens = self.metrics.tokens
+        if used is None:
+            self.metrics.usage_missing.labels(outcome.backend).inc()
+            used = usage.estimate(len(call.body), meter, usage.max_tokens_of(call.payload))
+            tokens = self.metrics.tokens_estimated
         labels = (outcome.tenant, outcome.model, outcome.backend)
         if used.prompt:
             tokens.labels(*labels, "prompt").inc(used.prompt)
@@ -856,18 +901,31 @@ def _content(call: Call, backend: Backend) -> tuple[bytes, bool]:
     rename = bool(backend.upstream_model) and backend.upstream_model != call.model
     if not (inject or rename):
         return call.body, False
-    if (
-        inject
-        and not rename
-        and "stream_options" not in call.payload
-        and call.body.lstrip()[:1] == b"{"  # UTF-8 (JSON may come in UTF-16 too)
-    ):
+    if inject and not _utf8_object(call.body):
+        # UTF-16 or -32 (json.loads takes them): the option is not put into bytes of
+        # another encoding; the body goes as it came and what comes is counted.
+        inject = False
+        if not rename:
+            return call.body, False
+    if inject and not rename and "stream_options" not in call.payload:
         # The client's bytes with the option put first: nothing else re-encoded.
         return usage.ask_usage(call.body), True
     sent = usage.with_usage(call.payload) if inject else call.payload
     if rename:
         sent = {**sent, "model": backend.upstream_model}
     return json.dumps(sent).encode(), inject
+
+
+def _utf8_object(body: bytes) -> bool:
+    """A JSON object in UTF-8 (a BOM allowed): NUL is in no UTF-8 JSON text, and in every
+    UTF-16 or -32 one."""
+    if b"\x00" in body:
+        return False
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return False
+    return text.lstrip(" \t\r\n")[:1] == "{"
 
 
 def _meter(
@@ -890,11 +948,15 @@ def _meter(
             length = True
         elif lower == b"content-type":
             events = value.lower().startswith(b"text/event-stream")
-    if call.stream and events:
+    if events:  # whatever the request said: what comes is a stream
         strip = injected and not length
         null = strip and backend.provider in usage.NULL_USAGE_PROVIDERS
         return usage.StreamMeter(strip=strip, strip_null=null)
     return usage.BodyMeter()
+
+
+def _clamped(used: usage.Usage, meter: usage.Meter, call: Call) -> usage.Usage:
+    return usage.clamped(used, len(call.body), meter.bytes, usage.max_tokens_of(call.payload))
 
 
 def _over_limit(tenant: Tenant, refusal: Refusal) -> HTTPError:

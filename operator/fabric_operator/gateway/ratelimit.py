@@ -43,10 +43,10 @@ class RateLimiter:
             self._sweep(now)
         return wait
 
-    def waiting(self, tenant: str, rate: int) -> float:
-        """0 if the bucket holds a whole token now, else the seconds until it will."""
+    def waiting(self, tenant: str, rate: int, need: float = 1.0) -> float:
+        """0 if the bucket holds `need` tokens now, else the seconds until it will."""
         tokens = self._level(tenant, rate, self.clock())
-        return 0.0 if tokens >= 1.0 else (1.0 - tokens) * REFILL_SECONDS / rate
+        return 0.0 if tokens >= need else (need - tokens) * REFILL_SECONDS / rate
 
     def spend(self, tenant: str, rate: int, amount: float) -> None:
         """Take `amount` (tokens an answer used), down to -rate at most."""

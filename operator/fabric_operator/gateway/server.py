@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import uvicorn
 from prometheus_client import REGISTRY
@@ -257,6 +258,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--redis-url",
+        type=_redis_url,
         default=os.environ.get("FABRIC_REDIS_URL") or None,
         help="share the keys' rpm and tpm limits between gateway replicas through this "
         "Redis (redis://HOST:PORT/DB or rediss://; the password comes from "
@@ -284,6 +286,19 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
+
+
+def _redis_url(text: str) -> str:
+    """A Redis URL without a password: one in the URL would be in the process's args
+    (and the pod's spec) for anyone who may list them. Refused at start, unquoted."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss"):
+        raise argparse.ArgumentTypeError("the Redis URL must start with redis:// or rediss://")
+    if parts.password is not None or "password=" in parts.query:
+        raise argparse.ArgumentTypeError(
+            f"the Redis URL carries a password: give it in ${REDIS_PASSWORD_ENV} instead"
+        )
+    return text
 
 
 def _positive_int(text: str) -> int:

@@ -13,10 +13,14 @@ checks and counts the request, and says by how much a refused one was over. Toke
 added once the answer ended, off the request path: summed per tenant and sent every
 CHARGE_SECONDS (one pipelined round trip then, not one per answer), so a limit sees
 another replica's answers at most that much later. A round trip that takes longer than
-`timeout` (50 ms), or fails, opens the circuit: from then on every request uses the
-per-replica limits at once, without trying Redis, and a probe (a PING a second) closes
-it again when Redis answers. Each transition is logged once and shown in
-`fabric_gateway_limiter_shared` and `/readyz`; readiness never depends on Redis.
+`timeout` (50 ms), or fails, or answers something the script never returns, falls back
+to the per-replica limits for that request; FAILURES_TO_OPEN such round trips in a row
+open the circuit: from then on every request uses the per-replica limits at once,
+without trying Redis, and a probe (the admit script itself, a second apart, with no
+limit, so it counts nothing) closes it again when Redis answers. A charge Redis refuses
+(an error reply) is counted and dropped: it says nothing about Redis's health. Each
+transition is logged once and shown in `fabric_gateway_limiter_shared` and `/readyz`;
+readiness never depends on Redis.
 Redis Cluster is not supported (a tenant's keys are made inside the script).
 """
 
@@ -40,9 +44,12 @@ log = logging.getLogger(__name__)
 WINDOW = 60.0
 PREFIX = "fabric:limits"
 PROBE_SECONDS = 1.0
+CONNECT_SECONDS = 1.0  # to (re)connect, apart from the round trip's timeout
+FAILURES_TO_OPEN = 3  # failed round trips in a row that open the circuit
 CHARGE_SECONDS = 0.05
 
-# KEYS[1]: the tenant's prefix. ARGV: rpm, tpm (0: no such limit). Returns {0} when the
+# KEYS[1]: the tenant's prefix. ARGV: rpm, tpm (0: no such limit), the tokens the
+# request is estimated to take (at least 1; absent: 1). Returns {0} when the
 # request may go (and counts it), else {1 (requests) or 2 (tokens), this minute's count,
 # the last minute's, seconds into this minute}, the numbers as strings (Lua's floats).
 ADMIT = """
@@ -53,10 +60,11 @@ local into = now - w * 60
 local weight = (60 - into) / 60
 local p = KEYS[1]
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+local need = tonumber(ARGV[3] or '1')
 if tpm > 0 then
   local cur = tonumber(redis.call('GET', p .. ':t:' .. w) or '0')
   local prev = tonumber(redis.call('GET', p .. ':t:' .. (w - 1)) or '0')
-  if prev * weight + cur + 1 > tpm then
+  if prev * weight + cur + need > tpm then
     return {2, tostring(cur), tostring(prev), tostring(into)}
   end
 end
@@ -136,7 +144,7 @@ class SharedLimits:
             url,
             password=password or None,
             socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            socket_connect_timeout=max(timeout, CONNECT_SECONDS),
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
             health_check_interval=0,
@@ -146,6 +154,7 @@ class SharedLimits:
         self.up = False
         self.why = "not connected yet"
         self.errors = 0  # failed round trips (a metric reads it)
+        self._failures = 0  # failed round trips in a row
         self._on_change = on_change  # called with (up: bool) on each transition
         self._probe: asyncio.Task[None] | None = None
         self._charges: set[asyncio.Task[None]] = set()
@@ -163,26 +172,22 @@ class SharedLimits:
         with contextlib.suppress(Exception):
             await self.client.aclose()
 
-    async def admit(self, prefix: str, rpm: int | None, tpm: int | None) -> Refusal | bool | None:
+    async def admit(
+        self, prefix: str, rpm: int | None, tpm: int | None, need: int = 1
+    ) -> Refusal | bool | None:
         """True: admitted (and counted); a Refusal; None: Redis did not answer (the
         caller decides with its own limits)."""
         if not self.up:
             return None
         try:
             async with asyncio.timeout(self.timeout):
-                got = await self._admit(keys=[prefix], args=[rpm or 0, tpm or 0])
+                got = await self._admit(keys=[prefix], args=[rpm or 0, tpm or 0, need])
+            refusal = _refusal(got, rpm, tpm, need)  # a reply that is no answer fails too
         except Exception as err:  # whatever it is, the limits go local
             self._failed(err)
             return None
-        if int(got[0]) == 0:
-            return True
-        cur, prev, into = float(got[1]), float(got[2]), float(got[3])
-        kind, limit = ("requests", rpm) if int(got[0]) == 1 else ("tokens", tpm)
-        assert limit is not None
-        weight = (WINDOW - into) / WINDOW
-        return Refusal(
-            kind, limit, int(prev * weight + cur), max(1.0, window_wait(cur, prev, into, limit))
-        )
+        self._failures = 0
+        return True if refusal is None else refusal
 
     def charge(self, prefix: str, tokens: int) -> None:
         """Add an answer's tokens, in the background (within CHARGE_SECONDS)."""
@@ -203,11 +208,21 @@ class SharedLimits:
                     for prefix, tokens in owed.items():
                         await self._charge(keys=[prefix], args=[tokens], client=pipe)
                     await pipe.execute()
+        except aioredis.ResponseError as err:
+            # Redis answered, refusing a charge (a count over its integers, a key of
+            # another type): the tokens are lost, the limits stay shared.
+            self.errors += 1
+            log.warning("redis %s refused a charge (%s)", self.where, type(err).__name__)
         except Exception as err:
             self._failed(err)
+        else:
+            self._failures = 0
 
     def _failed(self, err: BaseException) -> None:
         self.errors += 1
+        self._failures += 1
+        if self.up and self._failures < FAILURES_TO_OPEN:
+            return
         why = (
             "timed out"
             if isinstance(err, TimeoutError | aioredis.TimeoutError)
@@ -235,8 +250,8 @@ class SharedLimits:
         said = False
         while True:
             try:
-                async with asyncio.timeout(max(self.timeout, 1.0)):
-                    await self.client.ping()
+                async with asyncio.timeout(max(self.timeout, CONNECT_SECONDS)):
+                    _refusal(await self._admit(keys=[PREFIX + ":probe"], args=[0, 0]), 0, 0)
             except Exception as err:
                 if not said:
                     log.warning(
@@ -247,7 +262,7 @@ class SharedLimits:
                     said = True
                 await asyncio.sleep(PROBE_SECONDS)
                 continue
-            self.up, self.why = True, ""
+            self.up, self.why, self._failures = True, "", 0
             log.info("shared rate limits on: redis %s answers", self.where)
             if self._on_change is not None:
                 self._on_change(True)
@@ -259,6 +274,29 @@ class SharedLimits:
             "redis": self.where,
             **({} if self.up else {"degraded": f"per-replica limits: redis {self.why}"}),
         }
+
+
+def _refusal(got: Any, rpm: int | None, tpm: int | None, need: int = 1) -> Refusal | None:
+    """The admit script's reply: None (admitted) or a Refusal; ValueError if it is not
+    one the script returns (nil, a short list, no numbers)."""
+    try:
+        kind = int(got[0])
+        if kind == 0:
+            return None
+        cur, prev, into = float(got[1]), float(got[2]), float(got[3])
+    except (TypeError, IndexError, KeyError, ValueError) as err:
+        raise ValueError("not a reply of the admit script") from err
+    limit = rpm if kind == 1 else tpm if kind == 2 else None
+    if not limit or not (0 <= into <= WINDOW) or min(cur, prev) < 0:
+        raise ValueError("not a reply of the admit script")
+    weight = (WINDOW - into) / WINDOW
+    return Refusal(
+        "requests" if kind == 1 else "tokens",
+        limit,
+        int(prev * weight + cur),
+        # `need` tokens fit where one does in a limit `need - 1` lower
+        max(1.0, window_wait(cur, prev, into, limit - (need - 1 if kind == 2 else 0))),
+    )
 
 
 def ceil_seconds(seconds: float) -> int:

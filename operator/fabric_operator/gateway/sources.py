@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +65,8 @@ class Source:
     def __init__(self) -> None:
         self._snapshot = Snapshot()
         self._next: asyncio.Event | None = None
+        # Called with each new snapshot (the gateway's metrics: `Gateway._zero_tokens`).
+        self.watchers: list[Callable[[Snapshot], None]] = []
 
     @property
     def snapshot(self) -> Snapshot:
@@ -73,6 +75,8 @@ class Source:
     @snapshot.setter
     def snapshot(self, value: Snapshot) -> None:
         self._snapshot = value
+        for watcher in self.watchers:
+            watcher(value)
         if self._next is not None:
             self._next.set()  # wakes what `changed` handed out: held requests
             self._next = None
