@@ -276,11 +276,15 @@ class Gateway:
         tenants = set(snapshot.tenants.values())
         if not tenants or len(tenants) * len(snapshot.routes) > ZEROED_MOST:
             return
-        routed = frozenset(
-            (t.name, model, backend.id)
-            for t in tenants
-            for model, backend in snapshot.models_for(t)
-        )
+        try:
+            routed = frozenset(
+                (t.name, model, backend.id)
+                for t in tenants
+                for model, backend in snapshot.models_for(t)
+            )
+        except Exception as err:  # a bookkeeping nicety must never stop the gateway
+            log.warning("token counters not set to 0: %s (message withheld)", type(err).__name__)
+            return
         for labels in routed - self._zeroed:
             for kind in ("prompt", "completion"):
                 self.metrics.tokens.labels(*labels, kind)
