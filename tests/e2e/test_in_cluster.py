@@ -31,7 +31,7 @@ from fabric_operator.gateway.routes import KEY_LABEL
 from fabric_operator.machinery import metrics
 from tests.conftest import REPO
 from tests.support.fixtures import temporary_namespace
-from tests.support.kube import Cluster, wait_for
+from tests.support.kube import Cluster, hostpath_claim, wait_for
 from tests.support.realcluster import RealCluster
 from tests.support.tiny_model import write_tiny_gguf
 
@@ -625,43 +625,9 @@ def weights_on_a_pvc(stack: Stack, name: str) -> Iterator[str]:
     try:
         folder.chmod(0o755)  # the engine runs as 65532
         write_tiny_gguf(folder / "tiny.gguf").chmod(0o644)
-        pv = f"{ns}-{name}"
-        cluster.core.create_persistent_volume(
-            {
-                "metadata": {"name": pv},
-                "spec": {
-                    "capacity": {"storage": "1Gi"},
-                    "accessModes": ["ReadOnlyMany"],
-                    "storageClassName": "",
-                    "hostPath": {"path": str(folder), "type": "Directory"},
-                    "claimRef": {"namespace": ns, "name": name},
-                },
-            }
-        )
-        cluster.core.create_namespaced_persistent_volume_claim(
-            ns,
-            {
-                "metadata": {"name": name},
-                "spec": {
-                    "accessModes": ["ReadOnlyMany"],
-                    "storageClassName": "",
-                    "volumeName": pv,
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
-            },
-        )
-        wait_for(
-            "the claim to bind",
-            lambda: (
-                cluster.core.read_namespaced_persistent_volume_claim(name, ns).status.phase
-                == "Bound"
-            ),
-            60,
-        )
-        yield "tiny.gguf"
+        with hostpath_claim(cluster, ns, name, folder):
+            yield "tiny.gguf"
     finally:
-        cluster.kubectl("delete", "pvc", name, "-n", ns, "--wait=false", check=False)
-        cluster.kubectl("delete", "pv", f"{ns}-{name}", "--wait=false", check=False)
         shutil.rmtree(folder, ignore_errors=True)
 
 

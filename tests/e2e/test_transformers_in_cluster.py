@@ -27,7 +27,7 @@ import pytest
 from fabric_operator.gateway.routes import KEY_LABEL
 from tests.conftest import REPO
 from tests.support.fixtures import temporary_namespace
-from tests.support.kube import Cluster, wait_for
+from tests.support.kube import Cluster, hostpath_claim, wait_for
 from tests.support.realcluster import RealCluster, real_cluster
 from tests.support.tiny_hf_model import TOOL_ARGUMENTS, TOOL_NAME, write_tiny_hf_model
 
@@ -131,43 +131,9 @@ def weights_on_a_pvc(stack: Stack, claim: str) -> Iterator[str]:
         model.chmod(0o755)
         for f in model.iterdir():
             f.chmod(0o644)
-        pv = f"{ns}-{claim}"
-        cluster.core.create_persistent_volume(
-            {
-                "metadata": {"name": pv},
-                "spec": {
-                    "capacity": {"storage": "1Gi"},
-                    "accessModes": ["ReadOnlyMany"],
-                    "storageClassName": "",
-                    "hostPath": {"path": str(folder), "type": "Directory"},
-                    "claimRef": {"namespace": ns, "name": claim},
-                },
-            }
-        )
-        cluster.core.create_namespaced_persistent_volume_claim(
-            ns,
-            {
-                "metadata": {"name": claim},
-                "spec": {
-                    "accessModes": ["ReadOnlyMany"],
-                    "storageClassName": "",
-                    "volumeName": pv,
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
-            },
-        )
-        wait_for(
-            "the claim to bind",
-            lambda: (
-                cluster.core.read_namespaced_persistent_volume_claim(claim, ns).status.phase
-                == "Bound"
-            ),
-            60,
-        )
-        yield "tiny"
+        with hostpath_claim(cluster, ns, claim, folder):
+            yield "tiny"
     finally:
-        cluster.kubectl("delete", "pvc", claim, "-n", ns, "--wait=false", check=False)
-        cluster.kubectl("delete", "pv", f"{ns}-{claim}", "--wait=false", check=False)
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -34,6 +34,7 @@ from fabric_operator.gateway.routes import Backend, Tenant, build_snapshot, key_
 from fabric_operator.gateway.sources import FileSource, KubeSource, Source, authorize
 from fabric_operator.gateway.upstream import AiohttpClient, Timeouts
 from fabric_operator.remotehosts import RemoteHosts
+from tests.support import asgi
 from tests.support.gateway import gateway
 from tests.support.providers import (
     BEDROCK_PATH,
@@ -269,28 +270,8 @@ def test_a_revoked_token_is_replaced_once_on_a_401(key: rsa.RSAPrivateKey) -> No
 
 async def ask(gw: Gateway) -> tuple[int, dict[str, Any]]:
     content = json.dumps({"model": "gemini", **CHAT}).encode()
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "headers": [
-            (b"authorization", f"Bearer {TENANT_KEY}".encode()),
-            (b"content-length", str(len(content)).encode()),
-        ],
-    }
     sent: list[dict[str, Any]] = []
-    messages = [{"type": "http.request", "body": content, "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop()
-        await asyncio.Event().wait()
-        raise AssertionError
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await gw(scope, receive, send)
+    await asgi.post(gw, content, TENANT_KEY, sent)  # type: ignore[arg-type]
     body = b"".join(m.get("body", b"") for m in sent[1:])
     return sent[0]["status"], json.loads(body)
 

@@ -38,6 +38,7 @@ from fabric_operator.gateway.upstream import (
     Timeouts,
     UpstreamTimeoutError,
 )
+from tests.support import asgi
 
 KEY = "sk-inproc-77"
 PROMPT = "the-prompt-nobody-may-log"
@@ -65,29 +66,8 @@ def snapshot(cls: type[Snapshot] = Snapshot) -> Snapshot:
 
 async def call(gateway: Gateway, body: dict[str, Any]) -> list[dict[str, Any]]:
     """One POST through the ASGI app; what it sent."""
-    content = json.dumps(body).encode()
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "headers": [
-            (b"authorization", f"Bearer {KEY}".encode()),
-            (b"content-length", str(len(content)).encode()),
-        ],
-    }
     sent: list[dict[str, Any]] = []
-    messages = [{"type": "http.request", "body": content, "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop()
-        await asyncio.Event().wait()  # the client stays
-        raise AssertionError
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await gateway(scope, receive, send)
+    await asgi.post(gateway, json.dumps(body).encode(), KEY, sent)  # type: ignore[arg-type]
     return sent
 
 

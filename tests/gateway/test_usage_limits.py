@@ -6,7 +6,6 @@ gateway processes through a real redis-server, which is taken away and given bac
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from tests.support.engine import (  # noqa: F401 - fixtures
     tiny_gguf_fixture,
 )
 from tests.support.gateway import gateway
+from tests.support.kube import wait_for
 from tests.support.redisserver import RedisServer, redis_server
 from tests.support.upstream import Process, read_events, stream_chunks, upstream
 
@@ -248,16 +248,8 @@ def pair(
             gateway(*flags, config=config, env=env, workdir=tmp_path_factory.mktemp("g2")) as g2,
         ):
             for g in (g1, g2):
-                wait_for(lambda g=g: shared(g), "the limits to be shared")  # type: ignore[misc]
+                wait_for("the limits to be shared", lambda g=g: shared(g), 10, interval=0.05)  # type: ignore[misc]
             yield g1, g2
-
-
-def wait_for(check: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout}s for {what}")
-        time.sleep(0.05)
 
 
 def shared(g: Process) -> bool:
@@ -287,7 +279,9 @@ def test_two_gateways_hold_one_token_limit(
     ~60 bytes / 4, capped at the tpm)."""
     assert post(pair[0], "KEY_TPM", {"model": "m", **CHAT}).status_code == 200
     # The total over the minute keys: a minute may turn between answer and charge.
-    wait_for(lambda: redis_tokens(redis) == 6, "the first answer's tokens in redis")
+    wait_for(
+        "the first answer's tokens in redis", lambda: redis_tokens(redis) == 6, 10, interval=0.05
+    )
     refused = post(pair[1], "KEY_TPM", {"model": "m", **CHAT})
     assert refused.status_code == 429
     assert refused.json()["error"]["type"] == "tokens"
@@ -331,7 +325,7 @@ def test_redis_gone_limits_per_replica_then_shared_again(
     finally:
         redis.start()
     for g in pair:
-        wait_for(lambda g=g: shared(g), "the limits to be shared again")  # type: ignore[misc]
+        wait_for("the limits to be shared again", lambda g=g: shared(g), 10, interval=0.05)  # type: ignore[misc]
         assert httpx.get(g.url + "/readyz").json()["limits"]["shared"] is True
     got = codes(pair, "KEY_BACK", 6)
     assert got.count(200) == 3, got
@@ -359,4 +353,4 @@ def test_a_hung_redis_times_out_to_per_replica_limits_and_back(
     finally:
         redis.resume()
     for g in pair:
-        wait_for(lambda g=g: shared(g), "the limits to be shared again")  # type: ignore[misc]
+        wait_for("the limits to be shared again", lambda g=g: shared(g), 10, interval=0.05)  # type: ignore[misc]

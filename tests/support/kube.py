@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -248,3 +249,48 @@ def run_pods(
         )
         done += 1
     return done
+
+
+@contextlib.contextmanager
+def hostpath_claim(cluster: Cluster, namespace: str, claim: str, folder: Path) -> Iterator[None]:
+    """`folder` on a hostPath PersistentVolume bound to a read-only claim of that name:
+    what a team's own weights on a PVC look like to an engine pod (the real nodes run on
+    this machine). Both are deleted at the end; the folder is the caller's."""
+    pv = f"{namespace}-{claim}"
+    try:
+        cluster.core.create_persistent_volume(
+            {
+                "metadata": {"name": pv},
+                "spec": {
+                    "capacity": {"storage": "1Gi"},
+                    "accessModes": ["ReadOnlyMany"],
+                    "storageClassName": "",
+                    "hostPath": {"path": str(folder), "type": "Directory"},
+                    "claimRef": {"namespace": namespace, "name": claim},
+                },
+            }
+        )
+        cluster.core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadOnlyMany"],
+                    "storageClassName": "",
+                    "volumeName": pv,
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+        )
+        wait_for(
+            "the claim to bind",
+            lambda: (
+                cluster.core.read_namespaced_persistent_volume_claim(claim, namespace).status.phase
+                == "Bound"
+            ),
+            60,
+        )
+        yield
+    finally:
+        cluster.kubectl("delete", "pvc", claim, "-n", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "pv", pv, "--wait=false", check=False)

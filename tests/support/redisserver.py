@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -102,8 +103,19 @@ class RedisServer:
             for w in words:
                 wire += f"${len(w.encode())}\r\n{w}\r\n".encode()
             s.sendall(wire)
-            time.sleep(0.05)
-            return s.recv(65536)
+            with s.makefile("rb") as replies:
+                return _reply(replies) + _reply(replies)  # AUTH's, then the command's
+
+
+def _reply(replies: BinaryIO) -> bytes:
+    """One whole RESP reply, raw (read to its end: no waiting and hoping)."""
+    line = replies.readline()
+    kind, size = line[:1], line[1:-2]
+    if kind == b"$" and int(size) >= 0:
+        return line + replies.read(int(size) + 2)
+    if kind == b"*":
+        return line + b"".join(_reply(replies) for _ in range(max(int(size), 0)))
+    return line  # +simple, -error, :integer, $-1
 
 
 @contextlib.contextmanager

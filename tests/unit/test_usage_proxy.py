@@ -20,6 +20,7 @@ from fabric_operator.gateway.proxy import AnswerAbortedError, Gateway
 from fabric_operator.gateway.routes import Backend, Tenant, build_snapshot, key_digest
 from fabric_operator.gateway.sources import Source
 from fabric_operator.gateway.upstream import BrokenAnswerError, Headers
+from tests.support import asgi
 from tests.support.upstream import stream_chunks
 
 KEY = "sk-usage-proxy-1"
@@ -85,29 +86,10 @@ def gateway(answer: Answer, provider: str = "openai-compatible") -> tuple[Gatewa
 
 
 def run(gw: Gateway, content: bytes) -> list[dict[str, Any]]:
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "headers": [
-            (b"authorization", f"Bearer {KEY}".encode()),
-            (b"content-length", str(len(content)).encode()),
-        ],
-    }
     sent: list[dict[str, Any]] = []
-    messages = [{"type": "http.request", "body": content, "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop()
-        await asyncio.Event().wait()
-        raise AssertionError
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
 
     async def go() -> None:
-        await gw(scope, receive, send)
+        await asgi.post(gw, content, KEY, sent)  # type: ignore[arg-type]
 
     with contextlib.suppress(AnswerAbortedError):  # the cut ones
         asyncio.run(go())
